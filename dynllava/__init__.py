@@ -1,0 +1,1 @@
+"""Dynamic-LLaVA: vision-text context sparsification for LLaVA-family models."""

@@ -1,0 +1,127 @@
+"""SparseKVCache: append-only K/V buffers in two layer groups with per-row lengths and exact byte accounting.
+
+Group "dense" = layers [0, K): every token is cached. Group "sparse" = layers [K, L): only kept prompt tokens
+and admitted generated tokens. Each group holds one buffer per layer, [B, Hkv, capacity, D], rows
+right-padded; row b's valid slots are [0, length[b]). Capacity grows in blocks of `block_tokens` only when an
+admitted token needs a slot, so memory follows what is admitted.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _Group:
+    """One layer group's buffers and per-row lengths (host ints: they drive growth and slicing)."""
+
+    def __init__(self, n_layers: int, batch: int, heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.n_layers, self.batch, self.heads, self.head_dim = n_layers, batch, heads, head_dim
+        self.dtype, self.device = dtype, device
+        self.capacity = 0
+        self.lengths = [0] * batch
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+
+    def _alloc(self, capacity: int) -> torch.Tensor:
+        return torch.zeros(self.batch, self.heads, capacity, self.head_dim, dtype=self.dtype, device=self.device)
+
+    def reserve(self, needed: int, block_tokens: int) -> None:
+        if needed <= self.capacity or self.n_layers == 0:
+            return
+        capacity = -(-needed // block_tokens) * block_tokens
+        old = self.capacity
+        for store in (self.k, self.v):
+            for i in range(self.n_layers):
+                grown = self._alloc(capacity)
+                if i < len(store):
+                    grown[:, :, :old] = store[i][:, :, :old]
+                    store[i] = grown
+                else:
+                    store.append(grown)
+        self.capacity = capacity
+
+    @property
+    def bytes_per_slot(self) -> int:
+        """Bytes one token occupies in one row across this group's layers (K and V)."""
+        return 2 * self.n_layers * self.heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+
+class SparseKVCache:
+    """Per-layer-group, per-row K/V cache for one batch of requests.
+
+    n_layers: L decoder layers; layer_k: K (first sparse layer); batch: B rows; kv_heads/head_dim: Hkv, D.
+    """
+
+    def __init__(self, n_layers: int, layer_k: int, batch: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device, block_tokens: int = 64):
+        if not 0 < layer_k <= n_layers:
+            raise ValueError(f"layer K={layer_k} must be in [1, {n_layers}]")
+        self.layer_k = layer_k
+        self.block_tokens = block_tokens
+        self.groups = (
+            _Group(layer_k, batch, kv_heads, head_dim, dtype, device),
+            _Group(n_layers - layer_k, batch, kv_heads, head_dim, dtype, device),
+        )
+
+    def _locate(self, layer: int) -> tuple[_Group, int]:
+        return (self.groups[0], layer) if layer < self.layer_k else (self.groups[1], layer - self.layer_k)
+
+    def group_of(self, layer: int) -> int:
+        return 0 if layer < self.layer_k else 1
+
+    # ------------------------------------------------------------------ writes
+    def write_prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> None:
+        """Store a right-padded prefill: k, v [B, Hkv, T, D]; row b's first lengths[b] slots are valid."""
+        group, i = self._locate(layer)
+        t = k.shape[2]
+        group.reserve(t, self.block_tokens)
+        group.k[i][:, :, :t] = k
+        group.v[i][:, :, :t] = v
+        group.lengths = list(lengths)
+
+    def reserve_append(self, group_index: int, admit: list[bool]) -> None:
+        """Make room for this step's admitted tokens in a group (call once per step, before the writes)."""
+        group = self.groups[group_index]
+        needed = max((n + 1 for n, a in zip(group.lengths, admit) if a), default=0)
+        group.reserve(needed, self.block_tokens)
+
+    def write_step(self, layer: int, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
+                   slots: torch.Tensor) -> None:
+        """Write the current token's k, v [B, Hkv, 1, D] of rows `rows` [n] into slots `slots` [n]."""
+        if rows.numel() == 0:
+            return
+        group, i = self._locate(layer)
+        group.k[i][rows, :, slots] = k[rows, :, 0]
+        group.v[i][rows, :, slots] = v[rows, :, 0]
+
+    def commit_step(self, group_index: int, admit: list[bool]) -> None:
+        """Advance the lengths of admitted rows after every layer of the group has written."""
+        group = self.groups[group_index]
+        group.lengths = [n + int(a) for n, a in zip(group.lengths, admit)]
+
+    # ------------------------------------------------------------------ reads
+    def view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, v) [B, Hkv, S, D] with S = the longest row of the layer's group."""
+        group, i = self._locate(layer)
+        s = max(group.lengths, default=0)
+        return group.k[i][:, :, :s], group.v[i][:, :, :s]
+
+    def valid(self, group_index: int) -> torch.Tensor:
+        """[B, S] bool: which slots of each row hold a token (same S as `view`)."""
+        group = self.groups[group_index]
+        s = max(group.lengths, default=0)
+        lengths = torch.tensor(group.lengths, device=group.device)
+        return torch.arange(s, device=group.device)[None, :] < lengths[:, None]
+
+    def lengths(self, group_index: int) -> list[int]:
+        return list(self.groups[group_index].lengths)
+
+    # ------------------------------------------------------------------ accounting
+    def bytes_in_use(self, row: int) -> int:
+        """Bytes of K/V that row `row` holds (its valid slots, all layers)."""
+        return sum(g.lengths[row] * g.bytes_per_slot for g in self.groups)
+
+    def bytes_allocated(self) -> int:
+        """Bytes the cache tensors occupy (all rows, padding and headroom included)."""
+        return sum(t.numel() * t.element_size() for g in self.groups for t in (*g.k, *g.v))

@@ -1,0 +1,160 @@
+"""The two config objects of the method: the sparsity knob and a model shape. Validated when built."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Mode = Literal["kv_cache", "no_cache"]
+
+
+def _check_keep(name: str, value: float | None, allow_none: bool) -> None:
+    if value is None:
+        if not allow_none:
+            raise ValueError(f"{name} must be a number in (0, 1], got None")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {value}")
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    """The one sparsity knob, settable per request and per engine.
+
+    vision_keep: fraction of image tokens kept at layer `layer` (count = ceil(vision_keep * n_image)).
+    text_keep: fraction of generated tokens whose K/V is admitted to layers >= `layer`; None lets the
+        learned text predictor decide by itself (the paper's inference), only valid with text_scorer="learned".
+    layer: K, the decoder layer whose input the scorers read; layers < K always see every token.
+    vision_scorer / text_scorer: names in `dynllava.scorers` registries.
+    mode: "kv_cache" (append-only sparse cache) or "no_cache" (recompute the kept context every step).
+    """
+
+    vision_keep: float = 1.0
+    text_keep: float | None = 1.0
+    layer: int = 2
+    vision_scorer: str = "learned"
+    text_scorer: str = "learned"
+    mode: Mode = "kv_cache"
+
+    def __post_init__(self) -> None:
+        _check_keep("vision_keep", self.vision_keep, allow_none=False)
+        _check_keep("text_keep", self.text_keep, allow_none=self.text_scorer == "learned")
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
+            raise ValueError(f"layer must be an integer >= 1, got {self.layer!r}")
+        if self.mode not in ("kv_cache", "no_cache"):
+            raise ValueError(f"mode must be 'kv_cache' or 'no_cache', got {self.mode!r}")
+        from dynllava.scorers import TEXT_SCORERS, VISION_SCORERS  # late: scorers import config
+
+        if self.vision_scorer not in VISION_SCORERS:
+            raise ValueError(f"vision_scorer must be one of {sorted(VISION_SCORERS)}, got {self.vision_scorer!r}")
+        if self.text_scorer not in TEXT_SCORERS:
+            raise ValueError(f"text_scorer must be one of {sorted(TEXT_SCORERS)}, got {self.text_scorer!r}")
+
+    @property
+    def is_dense(self) -> bool:
+        """True when nothing is dropped: the model runs exactly as the unmodified LLaVA."""
+        return self.vision_keep >= 1.0 and self.text_keep is not None and self.text_keep >= 1.0
+
+    def replace(self, **changes: Any) -> "SparsityConfig":
+        """A copy with some fields changed (None values are ignored), validated again."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SparsityConfig":
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown SparsityConfig keys: {sorted(unknown)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    """CLIP-style vision tower shape (fields are CLIPVisionConfig's)."""
+
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    image_size: int = 336
+    patch_size: int = 14
+
+
+@dataclass(frozen=True)
+class TextShape:
+    """Llama/Mistral/Qwen2-style language model shape (fields are the HF text config's)."""
+
+    model_type: str = "llama"
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    vocab_size: int = 32064
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+
+SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A LLaVA shape for building a model without a checkpoint (`random_weights: true` YAML files).
+
+    The image token count is (image_size / patch_size)^2, e.g. 576 for LLaVA-1.5 (336 px, patch 14).
+    """
+
+    name: str = "llava"
+    random_weights: bool = True
+    seed: int = 0
+    vision: VisionShape = field(default_factory=VisionShape)
+    text: TextShape = field(default_factory=TextShape)
+    vision_feature_layer: int = -2
+    image_token_id: int = 32000
+
+    def __post_init__(self) -> None:
+        if not self.random_weights:
+            raise ValueError("a model YAML without a checkpoint must set random_weights: true")
+        v, t = self.vision, self.text
+        if v.image_size % v.patch_size:
+            raise ValueError(f"vision.image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
+        if t.model_type not in SUPPORTED_TEXT_MODELS:
+            raise ValueError(f"text.model_type must be one of {SUPPORTED_TEXT_MODELS}, got {t.model_type!r}")
+        if t.num_attention_heads % t.num_key_value_heads or t.hidden_size % t.num_attention_heads:
+            raise ValueError("text heads must divide hidden_size and be a multiple of num_key_value_heads")
+        if not 0 <= self.image_token_id < t.vocab_size:
+            raise ValueError(f"image_token_id {self.image_token_id} is outside the vocabulary ({t.vocab_size})")
+
+    @property
+    def n_image_tokens(self) -> int:
+        return (self.vision.image_size // self.vision.patch_size) ** 2
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
+        data = dict(data)
+        vision = VisionShape(**data.pop("vision", {}))
+        text = TextShape(**data.pop("text", {}))
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown model spec keys: {sorted(unknown)}")
+        return cls(vision=vision, text=text, **data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ModelSpec":
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        try:
+            return cls.from_dict(data)
+        except TypeError as e:  # unknown keys inside vision/text
+            raise ValueError(f"{path}: {e}") from None

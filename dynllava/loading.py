@@ -1,0 +1,134 @@
+"""Resolve a model source (HF LLaVA directory, model YAML, or a registered name) into HF model + processor.
+
+Nothing is fetched from a hub: a directory must exist on local disk, a YAML shape builds random weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoConfig,
+    AutoProcessor,
+    CLIPVisionConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+from dynllava.config import SUPPORTED_TEXT_MODELS, ModelSpec
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODEL_CONFIG_DIR = REPO_ROOT / "configs" / "models"
+LLAVA_15_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] }}\n"
+    "{% elif message['role'] == 'user' %}USER: {{ message['content'] }} "
+    "{% else %}ASSISTANT: {{ message['content'] }}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
+
+
+def resolve_source(source: str | Path) -> Path:
+    """Map a model source to a local path: an existing directory/YAML, or a name in configs/models/."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    named = MODEL_CONFIG_DIR / f"{source}.yaml"
+    if named.exists():
+        return named
+    known = sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.yaml"))
+    raise ValueError(
+        f"model source {str(source)!r} is neither a local LLaVA directory, a model YAML, nor a known name "
+        f"({', '.join(known)}); nothing is downloaded at run time"
+    )
+
+
+def byte_level_tokenizer(image_token_id: int, vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer built locally (no merges): 4 specials, 256 bytes, `<image>` at image_token_id.
+
+    Used by random-weight shapes, where the text is meaningless but the token plumbing must be real.
+    """
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    vocab.update({ch: len(SPECIAL_TOKENS) + i for i, ch in enumerate(sorted(alphabet))})
+    if image_token_id < len(vocab) or image_token_id >= vocab_size:
+        raise ValueError(f"image_token_id {image_token_id} must lie in [{len(vocab)}, {vocab_size})")
+    vocab["<image>"] = image_token_id
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"}, padding_side="right",
+    )
+    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return fast
+
+
+def build_processor(tokenizer, image_size: int, patch_size: int) -> LlavaProcessor:
+    """LLaVA-1.5's processor (CLIP resize/crop/normalise, `<image>` expansion, chat template), built locally."""
+    image_processor = LlavaImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=LLAVA_15_CHAT_TEMPLATE,
+    )
+
+
+def hf_config_from_spec(spec: ModelSpec) -> LlavaConfig:
+    """The LlavaConfig (CLIP vision + Llama-family text) for a ModelSpec."""
+    v, t = spec.vision, spec.text
+    vision_config = CLIPVisionConfig(
+        hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_hidden_layers,
+        num_attention_heads=v.num_attention_heads, image_size=v.image_size, patch_size=v.patch_size,
+        projection_dim=v.hidden_size,
+    )
+    text_config = AutoConfig.for_model(
+        t.model_type, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+        num_key_value_heads=t.num_key_value_heads, vocab_size=t.vocab_size,
+        max_position_embeddings=t.max_position_embeddings, rms_norm_eps=t.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta},
+        pad_token_id=3, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )
+    return LlavaConfig(
+        vision_config=vision_config, text_config=text_config, image_token_index=spec.image_token_id,
+        image_seq_length=spec.n_image_tokens, vision_feature_layer=spec.vision_feature_layer,
+        vision_feature_select_strategy="default",
+    )
+
+
+def build_random(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
+    """A random-weight LLaVA of the spec's shape, initialised directly on `device` (a 7B fits in seconds)."""
+    config = hf_config_from_spec(spec)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(spec.seed)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(config).to(dtype)
+    tokenizer = byte_level_tokenizer(spec.image_token_id, spec.text.vocab_size)
+    processor = build_processor(tokenizer, spec.vision.image_size, spec.vision.patch_size)
+    return model.eval(), processor
+
+
+def load_directory(path: Path, device: torch.device, dtype: torch.dtype):
+    """An HF-format LLaVA directory (as llava-hf/llava-1.5-7b-hf is laid out), local files only."""
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if config.model_type != "llava":
+        raise ValueError(f"{path}: model_type {config.model_type!r} is not 'llava'")
+    if config.text_config.model_type not in SUPPORTED_TEXT_MODELS:
+        raise ValueError(f"{path}: language model {config.text_config.model_type!r} is not one of "
+                         f"{SUPPORTED_TEXT_MODELS}")
+    model = LlavaForConditionalGeneration.from_pretrained(
+        path, dtype=dtype, device_map=str(device), local_files_only=True, attn_implementation="sdpa"
+    )
+    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    if getattr(processor, "chat_template", None) is None:
+        processor.chat_template = LLAVA_15_CHAT_TEMPLATE
+    return model.eval(), processor

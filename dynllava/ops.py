@@ -1,0 +1,108 @@
+"""Small pure tensor functions of the method, with shapes. No state, no I/O.
+
+Notation: B batch, T tokens (padded), S cached slots, C hidden, H query heads, Hkv key/value heads,
+G = H / Hkv query heads per key/value head, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def keep_count(n_tokens: int, keep: float) -> int:
+    """ceil(keep * n_tokens), robust to float noise (0.3 * 10 is 3, not 4); at least 1 when n_tokens > 0."""
+    if n_tokens <= 0:
+        return 0
+    return max(1, min(n_tokens, math.ceil(round(keep * n_tokens, 6))))
+
+
+def topk_keep_mask(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Per row, mark the k[b] highest-scoring candidate positions (ties: earlier position wins).
+
+    scores: [B, T] float; candidates: [B, T] bool; k: [B] long (k[b] <= candidates[b].sum()).
+    Returns keep: [B, T] bool with exactly k[b] True entries per row, all within candidates.
+    """
+    masked = scores.float().masked_fill(~candidates, float("-inf"))
+    order = torch.sort(masked, dim=1, descending=True, stable=True).indices  # [B, T]
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return (ranks < k[:, None]) & candidates
+
+
+def compact(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices that move each row's kept positions to the front, in original order.
+
+    keep: [B, T] bool. Returns (index [B, T'] long, valid [B, T'] bool) with T' = max kept per row;
+    gather with `index` and treat positions where valid is False as padding.
+    """
+    lengths = keep.sum(1)  # [B]
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices  # kept first, order kept
+    width = int(lengths.max().item()) if keep.numel() else 0
+    index = order[:, :width]
+    valid = torch.arange(width, device=keep.device)[None, :] < lengths[:, None]
+    return index, valid
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, ...], index: [B, T'] -> [B, T', ...] (x[b, index[b, t]])."""
+    shape = index.shape + x.shape[2:]
+    expanded = index.reshape(*index.shape, *([1] * (x.dim() - 2))).expand(shape)
+    return torch.gather(x, 1, expanded)
+
+
+def causal_padding_mask(valid: torch.Tensor) -> torch.Tensor:
+    """Attention mask for right-padded rows: query t sees keys <= t that are valid. valid: [B, T] -> [B, 1, T, T].
+
+    Right padding keeps every query row non-empty (a padding query still sees the valid prefix), so no NaN.
+    """
+    t = valid.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=valid.device).tril()
+    return causal[None, None] & valid[:, None, None, :]
+
+
+def attention_from_query(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Softmax attention weights of one query per row over keys, averaged over heads.
+
+    q: [B, H, D] (post-rotary), k: [B, Hkv, T, D], key_mask: [B, T] bool -> [B, T] (rows sum to 1).
+    Used by FastV-style scoring (what the last prompt token attends to).
+    """
+    b, h, d = q.shape
+    hkv = k.shape[1]
+    qg = q.reshape(b, hkv, h // hkv, d).float()
+    logits = torch.einsum("bkgd,bktd->bkgt", qg, k.float()) * scale
+    logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    return logits.softmax(-1).mean(dim=(1, 2))
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_valid: torch.Tensor,
+    k_self: torch.Tensor,
+    v_self: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step's attention over cached slots plus the current token itself.
+
+    The current token always attends to itself whether or not its K/V is admitted to the cache, so self is a
+    separate term of the softmax (no scratch slot, no copy of the cache).
+    q: [B, H, 1, D]; k_cache, v_cache: [B, Hkv, S, D]; cache_valid: [B, S] bool; k_self, v_self: [B, Hkv, 1, D].
+    Returns (out [B, H, 1, D], self_weight [B] = attention on itself, mean over heads).
+    """
+    b, h, _, d = q.shape
+    hkv = k_cache.shape[1]
+    qg = q.reshape(b, hkv, h // hkv, d)  # [B, Hkv, G, D]
+    s_cache = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * scale  # [B, Hkv, G, S]
+    s_cache = s_cache.masked_fill(~cache_valid[:, None, None, :], float("-inf"))
+    s_self = (qg.float() * k_self.float()).sum(-1, keepdim=True) * scale  # [B, Hkv, G, 1]
+    peak = torch.maximum(s_cache.amax(-1, keepdim=True), s_self)
+    p_cache = torch.exp(s_cache - peak)
+    p_self = torch.exp(s_self - peak)
+    denom = p_cache.sum(-1, keepdim=True) + p_self
+    out = torch.matmul(p_cache.to(v_cache.dtype), v_cache).float() + p_self * v_self.float()  # [B, Hkv, G, D]
+    out = (out / denom).to(q.dtype).reshape(b, h, 1, d)
+    self_weight = (p_self / denom).mean(dim=(1, 2, 3))
+    return out, self_weight
