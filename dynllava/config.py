@@ -52,6 +52,8 @@ class SparsityConfig:
             raise ValueError(f"mode must be 'kv_cache' or 'no_cache', got {self.mode!r}")
         from dynllava.scorers import TEXT_SCORERS, VISION_SCORERS  # late: scorers import config
 
+        if self.text_scorer == "keep_all" and self.text_keep != 1.0:
+            raise ValueError(f"text_scorer 'keep_all' admits every token, so text_keep must be 1.0, got {self.text_keep}")
         if self.vision_scorer not in VISION_SCORERS:
             raise ValueError(f"vision_scorer must be one of {sorted(VISION_SCORERS)}, got {self.vision_scorer!r}")
         if self.text_scorer not in TEXT_SCORERS:

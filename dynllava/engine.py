@@ -18,6 +18,8 @@ from dynllava.cache import SparseKVCache
 from dynllava.config import SparsityConfig
 from dynllava.scorers import TEXT_SCORERS, AdmissionState, TextInputs, decide_admission
 
+CACHE_BLOCK_TOKENS = 64  # cache capacity grows in blocks of this many tokens (fewer re-allocations)
+
 
 @dataclass
 class RequestStats:
@@ -135,7 +137,8 @@ class _Batch:
         choose, need_attention = m.vision_keep_fn(self.image_mask, self.valid,
                                                   [s.vision_keep for s in self.sparsities], self.cfg.vision_scorer)
         if self.cfg.mode == "kv_cache":
-            self.cache = SparseKVCache(m.n_layers, self.k, b, m.n_kv_heads, m.head_dim, m.dtype, h.device)
+            self.cache = SparseKVCache(m.n_layers, self.k, b, m.n_kv_heads, m.head_dim, m.dtype, h.device,
+                                       CACHE_BLOCK_TOKENS)
         res = m.run_context(h, positions, self.valid, self.k, choose, need_attention, self.cache)
         self.prompt_keep = res.keep
         self.n_kept_prompt = res.keep.sum(1).tolist()

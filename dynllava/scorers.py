@@ -98,7 +98,7 @@ class Stride:
         order = x.image_mask.long().cumsum(1) - 1  # index of each token among the row's image tokens
         n_img = x.image_mask.sum(1, keepdim=True).clamp_min(1)
         k = x.n_keep[:, None].clamp_min(1)
-        # token j is picked when it is the first one at or past the slot (m + 0.5) * n / k for some m
+        # token j (spanning [j, j + 1)) is picked when it holds a slot centre (m + 0.5) * n / k, m < k
         slot_of_next = torch.ceil((order + 1) * k / n_img - 0.5)
         slot_of_this = torch.ceil(order * k / n_img - 0.5)
         picked = (slot_of_next > slot_of_this) & x.image_mask

@@ -1,0 +1,108 @@
+"""The `dynllava` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from dynllava.config import SparsityConfig
+from dynllava.scorers import TEXT_SCORERS, VISION_SCORERS
+
+log = logging.getLogger("dynllava")
+
+
+def _text_keep(value: str) -> float | None:
+    if value.lower() in ("none", "auto", "predictor"):
+        return None
+    return float(value)
+
+
+def _add_sparsity_args(p: argparse.ArgumentParser) -> None:
+    d = SparsityConfig()
+    g = p.add_argument_group("sparsity (defaults: dense)")
+    g.add_argument("--vision-keep", type=float, default=d.vision_keep,
+                   help="fraction of image tokens kept at layer K, in (0, 1] (paper: 0.2)")
+    g.add_argument("--text-keep", type=_text_keep, default=d.text_keep,
+                   help="fraction of generated tokens admitted to the cache of layers >= K, in (0, 1] "
+                        "(paper: ~0.5); 'none' lets the learned predictor decide by itself")
+    g.add_argument("--vision-scorer", choices=sorted(VISION_SCORERS), default=d.vision_scorer,
+                   help="how image tokens are ranked (learned needs predictor weights)")
+    g.add_argument("--text-scorer", choices=sorted(TEXT_SCORERS), default=d.text_scorer,
+                   help="how generated tokens are admitted (learned needs predictor weights)")
+    g.add_argument("--layer", type=int, default=d.layer, help="K: the layer whose input the scorers read")
+    g.add_argument("--mode", choices=["kv_cache", "no_cache"], default=d.mode,
+                   help="decode with the sparse KV cache, or recompute the kept context every step")
+
+
+def _sparsity_from(args: argparse.Namespace) -> SparsityConfig:
+    return SparsityConfig(vision_keep=args.vision_keep, text_keep=args.text_keep, layer=args.layer,
+                          vision_scorer=args.vision_scorer, text_scorer=args.text_scorer, mode=args.mode)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from dynllava.model import DynamicLlava
+
+    sparsity = _sparsity_from(args)
+    log.info("loading %s", args.model)
+    model = DynamicLlava.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    prompt = args.prompt if args.raw_prompt else model.format_prompt(args.prompt, n_images=1 if args.image else 0)
+    out = model.generate([args.image], [prompt], sparsity=sparsity, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, seed=args.seed)[0]
+    if args.json:
+        print(json.dumps({"model": model.name, "text": out.text, "token_ids": out.token_ids,
+                          "finish_reason": out.finish_reason, "sparsity": sparsity.to_dict(),
+                          "stats": out.stats.to_dict()}))
+        return 0
+    s = out.stats
+    print(out.text)
+    print(f"\n[{model.name}] finish={out.finish_reason}  image tokens kept {s.n_image_kept}/{s.n_image_tokens}  "
+          f"text admitted {s.n_text_admitted}/{s.n_text_generated}")
+    kv_ratio = s.kv_bytes_peak / s.kv_bytes_dense_equivalent if s.kv_bytes_dense_equivalent else 0.0
+    print(f"KV cache {s.kv_bytes_peak / 2**20:.2f} MiB ({kv_ratio:.0%} of dense)  "
+          f"FLOPs {s.flops_sparse / 1e9:.2f} G ({s.flops_sparse / s.flops_dense:.0%} of dense)  "
+          f"ttft {s.ttft_s * 1e3:.0f} ms  decode {s.decode_s * 1e3:.0f} ms")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dynllava",
+        description="LLaVA inference with Dynamic-LLaVA vision-text sparsification.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="answer one prompt about one image and print the answer and its stats",
+                       description="Answer one prompt about one image; prints the answer, then what was kept, "
+                                   "the KV-cache bytes and the analytic FLOPs against dense.")
+    g.add_argument("--model", default="tiny",
+                   help="a local HF LLaVA directory, a model YAML, or a name in configs/models/ (default: tiny)")
+    g.add_argument("--image", help="path of the image (omit for a text-only prompt)")
+    g.add_argument("--prompt", required=True, help="the question or instruction")
+    g.add_argument("--raw-prompt", action="store_true",
+                   help="use --prompt as is (it must hold the <image> placeholder) instead of the chat template")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed")
+    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    g.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    _add_sparsity_args(g)
+    g.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"dynllava: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

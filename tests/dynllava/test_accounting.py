@@ -1,0 +1,107 @@
+"""Invariant 3: kept counts are exact, text is never dropped, reported KV bytes are the cache's bytes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dynllava import engine
+from dynllava.config import SparsityConfig
+from dynllava.engine import _Batch, _Row
+
+from tests.conftest import random_image
+
+
+@pytest.mark.parametrize("vision_keep", [1.0, 0.5, 0.3, 0.25, 0.2, 0.05])
+@pytest.mark.parametrize("scorer", ["learned", "fastv", "stride", "random"])
+def test_image_kept_count_is_ceil_and_text_never_dropped(tiny_model, batch4, scorer, vision_keep):
+    images, prompts = batch4
+    cfg = SparsityConfig(vision_keep=vision_keep, text_keep=1.0, vision_scorer=scorer)
+    prepared = tiny_model.prepare(images, prompts, 4)
+    batch = _Batch(tiny_model, prepared, [cfg] * 4, 4)
+    with torch.inference_mode():
+        batch.prefill()
+    kept_images = (batch.prompt_keep & batch.image_mask).sum(1).tolist()
+    assert kept_images == [math.ceil(round(vision_keep * 16, 6))] * 4
+    text = batch.valid & ~batch.image_mask
+    assert bool((batch.prompt_keep[text]).all()), "a text token was dropped"
+    assert not bool((batch.prompt_keep & ~batch.valid).any()), "a padding slot was kept"
+
+
+def test_recent_admits_exactly_ceil_of_rate(tiny_model, batch4):
+    images, prompts = batch4
+    for rate in (0.5, 0.3, 0.75):
+        cfg = SparsityConfig(vision_keep=0.5, text_keep=rate, vision_scorer="stride", text_scorer="recent")
+        outs = tiny_model.generate(images, prompts, sparsity=cfg, max_new_tokens=21, ignore_eos=True)
+        for o in outs:
+            decided = o.stats.n_text_generated - 1  # the last token is never fed back
+            assert o.stats.n_text_admitted == math.ceil(round(rate * decided, 6))
+
+
+@pytest.mark.parametrize("mode_text", [("learned", None), ("learned", 0.5), ("h2o", 0.5), ("recent", 0.4)])
+def test_reported_kv_bytes_equal_cache_tensors(tiny_model, batch4, monkeypatch, mode_text):
+    """Per row: kv_bytes_peak equals the valid slots counted in the cache tensors; with one-token blocks and one
+    row, it equals the bytes the cache tensors occupy."""
+    text_scorer, text_keep = mode_text
+    images, prompts = batch4
+    cfg = SparsityConfig(vision_keep=0.25, text_keep=text_keep, vision_scorer="stride", text_scorer=text_scorer)
+    captured = {}
+    original_prefill = _Batch.prefill
+
+    def spy(self):
+        captured["batch"] = self
+        return original_prefill(self)
+
+    monkeypatch.setattr(_Batch, "prefill", spy)
+    outs = tiny_model.generate(images, prompts, sparsity=cfg, max_new_tokens=12, ignore_eos=True)
+    cache = captured["batch"].cache
+    for i, o in enumerate(outs):
+        counted = 0
+        for group_index, group in enumerate(cache.groups):
+            valid = cache.valid(group_index)[i]
+            for layer_k in group.k:  # every valid slot of every layer, K and V
+                counted += 2 * int(valid.sum()) * layer_k[i, :, 0].numel() * layer_k.element_size()
+        assert o.stats.kv_bytes_peak == counted
+        assert o.stats.kv_bytes_peak < o.stats.kv_bytes_dense_equivalent
+
+    monkeypatch.setattr(engine, "CACHE_BLOCK_TOKENS", 1)
+    out = tiny_model.generate(images[:1], prompts[:1], sparsity=cfg, max_new_tokens=12, ignore_eos=True)[0]
+    assert out.stats.kv_bytes_peak == captured["batch"].cache.bytes_allocated()
+
+
+def test_dense_kv_bytes_equal_dense_equivalent(tiny_model, batch4):
+    images, prompts = batch4
+    out = tiny_model.generate(images[:1], prompts[:1], sparsity=SparsityConfig(), max_new_tokens=8,
+                              ignore_eos=True)[0]
+    assert out.stats.kv_bytes_peak == out.stats.kv_bytes_dense_equivalent
+    assert out.stats.flops_sparse == out.stats.flops_dense
+
+
+def test_sparse_stats_are_consistent(tiny_model, batch4):
+    images, prompts = batch4
+    cfg = SparsityConfig(vision_keep=0.25, text_keep=0.5, vision_scorer="stride", text_scorer="recent")
+    out = tiny_model.generate(images[:1], prompts[:1], sparsity=cfg, max_new_tokens=9, ignore_eos=True)[0]
+    s = out.stats
+    assert (s.n_image_tokens, s.n_image_kept, s.n_text_generated, s.n_text_admitted) == (16, 4, 9, 4)
+    assert 0 < s.flops_sparse < s.flops_dense
+    assert s.ttft_s > 0 and s.decode_s > 0 and s.prefill_s > 0
+
+
+def test_text_only_row_in_a_batch_matches_alone(tiny_model, batch4):
+    images, prompts = batch4
+    text_prompt = tiny_model.format_prompt("no picture here", n_images=0)
+    cfg = SparsityConfig(vision_keep=0.25, text_keep=0.5, vision_scorer="fastv", text_scorer="recent")
+    together = tiny_model.generate([images[0], None], [prompts[0], text_prompt], sparsity=cfg, max_new_tokens=8,
+                                   ignore_eos=True)
+    alone = tiny_model.generate([None], [text_prompt], sparsity=cfg, max_new_tokens=8, ignore_eos=True)[0]
+    assert together[1].token_ids == alone.token_ids
+    assert together[1].stats.n_image_tokens == 0
+
+
+def test_multiple_images_in_one_prompt(tiny_model):
+    prompt = tiny_model.format_prompt("compare <image> and <image>".replace("<image>", tiny_model.processor.image_token))
+    cfg = SparsityConfig(vision_keep=0.25, text_keep=1.0, vision_scorer="stride")
+    out = tiny_model.generate([[random_image(1), random_image(2)]], [prompt], sparsity=cfg, max_new_tokens=4)[0]
+    assert (out.stats.n_image_tokens, out.stats.n_image_kept) == (32, 8)

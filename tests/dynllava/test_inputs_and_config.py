@@ -1,0 +1,71 @@
+"""Bad input gets a clear ValueError naming the field; configs validate when built."""
+
+from __future__ import annotations
+
+import pytest
+
+from dynllava.config import ModelSpec, SparsityConfig
+
+from tests.conftest import TINY_SPEC, random_image
+
+
+@pytest.mark.parametrize("keep", [0.0, -0.1, 1.5, float("nan"), "0.5"])
+def test_keep_ratios_outside_unit_interval(keep):
+    with pytest.raises(ValueError, match="vision_keep"):
+        SparsityConfig(vision_keep=keep)
+    with pytest.raises(ValueError, match="text_keep"):
+        SparsityConfig(text_keep=keep)
+
+
+def test_text_keep_none_only_for_learned_and_unknown_names():
+    SparsityConfig(text_keep=None, text_scorer="learned")
+    with pytest.raises(ValueError, match="text_keep"):
+        SparsityConfig(text_keep=None, text_scorer="recent")
+    with pytest.raises(ValueError, match="vision_scorer"):
+        SparsityConfig(vision_scorer="nope")
+    with pytest.raises(ValueError, match="mode"):
+        SparsityConfig(mode="paged")
+    with pytest.raises(ValueError, match="keep_all"):
+        SparsityConfig(text_keep=0.5, text_scorer="keep_all")
+
+
+def test_model_spec_validation():
+    with pytest.raises(ValueError, match="patch_size"):
+        ModelSpec.from_dict({**TINY_SPEC, "vision": {**TINY_SPEC["vision"], "patch_size": 7}})
+    with pytest.raises(ValueError, match="unknown"):
+        ModelSpec.from_dict({**TINY_SPEC, "colour": "red"})
+    assert ModelSpec.from_dict(TINY_SPEC).n_image_tokens == 16
+
+
+def test_generate_rejects_bad_input(tiny_model):
+    img = random_image(0)
+    good = tiny_model.format_prompt("hi")
+    with pytest.raises(ValueError, match=r"prompts\[0\].*no image placeholder"):
+        tiny_model.generate([img], ["no placeholder"])
+    with pytest.raises(ValueError, match=r"prompts\[0\].*placeholder"):
+        tiny_model.generate([None], [good])
+    with pytest.raises(ValueError, match=r"images\[0\]: unreadable image"):
+        tiny_model.generate([b"\x89PNG\r\n\x1a\n truncated"], [good])
+    with pytest.raises(ValueError, match=r"images\[0\]: unreadable image"):
+        tiny_model.generate(["/no/such/file.png"], [good])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        tiny_model.generate([img], [good], max_new_tokens=0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        tiny_model.generate([img], [good], max_new_tokens=10_000)
+    with pytest.raises(ValueError, match=r"prompts\[0\].*context"):
+        tiny_model.generate([img], [good + " word" * 200], max_new_tokens=10)
+    with pytest.raises(ValueError, match="same length"):
+        tiny_model.generate([img, img], [good])
+    with pytest.raises(ValueError, match="layer K"):
+        tiny_model.generate([img], [good], sparsity=SparsityConfig(layer=9))
+
+
+def test_stop_strings_and_eos(tiny_model):
+    img = random_image(0)
+    prompt = tiny_model.format_prompt("hi")
+    free = tiny_model.generate([img], [prompt], max_new_tokens=12, ignore_eos=True)[0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 12
+    stop = free.text[3:5]
+    stopped = tiny_model.generate([img], [prompt], max_new_tokens=12, stop=[stop], ignore_eos=True)[0]
+    assert stopped.finish_reason == "stop" and stop not in stopped.text
+    assert free.text.startswith(stopped.text)

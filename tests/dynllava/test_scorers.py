@@ -1,0 +1,91 @@
+"""One conformance test over each scorer registry, plus the rules that turn scores into decisions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dynllava import ops
+from dynllava.predictors import Predictors
+from dynllava.scorers import (
+    TEXT_SCORERS, VISION_SCORERS, AdmissionState, ScorerUnavailable, TextInputs, VisionInputs, decide_admission,
+)
+
+C = 64
+
+
+def vision_inputs(seed: int, rows: int = 3, with_predictors: bool = True) -> VisionInputs:
+    g = torch.Generator().manual_seed(seed)
+    t = 24
+    image_mask = torch.zeros(rows, t, dtype=torch.bool)
+    for b in range(rows):  # a different image span per row
+        image_mask[b, 2 + b : 2 + b + 12 + 2 * b] = True
+    attention = torch.rand(rows, t, generator=g).softmax(-1)
+    torch.manual_seed(0)
+    predictors = Predictors(C).eval() if with_predictors else None
+    return VisionInputs(torch.randn(rows, t, C, generator=g), image_mask, torch.tensor([3, 5, 1]), attention,
+                        predictors)
+
+
+@pytest.mark.parametrize("name", sorted(VISION_SCORERS))
+def test_vision_scorer_conformance(name):
+    scorer = VISION_SCORERS[name]()
+    x = vision_inputs(0)
+    with torch.inference_mode():
+        scores = scorer.score(x)
+        again = scorer.score(x)
+    assert scores.shape == x.image_mask.shape and torch.isfinite(scores).all()
+    assert torch.equal(scores, again), "scores must be deterministic"
+    keep = ops.topk_keep_mask(scores, x.image_mask, x.n_keep)
+    assert keep.sum(1).tolist() == x.n_keep.tolist() and not (keep & ~x.image_mask).any()
+    # a row scores the same alone as in a batch
+    alone = VisionInputs(x.hidden[1:2], x.image_mask[1:2], x.n_keep[1:2], x.last_attention[1:2], x.predictors)
+    with torch.inference_mode():
+        row = scorer.score(alone)[0]
+    m = x.image_mask[1]
+    torch.testing.assert_close(row[m], scores[1][m], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(TEXT_SCORERS))
+def test_text_scorer_conformance(name):
+    scorer = TEXT_SCORERS[name]()
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    x = TextInputs(torch.randn(5, C, generator=g), torch.rand(5, generator=g), Predictors(C).eval())
+    with torch.inference_mode():
+        scores = scorer.score(x)
+        row = scorer.score(TextInputs(x.hidden[2:3], x.self_attention[2:3], x.predictors))
+    assert scores.shape == (5,) and torch.isfinite(scores).all()
+    torch.testing.assert_close(row[0], scores[2])
+    # over a long answer, every scorer admits close to the requested rate
+    rate = 0.0 if name == "keep_all" else 0.4
+    state = AdmissionState()
+    stream = torch.rand(400, generator=g).tolist()
+    for s in stream:
+        decide_admission(scorer, [s], [rate if rate else 1.0], [state])
+    expected = 400 if name == "keep_all" else 0.4 * 400
+    assert abs(state.n_admitted - expected) <= 3
+
+
+def test_stride_spreads_kept_tokens_evenly():
+    x = vision_inputs(0)
+    x.image_mask[:] = False
+    x.image_mask[:, :20] = True
+    x.n_keep = torch.tensor([4, 5, 10])
+    keep = ops.topk_keep_mask(VISION_SCORERS["stride"]().score(x), x.image_mask, x.n_keep)
+    assert keep[0].nonzero().flatten().tolist() == [2, 7, 12, 17]
+    assert keep[2].nonzero().flatten().tolist() == list(range(1, 20, 2))  # slot centres (m + 0.5) * 20 / 10
+
+
+def test_learned_text_own_decision_is_argmax():
+    scorer = TEXT_SCORERS["learned"]()
+    states = [AdmissionState(), AdmissionState()]
+    assert decide_admission(scorer, [0.9, 0.1], [None, None], states) == [True, False]
+
+
+def test_learned_scorers_without_predictors_name_the_alternatives():
+    x = vision_inputs(0, with_predictors=False)
+    with pytest.raises(ScorerUnavailable, match="fastv, random, stride"):
+        VISION_SCORERS["learned"]().score(x)
+    with pytest.raises(ScorerUnavailable, match="h2o, keep_all, recent"):
+        TEXT_SCORERS["learned"]().score(TextInputs(torch.zeros(1, C), torch.zeros(1), None))
