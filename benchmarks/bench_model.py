@@ -32,7 +32,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dynllava import costs  # noqa: E402
 from dynllava.config import SparsityConfig  # noqa: E402
-from dynllava.engine import _Batch  # noqa: E402  (private: the only way to time prefill alone)
+from dynllava.engine import StaticBatch  # noqa: E402  (private: the only way to time prefill alone)
 from dynllava.model import DynamicLlava  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -94,7 +94,7 @@ def time_prefills(m: DynamicLlava, prepared, configs: dict[str, SparsityConfig],
     times: dict[str, list[float]] = {name: [] for name in configs}
     for round_ in range(args.repeats + 1):
         for name, cfg in configs.items():
-            batch = _Batch(m, prepared, [cfg] * args.batch, args.new_tokens)
+            batch = StaticBatch(m, prepared, [cfg] * args.batch, args.new_tokens)
             sync(args.device)
             start = time.perf_counter()
             batch.prefill()

@@ -18,7 +18,10 @@ from transformers import (
     LlavaProcessor,
     PreTrainedTokenizerFast,
 )
-from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+try:  # transformers >= 5.x ships a PIL backend that needs no torchvision
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil as LlavaImageProcessor
+except ImportError:  # pragma: no cover - older 5.x releases
+    from transformers import LlavaImageProcessor
 
 from dynllava.config import SUPPORTED_TEXT_MODELS, ModelSpec
 
@@ -59,6 +62,8 @@ def byte_level_tokenizer(image_token_id: int, vocab_size: int) -> PreTrainedToke
     if image_token_id < len(vocab) or image_token_id >= vocab_size:
         raise ValueError(f"image_token_id {image_token_id} must lie in [{len(vocab)}, {vocab_size})")
     vocab["<image>"] = image_token_id
+    used = set(vocab.values())  # fill the rest so every id a random model emits decodes to something visible
+    vocab.update({f"<unused{i}>": i for i in range(vocab_size) if i not in used})
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -72,7 +77,7 @@ def byte_level_tokenizer(image_token_id: int, vocab_size: int) -> PreTrainedToke
 
 def build_processor(tokenizer, image_size: int, patch_size: int) -> LlavaProcessor:
     """LLaVA-1.5's processor (CLIP resize/crop/normalise, `<image>` expansion, chat template), built locally."""
-    image_processor = LlavaImageProcessorPil(
+    image_processor = LlavaImageProcessor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
     return LlavaProcessor(

@@ -9,7 +9,7 @@ import torch
 
 from dynllava import engine
 from dynllava.config import SparsityConfig
-from dynllava.engine import _Batch, _Row
+from dynllava.engine import StaticBatch, _Row
 
 from tests.conftest import random_image
 
@@ -20,7 +20,7 @@ def test_image_kept_count_is_ceil_and_text_never_dropped(tiny_model, batch4, sco
     images, prompts = batch4
     cfg = SparsityConfig(vision_keep=vision_keep, text_keep=1.0, vision_scorer=scorer)
     prepared = tiny_model.prepare(images, prompts, 4)
-    batch = _Batch(tiny_model, prepared, [cfg] * 4, 4)
+    batch = StaticBatch(tiny_model, prepared, [cfg] * 4, 4)
     with torch.inference_mode():
         batch.prefill()
     kept_images = (batch.prompt_keep & batch.image_mask).sum(1).tolist()
@@ -48,13 +48,13 @@ def test_reported_kv_bytes_equal_cache_tensors(tiny_model, batch4, monkeypatch, 
     images, prompts = batch4
     cfg = SparsityConfig(vision_keep=0.25, text_keep=text_keep, vision_scorer="stride", text_scorer=text_scorer)
     captured = {}
-    original_prefill = _Batch.prefill
+    original_prefill = StaticBatch.prefill
 
     def spy(self):
         captured["batch"] = self
         return original_prefill(self)
 
-    monkeypatch.setattr(_Batch, "prefill", spy)
+    monkeypatch.setattr(StaticBatch, "prefill", spy)
     outs = tiny_model.generate(images, prompts, sparsity=cfg, max_new_tokens=12, ignore_eos=True)
     cache = captured["batch"].cache
     for i, o in enumerate(outs):

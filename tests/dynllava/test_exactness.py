@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dynllava.config import SparsityConfig
-from dynllava.engine import _Batch
+from dynllava.engine import StaticBatch
 
 DENSE = SparsityConfig(vision_keep=1.0, text_keep=1.0)
 NEW = 10
@@ -47,7 +47,7 @@ def test_dense_logits_match_hf_forward_within_1e4(tiny_model, batch4):
     theirs = hf_generate(tiny_model, images, prompts, NEW)
     for mode in ("kv_cache", "no_cache"):
         prepared = tiny_model.prepare(images, prompts, NEW)
-        batch = _Batch(tiny_model, prepared, [DENSE.replace(mode=mode)] * 4, NEW)
+        batch = StaticBatch(tiny_model, prepared, [DENSE.replace(mode=mode)] * 4, NEW)
         from dynllava.engine import _Row
 
         rows = [_Row(n, DENSE, None) for n in prepared.lengths]
