@@ -32,7 +32,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dynllava import costs  # noqa: E402
 from dynllava.config import SparsityConfig  # noqa: E402
-from dynllava.engine import StaticBatch  # noqa: E402  (private: the only way to time prefill alone)
+from dynllava.engine import StaticBatch  # noqa: E402
 from dynllava.model import DynamicLlava  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
