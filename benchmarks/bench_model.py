@@ -73,7 +73,7 @@ def hardware(device: str) -> str:
 def commit() -> str:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    sha = git("rev-parse", "--short", "HEAD") or "unknown"
+    sha = git("rev-parse", "--short", "HEAD") or os.environ.get("DYNLLAVA_COMMIT", "unknown")
     return sha + ("-dirty" if git("status", "--porcelain") else "")
 
 

@@ -205,12 +205,13 @@ class DynamicLlava:
         mask = ops.causal_padding_mask(valid)
         cos, sin = self.rotary(h, positions)
         lengths = valid.sum(1)
+        host_lengths = lengths.tolist()  # one device sync per pass, not one per layer
         rows = torch.arange(h.shape[0], device=h.device)
         last_attention = None
         for i in range(layer_k):
             h, q, k, v = self.layer_full(i, h, cos, sin, mask)
             if cache is not None:
-                cache.write_prefill(i, k, v, lengths.tolist())
+                cache.write_prefill(i, k, v, host_lengths)
             if need_attention and i == layer_k - 1:
                 q_last = q[rows, :, lengths - 1]  # [B, H, D]
                 last_attention = ops.attention_from_query(q_last, k, valid, self.scale)
@@ -223,10 +224,11 @@ class DynamicLlava:
             cos, sin = ops.gather_tokens(cos, index), ops.gather_tokens(sin, index)
             mask = ops.causal_padding_mask(valid)
             lengths = valid.sum(1)
+            host_lengths = lengths.tolist()
         for i in range(layer_k, self.n_layers):
             h, _, k, v = self.layer_full(i, h, cos, sin, mask)
             if cache is not None:
-                cache.write_prefill(i, k, v, lengths.tolist())
+                cache.write_prefill(i, k, v, host_lengths)
         return ContextResult(h[rows, lengths - 1], keep, lengths.tolist())
 
     def vision_keep_fn(self, image_mask: torch.Tensor, valid: torch.Tensor, keeps: list[float],
