@@ -2,8 +2,9 @@
 
 Group "dense" = layers [0, K): every token is cached. Group "sparse" = layers [K, L): only kept prompt tokens
 and admitted generated tokens. Each group holds one buffer per layer, [B, Hkv, capacity, D], rows
-right-padded; row b's valid slots are [0, length[b]). Capacity grows in blocks of `block_tokens` only when an
-admitted token needs a slot, so memory follows what is admitted.
+right-padded; row b's valid slots are [0, length[b]). A decoding step writes each row's current token at slot
+length[b] and advances length[b] only if the token is admitted, so lengths (and the bytes a request holds)
+grow only with admitted tokens; capacity grows in blocks of `block_tokens`, one slot ahead of the longest row.
 """
 
 from __future__ import annotations
@@ -80,41 +81,33 @@ class SparseKVCache:
         group.v[i][:, :, :t] = v
         group.lengths = list(lengths)
 
-    def reserve_append(self, group_index: int, admit: list[bool]) -> None:
-        """Make room for this step's admitted tokens in a group (call once per step, before the writes)."""
+    def reserve_step(self, group_index: int, active: list[bool]) -> None:
+        """Make room for this step's token in every active row (call before the step).
+
+        The step writes each row's current token at slot length[b] whether or not it will be admitted (it must
+        attend to itself); an unadmitted token's slot is simply overwritten by the next one. So a group needs
+        one slot past each active row's length.
+        """
         group = self.groups[group_index]
-        needed = max((n + 1 for n, a in zip(group.lengths, admit) if a), default=0)
+        needed = max((n + 1 for n, a in zip(group.lengths, active) if a), default=0)
         group.reserve(needed, self.block_tokens)
 
-    def write_step(self, layer: int, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
-                   slots: torch.Tensor) -> None:
-        """Write the current token's k, v [B, Hkv, 1, D] of rows `rows` [n] into slots `slots` [n]."""
-        if rows.numel() == 0:
-            return
-        group, i = self._locate(layer)
-        group.k[i][rows, :, slots] = k[rows, :, 0]
-        group.v[i][rows, :, slots] = v[rows, :, 0]
-
     def commit_step(self, group_index: int, admit: list[bool]) -> None:
-        """Advance the lengths of admitted rows after every layer of the group has written."""
+        """Advance the lengths of rows whose current token is admitted (after the step ran)."""
         group = self.groups[group_index]
         group.lengths = [n + int(a) for n, a in zip(group.lengths, admit)]
 
     # ------------------------------------------------------------------ reads
-    def view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(k, v) [B, Hkv, S, D] with S = the longest row of the layer's group."""
+    def buffers(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's whole (k, v) buffers [B, Hkv, capacity, D]; fixed until the group grows."""
         group, i = self._locate(layer)
-        s = max(group.lengths, default=0)
-        return group.k[i][:, :, :s], group.v[i][:, :, :s]
+        return group.k[i], group.v[i]
 
-    def valid(self, group_index: int) -> torch.Tensor:
-        """[B, S] bool: which slots of each row hold a token (same S as `view`)."""
-        group = self.groups[group_index]
-        s = max(group.lengths, default=0)
-        lengths = torch.tensor(group.lengths, device=group.device)
-        return torch.arange(s, device=group.device)[None, :] < lengths[:, None]
+    def capacity(self, group_index: int) -> int:
+        return self.groups[group_index].capacity
 
     def lengths(self, group_index: int) -> list[int]:
+        """Valid slots per row in a group."""
         return list(self.groups[group_index].lengths)
 
     # ------------------------------------------------------------------ accounting

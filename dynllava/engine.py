@@ -16,9 +16,11 @@ import torch
 from dynllava import costs
 from dynllava.cache import SparseKVCache
 from dynllava.config import SparsityConfig
+from dynllava.decode_step import CachedStep
 from dynllava.scorers import TEXT_SCORERS, AdmissionState, TextInputs, decide_admission
 
 CACHE_BLOCK_TOKENS = 64  # cache capacity grows in blocks of this many tokens (fewer re-allocations)
+GRAPH_CACHE_BLOCK_TOKENS = 128  # with CUDA graphs each growth means a new capture: grow in larger blocks
 
 
 @dataclass
@@ -105,8 +107,10 @@ class StaticBatch:
 
     `prefill()` then repeated `step()`; `generate()` drives it, benchmarks may time `prefill()` alone."""
 
-    def __init__(self, model, prepared, sparsities: list[SparsityConfig], max_new_tokens: int):
+    def __init__(self, model, prepared, sparsities: list[SparsityConfig], max_new_tokens: int,
+                 cuda_graphs: bool = True):
         self.model = model
+        self.use_graphs = cuda_graphs and model.device.type == "cuda"
         self.cfg = sparsities[0]
         self.k = self.cfg.layer
         self.dims = costs.ModelDims.from_hf_config(model.config)
@@ -139,8 +143,9 @@ class StaticBatch:
         choose, need_attention = m.vision_keep_fn(self.image_mask, self.valid,
                                                   [s.vision_keep for s in self.sparsities], self.cfg.vision_scorer)
         if self.cfg.mode == "kv_cache":
-            self.cache = SparseKVCache(m.n_layers, self.k, b, m.n_kv_heads, m.head_dim, m.dtype, h.device,
-                                       CACHE_BLOCK_TOKENS)
+            block = GRAPH_CACHE_BLOCK_TOKENS if self.use_graphs else CACHE_BLOCK_TOKENS
+            self.cache = SparseKVCache(m.n_layers, self.k, b, m.n_kv_heads, m.head_dim, m.dtype, h.device, block)
+            self.decoder = CachedStep(m, self.cache, self.k, self.text_scorer, not self.text_dense, self.use_graphs)
         res = m.run_context(h, positions, self.valid, self.k, choose, need_attention, self.cache)
         self.prompt_keep = res.keep
         self.n_kept_prompt = res.keep.sum(1).tolist()
@@ -150,15 +155,14 @@ class StaticBatch:
         return m.logits(res.last_hidden)
 
     # ---------------------------------------------------------------- decode
-    def _admit(self, hidden: torch.Tensor, self_attention: torch.Tensor, rows: list[_Row],
-               active: list[bool]) -> list[bool]:
-        """Admission of each active row's current token to layers >= K."""
+    def _admit(self, scores: torch.Tensor | None, rows: list[_Row], active: list[bool]) -> list[bool]:
+        """Admission of each active row's current token to layers >= K, from its text score [B]."""
         if self.text_dense:
             return list(active)
-        scores = self.text_scorer.score(TextInputs(hidden, self_attention, self.model.predictors)).tolist()
+        host_scores = scores.tolist()
         decisions = [False] * len(rows)
         idx = [i for i, a in enumerate(active) if a]
-        made = decide_admission(self.text_scorer, [scores[i] for i in idx], [self.text_rates[i] for i in idx],
+        made = decide_admission(self.text_scorer, [host_scores[i] for i in idx], [self.text_rates[i] for i in idx],
                                 [rows[i].admission for i in idx])
         for i, d in zip(idx, made):
             decisions[i] = d
@@ -171,30 +175,14 @@ class StaticBatch:
         return self._step_recompute(tokens, rows, active)
 
     def _step_cached(self, tokens, rows, active) -> torch.Tensor:
-        m, cache, dev = self.model, self.cache, self.model.device
-        positions = torch.tensor([[r.prompt_len + len(r.tokens) - 1] for r in rows], device=dev)
-        h = m.lm.embed_tokens(torch.tensor(tokens, device=dev))[:, None]  # [B, 1, C]
-        cos, sin = m.rotary(h, positions)
-        self_attention = None
-        admit = list(active)
+        cache = self.cache
         for group in (0, 1):
-            if group == 1:
-                admit = self._admit(h[:, 0], self_attention, rows, active)
-            cache.reserve_append(group, admit)
-            valid = cache.valid(group)
-            lengths = cache.lengths(group)
-            write_rows = [i for i, a in enumerate(admit) if a]
-            rows_t = torch.tensor(write_rows, device=dev, dtype=torch.long)
-            slots_t = torch.tensor([lengths[i] for i in write_rows], device=dev, dtype=torch.long)
-            layers = range(self.k) if group == 0 else range(self.k, m.n_layers)
-            for i in layers:
-                k_cache, v_cache = cache.view(i)
-                h, k, v, self_weight = m.layer_step(i, h, cos, sin, k_cache, v_cache, valid)
-                cache.write_step(i, k, v, rows_t, slots_t)
-                if i == self.k - 1:
-                    self_attention = self_weight
-            cache.commit_step(group, admit)
-        return m.logits(h[:, 0])
+            cache.reserve_step(group, active)
+        positions = [r.prompt_len + len(r.tokens) - 1 for r in rows]
+        logits, scores = self.decoder(tokens, positions, cache.lengths(0), cache.lengths(1))
+        cache.commit_step(0, active)
+        cache.commit_step(1, self._admit(scores, rows, active))
+        return logits
 
     def _step_recompute(self, tokens, rows, active) -> torch.Tensor:
         m, dev = self.model, self.model.device
@@ -213,7 +201,9 @@ class StaticBatch:
             if self.text_dense and self.n_kept_prompt == self.prepared.lengths:
                 return None
             self_att = attention[self.rows_index, current] if attention is not None else None
-            admit = self._admit(hidden[self.rows_index, current], self_att, rows, active)
+            scores = None if self.text_dense else self.text_scorer.score(
+                TextInputs(hidden[self.rows_index, current], self_att, m.predictors))
+            admit = self._admit(scores, rows, active)
             decided = torch.tensor(admit, device=dev)
             self.full_keep[self.rows_index, current] = decided
             keep = self.full_keep[:, :width].clone()
@@ -259,10 +249,12 @@ def _check_stop(model, row: _Row, stop: Sequence[str], ignore_eos: bool, max_new
 def generate(model, images: Sequence[Any], prompts: Sequence[str],
              sparsity: SparsityConfig | Sequence[SparsityConfig] | None = None, max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | Sequence[int] | None = None,
-             stop: Sequence[str] | None = None, ignore_eos: bool = False) -> list[GenerationOutput]:
+             stop: Sequence[str] | None = None, ignore_eos: bool = False,
+             cuda_graphs: bool = True) -> list[GenerationOutput]:
     """Generate for a static batch. `sparsity` may be one config or one per row; rows of one batch must share
     layer, mode and scorers (keep ratios may differ). `seed` (int or per row) seeds each row's sampler, so a
-    row samples the same tokens alone or in any batch. Returns one GenerationOutput per prompt, in order."""
+    row samples the same tokens alone or in any batch. On CUDA the cached decoding step runs as a CUDA graph
+    unless cuda_graphs=False. Returns one GenerationOutput per prompt, in order."""
     start = time.perf_counter()
     _check_args(model, max_new_tokens, temperature, top_p)
     n = len(prompts)
@@ -283,7 +275,7 @@ def generate(model, images: Sequence[Any], prompts: Sequence[str],
              else (torch.Generator(device=dev).manual_seed(torch.seed()) if temperature > 0 else None))
         for prompt_len, s, sd in zip(prepared.lengths, sparsities, seeds)
     ]
-    batch = StaticBatch(model, prepared, sparsities, max_new_tokens)
+    batch = StaticBatch(model, prepared, sparsities, max_new_tokens, cuda_graphs)
     logits = batch.prefill()
     tokens = _sample(logits, rows, temperature, top_p)
     first_token_at = time.perf_counter()  # _sample synchronised the device (token ids are on the host)

@@ -172,15 +172,25 @@ class DynamicLlava:
                                              enable_gqa=self.n_heads != self.n_kv_heads)
         return self._finish_layer(layer, h, out), q, k, v
 
-    def layer_step(self, index: int, h: torch.Tensor, cos, sin, k_cache, v_cache, cache_valid):
-        """Decoder layer for one new token per row over cached K/V plus itself.
+    def layer_step(self, index: int, h: torch.Tensor, cos, sin, k_buf: torch.Tensor, v_buf: torch.Tensor,
+                   mask: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, want_self_weight: bool = False):
+        """Decoder layer for one new token per row, over a layer's whole cache buffers (fixed shapes, so a CUDA
+        graph can capture it). The token's K/V is written at slots[b]; mask must include that slot, so the token
+        always attends to itself, admitted or not.
 
-        h: [B, 1, C] -> (h, k, v [B, Hkv, 1, D], self_weight [B]).
+        h: [B, 1, C]; k_buf, v_buf: [B, Hkv, S, D]; mask: [B, S] bool; rows, slots: [B] long.
+        Returns (h, self_weight [B] = attention on itself, heads averaged, or None).
         """
         layer = self.layers[index]
         q, k, v = self._project_qkv(layer, layer.input_layernorm(h), cos, sin)
-        out, self_weight = ops.decode_attention(q, k_cache, v_cache, cache_valid, k, v, self.scale)
-        return self._finish_layer(layer, h, out), k, v, self_weight
+        k_buf[rows, :, slots] = k[:, :, 0]
+        v_buf[rows, :, slots] = v[:, :, 0]
+        out = F.scaled_dot_product_attention(q, k_buf, v_buf, attn_mask=mask[:, None, None, :], scale=self.scale,
+                                             enable_gqa=self.n_heads != self.n_kv_heads)
+        self_weight = None
+        if want_self_weight:
+            self_weight = ops.attention_from_query(q[:, :, 0], k_buf, mask, self.scale)[rows, slots]
+        return self._finish_layer(layer, h, out), self_weight
 
     def logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
         """[B, C] -> [B, V] float32 next-token logits."""
@@ -263,12 +273,13 @@ class DynamicLlava:
     def generate(self, images: Sequence[Any], prompts: Sequence[str],
                  sparsity: SparsityConfig | Sequence[SparsityConfig] | None = None, max_new_tokens: int = 64,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | Sequence[int] | None = None,
-                 stop: Sequence[str] | None = None, ignore_eos: bool = False):
+                 stop: Sequence[str] | None = None, ignore_eos: bool = False, cuda_graphs: bool = True):
         """Generate for a batch (see engine.generate). Returns list[GenerationOutput]."""
         from dynllava.engine import generate
 
         return generate(self, images, prompts, sparsity=sparsity, max_new_tokens=max_new_tokens,
-                        temperature=temperature, top_p=top_p, seed=seed, stop=stop, ignore_eos=ignore_eos)
+                        temperature=temperature, top_p=top_p, seed=seed, stop=stop, ignore_eos=ignore_eos,
+                        cuda_graphs=cuda_graphs)
 
 
 __all__ = ["DynamicLlava", "ContextResult", "TEXT_SCORERS", "VISION_SCORERS"]

@@ -74,35 +74,3 @@ def attention_from_query(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tenso
     logits = torch.einsum("bkgd,bktd->bkgt", qg, k.float()) * scale
     logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
     return logits.softmax(-1).mean(dim=(1, 2))
-
-
-def decode_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    cache_valid: torch.Tensor,
-    k_self: torch.Tensor,
-    v_self: torch.Tensor,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoding step's attention over cached slots plus the current token itself.
-
-    The current token always attends to itself whether or not its K/V is admitted to the cache, so self is a
-    separate term of the softmax (no scratch slot, no copy of the cache).
-    q: [B, H, 1, D]; k_cache, v_cache: [B, Hkv, S, D]; cache_valid: [B, S] bool; k_self, v_self: [B, Hkv, 1, D].
-    Returns (out [B, H, 1, D], self_weight [B] = attention on itself, mean over heads).
-    """
-    b, h, _, d = q.shape
-    hkv = k_cache.shape[1]
-    qg = q.reshape(b, hkv, h // hkv, d)  # [B, Hkv, G, D]
-    s_cache = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * scale  # [B, Hkv, G, S]
-    s_cache = s_cache.masked_fill(~cache_valid[:, None, None, :], float("-inf"))
-    s_self = (qg.float() * k_self.float()).sum(-1, keepdim=True) * scale  # [B, Hkv, G, 1]
-    peak = torch.maximum(s_cache.amax(-1, keepdim=True), s_self)
-    p_cache = torch.exp(s_cache - peak)
-    p_self = torch.exp(s_self - peak)
-    denom = p_cache.sum(-1, keepdim=True) + p_self
-    out = torch.matmul(p_cache.to(v_cache.dtype), v_cache).float() + p_self * v_self.float()  # [B, Hkv, G, D]
-    out = (out / denom).to(q.dtype).reshape(b, h, 1, d)
-    self_weight = (p_self / denom).mean(dim=(1, 2, 3))
-    return out, self_weight

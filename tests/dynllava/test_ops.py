@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from dynllava import ops
 
@@ -27,21 +26,6 @@ def test_compact_keeps_order_and_pads_right():
     index, valid = ops.compact(keep)
     assert index[0].tolist() == [0, 2, 3] and index[1, 0].item() == 1
     assert valid.tolist() == [[True, True, True], [True, False, False]]
-
-
-def test_decode_attention_equals_sdpa_over_cache_plus_self():
-    g = torch.Generator().manual_seed(0)
-    b, h, hkv, s, d = 2, 4, 2, 7, 8
-    q = torch.randn(b, h, 1, d, generator=g)
-    k, v = torch.randn(b, hkv, s, d, generator=g), torch.randn(b, hkv, s, d, generator=g)
-    ks, vs = torch.randn(b, hkv, 1, d, generator=g), torch.randn(b, hkv, 1, d, generator=g)
-    valid = torch.tensor([[True] * 7, [True] * 3 + [False] * 4])
-    out, self_weight = ops.decode_attention(q, k, v, valid, ks, vs, d**-0.5)
-    kk, vv = torch.cat([k, ks], 2), torch.cat([v, vs], 2)
-    mask = torch.cat([valid, torch.ones(b, 1, dtype=torch.bool)], 1)[:, None, None, :]
-    ref = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, enable_gqa=True)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    assert ((self_weight > 0) & (self_weight < 1)).all()
 
 
 def test_attention_from_query_rows_sum_to_one_over_valid_keys():
