@@ -78,6 +78,12 @@ class SparsityConfig:
             raise ValueError(f"unknown SparsityConfig keys: {sorted(unknown)}")
         return cls(**data)
 
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "SparsityConfig":
+        """Load a YAML file with SparsityConfig's keys (see configs/sparsity.yaml)."""
+        with open(path) as f:
+            return cls.from_dict(yaml.safe_load(f) or {})
+
 
 @dataclass(frozen=True)
 class VisionShape:

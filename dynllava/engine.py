@@ -30,7 +30,7 @@ class RequestStats:
     n_image_tokens: int = 0  # image tokens in the prompt
     n_image_kept: int = 0  # image tokens that ran through layers >= K
     n_text_generated: int = 0  # generated tokens returned (EOS excluded)
-    n_text_admitted: int = 0  # generated tokens whose K/V entered layers >= K
+    n_text_admitted: int = 0  # generated tokens whose K/V entered layers >= K (the last one is never fed back)
     kv_bytes_peak: int = 0  # bytes of K/V this request held in the cache at its peak (0 in no_cache mode)
     kv_bytes_dense_equivalent: int = 0  # bytes a dense cache would hold for the same tokens
     prefill_s: float = 0.0  # the batch's prefill (model forward to first token; preprocessing excluded)

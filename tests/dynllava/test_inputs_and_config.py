@@ -69,3 +69,14 @@ def test_stop_strings_and_eos(tiny_model):
     stopped = tiny_model.generate([img], [prompt], max_new_tokens=12, stop=[stop], ignore_eos=True)[0]
     assert stopped.finish_reason == "stop" and stop not in stopped.text
     assert free.text.startswith(stopped.text)
+
+
+def test_config_files_mirror_the_config_objects():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    assert SparsityConfig.from_yaml(root / "sparsity.yaml") == SparsityConfig()
+    shapes = {p.stem: ModelSpec.from_yaml(p) for p in (root / "models").glob("*.yaml")}
+    assert {"tiny", "llava-1.5-7b", "llava-1.5-13b"} <= set(shapes)
+    assert all(s.n_image_tokens == 576 for s in shapes.values())  # LLaVA-1.5 geometry
+    assert (shapes["llava-1.5-7b"].text.hidden_size, shapes["llava-1.5-13b"].text.num_hidden_layers) == (4096, 40)
