@@ -62,6 +62,7 @@ class _Row:
     sparsity: SparsityConfig
     generator: torch.Generator | None
     tokens: list[int] = field(default_factory=list)
+    n_fed: int = 0  # generated tokens fed back through decoding (all but the last one sampled)
     finish_reason: str | None = None
     stop_at: int | None = None  # character index where a stop string begins
     admission: AdmissionState = field(default_factory=AdmissionState)
@@ -217,18 +218,27 @@ class StaticBatch:
 
     # ---------------------------------------------------------------- accounting
     def step_flops(self, rows: list[_Row], active: list[bool]) -> None:
-        """Add this step's analytic FLOPs (dense and as run) to each active row."""
+        """Add this step's analytic FLOPs (dense and as run) to each active row, before its counters move."""
         learned = self.cfg.text_scorer == "learned" and not self.text_dense
         for i, (row, a) in enumerate(zip(rows, active)):
             if not a:
                 continue
-            ctx_dense = row.prompt_len + len(row.tokens)
-            ctx_sparse = self.n_kept_prompt[i] + row.admission.n_admitted + (0 if self.text_dense else 1)
-            if self.text_dense:
-                ctx_sparse = self.n_kept_prompt[i] + len(row.tokens)
+            admitted_before = row.n_fed if self.text_dense else row.admission.n_admitted
+            ctx_dense = row.prompt_len + row.n_fed + 1  # the token being fed attends to itself
+            ctx_sparse = self.n_kept_prompt[i] + admitted_before + 1
             row.flops_dense += costs.decode_step_flops(self.dims, ctx_dense, ctx_dense, self.k, self.cfg.mode)
             row.flops_sparse += costs.decode_step_flops(self.dims, ctx_dense, ctx_sparse, self.k, self.cfg.mode,
                                                         learned)
+
+
+def _generator(device: torch.device, seed: int | None) -> torch.Generator:
+    """A row's own sampling generator: seeded, or from OS entropy (never touching torch's global RNG)."""
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g
 
 
 def _check_stop(model, row: _Row, stop: Sequence[str], ignore_eos: bool, max_new_tokens: int) -> None:
@@ -270,11 +280,8 @@ def generate(model, images: Sequence[Any], prompts: Sequence[str],
     prefill_start = time.perf_counter()
     seeds = _per_row(seed, n, "seed")
     dev = model.device
-    rows = [
-        _Row(prompt_len, s, torch.Generator(device=dev).manual_seed(sd) if sd is not None
-             else (torch.Generator(device=dev).manual_seed(torch.seed()) if temperature > 0 else None))
-        for prompt_len, s, sd in zip(prepared.lengths, sparsities, seeds)
-    ]
+    rows = [_Row(prompt_len, s, _generator(dev, sd) if temperature > 0 else None)
+            for prompt_len, s, sd in zip(prepared.lengths, sparsities, seeds)]
     batch = StaticBatch(model, prepared, sparsities, max_new_tokens, cuda_graphs)
     logits = batch.prefill()
     tokens = _sample(logits, rows, temperature, top_p)
@@ -288,8 +295,10 @@ def generate(model, images: Sequence[Any], prompts: Sequence[str],
         active = [r.finish_reason is None for r in rows]
         if not any(active):
             break
-        batch.step_flops(rows, active)  # before admission counters move: context as this step sees it
+        batch.step_flops(rows, active)
         logits = batch.step(tokens, rows, active)
+        for row, a in zip(rows, active):
+            row.n_fed += int(a)
         new = _sample(logits, rows, temperature, top_p)
         now = time.perf_counter()
         for i, row in enumerate(rows):
@@ -312,7 +321,7 @@ def _finish(model, batch: StaticBatch, i: int, row: _Row, prefill_s: float, ttft
     dims, k = batch.dims, batch.k
     n_image = int(batch.image_mask[i].sum())
     n_kept_image = int((batch.prompt_keep[i] & batch.image_mask[i]).sum())
-    n_fed = row.admission.n_seen if not batch.text_dense else max(len(row.tokens) - 1, 0)
+    n_fed = row.n_fed
     element = torch.empty((), dtype=model.dtype).element_size()
     dense_kv = costs.kv_bytes(dims, row.prompt_len + n_fed, row.prompt_len + n_fed, k, element)
     learned_vision = row.sparsity.vision_scorer == "learned" and n_kept_image < n_image
@@ -323,7 +332,7 @@ def _finish(model, batch: StaticBatch, i: int, row: _Row, prefill_s: float, ttft
         n_image_tokens=n_image,
         n_image_kept=n_kept_image,
         n_text_generated=len(row.tokens),
-        n_text_admitted=row.admission.n_admitted if not batch.text_dense else n_fed,
+        n_text_admitted=n_fed if batch.text_dense else row.admission.n_admitted,
         kv_bytes_peak=batch.cache.bytes_in_use(i) if batch.cache is not None else 0,
         kv_bytes_dense_equivalent=dense_kv,
         prefill_s=prefill_s,

@@ -45,7 +45,7 @@ class PreparedBatch:
     n_images: list[int]
 
 
-def _as_image_list(images: ImageInput | Sequence[ImageInput], row: int) -> list[ImageInput]:
+def _as_image_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
     if images is None:
         return []
     if isinstance(images, (list, tuple)):
@@ -69,7 +69,7 @@ def prepare_batch(processor, images: Sequence[Any], prompts: Sequence[str], max_
     for i, (row_images, prompt) in enumerate(zip(images, prompts)):
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"prompts[{i}]: must be a non-empty string")
-        opened = [load_image(img, f"images[{i}]") for img in _as_image_list(row_images, i)]
+        opened = [load_image(img, f"images[{i}]") for img in _as_image_list(row_images)]
         n_placeholders = prompt.count(token)
         if n_placeholders != len(opened):
             what = "has no image placeholder" if n_placeholders == 0 else f"has {n_placeholders} placeholders"

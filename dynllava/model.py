@@ -21,7 +21,7 @@ from dynllava.config import ModelSpec, SparsityConfig
 from dynllava.inputs import PreparedBatch, prepare_batch
 from dynllava.loading import build_random, load_directory, resolve_source
 from dynllava.predictors import Predictors
-from dynllava.scorers import TEXT_SCORERS, VISION_SCORERS, VisionInputs
+from dynllava.scorers import TEXT_SCORERS, VISION_SCORERS, VisionInputs, require_predictors
 
 
 def default_device() -> torch.device:
@@ -39,7 +39,7 @@ class ContextResult:
     """Output of one pass over whole rows (prefill, or a no-cache decoding step).
 
     last_hidden: [B, C] final-norm input at each row's last token; keep: [B, T] bool, the positions that ran
-    through layers >= K; sparse_lengths: tokens per row in layers >= K; last_attention: see VisionInputs.
+    through layers >= K; sparse_lengths: tokens per row in layers >= K.
     """
 
     last_hidden: torch.Tensor
@@ -262,13 +262,10 @@ class DynamicLlava:
         """Fail early (clear ValueError) if a requested scorer cannot run on this model."""
         if sparsity.layer >= self.n_layers:
             raise ValueError(f"layer K={sparsity.layer} must be below the model's {self.n_layers} layers")
-        if self.predictors is None:
-            from dynllava.scorers import _require_predictors
-
-            if sparsity.vision_scorer == "learned" and sparsity.vision_keep < 1.0:
-                _require_predictors(None, "vision")
-            if sparsity.text_scorer == "learned" and (sparsity.text_keep is None or sparsity.text_keep < 1.0):
-                _require_predictors(None, "text")
+        if sparsity.vision_scorer == "learned" and sparsity.vision_keep < 1.0:
+            require_predictors(self.predictors, "vision")
+        if sparsity.text_scorer == "learned" and (sparsity.text_keep is None or sparsity.text_keep < 1.0):
+            require_predictors(self.predictors, "text")
 
     def generate(self, images: Sequence[Any], prompts: Sequence[str],
                  sparsity: SparsityConfig | Sequence[SparsityConfig] | None = None, max_new_tokens: int = 64,

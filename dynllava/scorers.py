@@ -49,7 +49,8 @@ class TextInputs:
     predictors: Predictors | None = None
 
 
-def _require_predictors(p: Predictors | None, kind: str) -> Predictors:
+def require_predictors(p: Predictors | None, kind: str) -> Predictors:
+    """The predictors, or ScorerUnavailable naming the training-free scorers of that kind."""
     if p is None:
         others = sorted(n for n in (VISION_SCORERS if kind == "vision" else TEXT_SCORERS) if n != "learned")
         raise ScorerUnavailable(
@@ -67,7 +68,7 @@ class LearnedVision:
     needs_attention = False
 
     def score(self, x: VisionInputs) -> torch.Tensor:
-        p = _require_predictors(x.predictors, "vision")
+        p = require_predictors(x.predictors, "vision")
         hidden = x.hidden.to(next(p.parameters()).dtype)
         index, valid = _image_rows(x.image_mask)  # gather each row's image tokens: [B, N]
         tokens = torch.gather(hidden, 1, index[..., None].expand(-1, -1, hidden.shape[-1]))
@@ -165,7 +166,7 @@ class LearnedText:
     own_decision = True
 
     def score(self, x: TextInputs) -> torch.Tensor:
-        p = _require_predictors(x.predictors, "text")
+        p = require_predictors(x.predictors, "text")
         logits = p.text(x.hidden.to(next(p.parameters()).dtype)).float()  # [B, 2]
         return logits.softmax(-1)[:, KEEP]
 

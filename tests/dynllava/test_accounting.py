@@ -110,3 +110,16 @@ def test_multiple_images_in_one_prompt(tiny_model):
     cfg = SparsityConfig(vision_keep=0.25, text_keep=1.0, vision_scorer="stride")
     out = tiny_model.generate([[random_image(1), random_image(2)]], [prompt], sparsity=cfg, max_new_tokens=4)[0]
     assert (out.stats.n_image_tokens, out.stats.n_image_kept) == (32, 8)
+
+
+def test_eos_stop_counts_every_fed_token(tiny_model, batch4, monkeypatch):
+    """A row ending at EOS fed every token it returns (EOS itself is never fed nor returned)."""
+    images, prompts = batch4
+    free = tiny_model.generate(images[:1], prompts[:1], max_new_tokens=12, ignore_eos=True)[0]
+    eos = free.token_ids[4]
+    first = free.token_ids.index(eos)
+    monkeypatch.setattr(tiny_model, "eos_token_ids", {eos})
+    out = tiny_model.generate(images[:1], prompts[:1], max_new_tokens=12)[0]
+    assert out.finish_reason == "stop" and out.token_ids == free.token_ids[:first]
+    assert out.stats.n_text_admitted == len(out.token_ids)
+    assert out.stats.kv_bytes_peak == out.stats.kv_bytes_dense_equivalent
