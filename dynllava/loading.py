@@ -130,9 +130,10 @@ def load_directory(path: Path, device: torch.device, dtype: torch.dtype):
     if config.text_config.model_type not in SUPPORTED_TEXT_MODELS:
         raise ValueError(f"{path}: language model {config.text_config.model_type!r} is not one of "
                          f"{SUPPORTED_TEXT_MODELS}")
+    # no device_map: that needs `accelerate`, a dependency we do not otherwise use; load, then move
     model = LlavaForConditionalGeneration.from_pretrained(
-        path, dtype=dtype, device_map=str(device), local_files_only=True, attn_implementation="sdpa"
-    )
+        path, dtype=dtype, local_files_only=True, attn_implementation="sdpa"
+    ).to(device)
     processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     if getattr(processor, "chat_template", None) is None:
         processor.chat_template = LLAVA_15_CHAT_TEMPLATE

@@ -1,0 +1,46 @@
+"""Loading a local HF-format LLaVA directory (as llava-hf/llava-1.5-7b-hf is laid out), predictors beside it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dynllava.config import SparsityConfig
+from dynllava.model import DynamicLlava
+
+
+@pytest.fixture(scope="module")
+def saved_dir(tiny_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("llava-dir")
+    tiny_model.hf_model.save_pretrained(path)
+    tiny_model.processor.save_pretrained(path)
+    tiny_model.predictors.save(path)
+    return path
+
+
+def test_directory_loads_with_processor_and_predictors(saved_dir, tiny_model, batch4):
+    loaded = DynamicLlava.from_pretrained(saved_dir, device="cpu", dtype=torch.float32)
+    assert loaded.predictors is not None and loaded.processor.image_token == tiny_model.processor.image_token
+    images, prompts = batch4
+    cfg = SparsityConfig(vision_keep=0.25, text_keep=0.5, vision_scorer="learned", text_scorer="learned")
+    a = loaded.generate(images, prompts, sparsity=cfg, max_new_tokens=8, ignore_eos=True)
+    b = tiny_model.generate(images, prompts, sparsity=cfg, max_new_tokens=8, ignore_eos=True)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    assert [o.stats.n_text_admitted for o in a] == [o.stats.n_text_admitted for o in b]
+
+
+def test_directory_without_predictors_names_training_free_scorers(saved_dir, tmp_path, batch4):
+    for f in saved_dir.iterdir():
+        if f.name != "predictors.safetensors":
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    loaded = DynamicLlava.from_pretrained(tmp_path, device="cpu", dtype=torch.float32)
+    assert loaded.predictors is None
+    images, prompts = batch4
+    with pytest.raises(ValueError, match="training-free vision_scorer: fastv, random, stride"):
+        loaded.generate(images[:1], prompts[:1], sparsity=SparsityConfig(vision_keep=0.2))
+
+
+def test_directory_that_is_not_llava_is_rejected(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ValueError, match="not 'llava'"):
+        DynamicLlava.from_pretrained(tmp_path, device="cpu")
