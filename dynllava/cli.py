@@ -66,6 +66,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_shapes(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dynllava.data.shapes import SPLIT_SEEDS, write_parquet
+
+    seed = args.seed if args.seed is not None else SPLIT_SEEDS[args.split]
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    n = write_parquet(str(out), args.n, seed, args.task, progress=not args.quiet)
+    print(f"wrote {n} rows (split seed {seed}) to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dynllava",
@@ -90,6 +103,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     _add_sparsity_args(g)
     g.set_defaults(func=cmd_generate)
+
+    data = sub.add_parser("data", help="make synthetic datasets").add_subparsers(dest="dataset", required=True)
+    d = data.add_parser("shapes", help="procedural shape scenes with captions, descriptions and VQA",
+                        description="Write deterministic shape scenes (1-6 objects) as Parquet with columns id, "
+                                    "image (PNG), prompt, reference, task. Row i depends only on the split seed "
+                                    "and i.")
+    d.add_argument("--n", type=int, required=True, help="number of rows")
+    d.add_argument("--split", choices=["train", "validation", "test"], default="train",
+                   help="which split: train, validation and test use seeds 0, 1, 2 (default train)")
+    d.add_argument("--seed", type=int, default=None, help="explicit split seed (overrides --split)")
+    d.add_argument("--task", choices=["caption", "describe", "vqa"], default=None,
+                   help="only this task (default: caption/describe/vqa mixed 1:1:2)")
+    d.add_argument("--output", required=True, help="Parquet file to write")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_data_shapes)
     return parser
 
 

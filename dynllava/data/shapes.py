@@ -1,0 +1,208 @@
+"""Procedural shape scenes: 1-6 objects (shape, colour, size, grid cell), some overlap and clutter, with a short
+caption, a detailed description (60-150 tokens) and VQA questions (count, colour, position, existence).
+
+Deterministic: row i of a split is generated from (split seed, i) alone, so any slice can be regenerated.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw, ImageFilter
+
+SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
+COLOURS = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
+    "purple": (140, 60, 180), "orange": (245, 130, 30), "black": (25, 25, 25), "white": (250, 250, 250),
+}
+SIZES = ("small", "large")
+POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
+SPLIT_SEEDS = {"train": 0, "validation": 1, "test": 2}
+TASKS = ("caption", "describe", "vqa")
+IMAGE_SIZE = 224
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """One object: its attributes (words of the vocabulary) and its grid cell (row, col in 0..2)."""
+
+    shape: str
+    colour: str
+    size: str
+    cell: int  # index into POSITIONS
+
+    @property
+    def position(self) -> str:
+        return POSITIONS[self.cell]
+
+    def phrase(self, with_size: bool = True) -> str:
+        return f"{self.size} {self.colour} {self.shape}" if with_size else f"{self.colour} {self.shape}"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One dataset row: the Parquet columns."""
+
+    id: str
+    image: bytes  # PNG
+    prompt: str
+    reference: str
+    task: str  # caption | describe | vqa-count | vqa-colour | vqa-position | vqa-exist
+
+
+def sample_scene(rng: random.Random, min_objects: int = 1, max_objects: int = 6) -> list[SceneObject]:
+    """Distinct cells; (colour, shape) pairs unique within a scene so every object can be named unambiguously."""
+    n = rng.randint(min_objects, max_objects)
+    cells = rng.sample(range(9), n)
+    pairs = rng.sample([(c, s) for c in COLOURS for s in SHAPES], n)
+    return [SceneObject(shape=s, colour=c, size=rng.choice(SIZES), cell=cell) for cell, (c, s) in zip(cells, pairs)]
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, obj: SceneObject, cx: float, cy: float, r: float) -> None:
+    fill = COLOURS[obj.colour]
+    outline = (90, 90, 90) if obj.colour == "white" else None
+    if obj.shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill, outline=outline)
+    elif obj.shape == "square":
+        draw.rectangle((cx - r * 0.85, cy - r * 0.85, cx + r * 0.85, cy + r * 0.85), fill=fill, outline=outline)
+    elif obj.shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill, outline=outline)
+    elif obj.shape == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r * 0.8, cy), (cx, cy + r), (cx - r * 0.8, cy)], fill=fill, outline=outline)
+    elif obj.shape == "star":
+        import math
+
+        pts = [(cx + (r if k % 2 == 0 else r * 0.45) * math.sin(k * math.pi / 5),
+                cy - (r if k % 2 == 0 else r * 0.45) * math.cos(k * math.pi / 5)) for k in range(10)]
+        draw.polygon(pts, fill=fill, outline=outline)
+    else:  # cross
+        w = r * 0.35
+        draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fill, outline=outline)
+        draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=fill, outline=outline)
+
+
+def render(scene: list[SceneObject], rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
+    """Draw the scene on a tinted, cluttered background; objects jitter inside their cell and may overlap."""
+    base = tuple(rng.randint(150, 215) for _ in range(3))
+    img = Image.new("RGB", (size, size), base)
+    draw = ImageDraw.Draw(img)
+    for _ in range(rng.randint(3, 10)):  # clutter: thin grey strokes
+        grey = rng.randint(110, 190)
+        pts = [(rng.uniform(0, size), rng.uniform(0, size)) for _ in range(2)]
+        draw.line(pts, fill=(grey, grey, grey), width=rng.randint(1, 2))
+    cell = size / 3
+    for obj in scene:
+        row, col = divmod(obj.cell, 3)
+        r = cell * (0.40 if obj.size == "large" else 0.22)
+        cx = (col + 0.5) * cell + rng.uniform(-0.12, 0.12) * cell
+        cy = (row + 0.5) * cell + rng.uniform(-0.12, 0.12) * cell
+        _draw_shape(draw, obj, cx, cy, r)
+    return img.filter(ImageFilter.GaussianBlur(0.4))
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def caption(scene: list[SceneObject]) -> str:
+    """Short caption: every object's colour and shape, in reading order."""
+    objs = sorted(scene, key=lambda o: o.cell)
+    return f"{NUMBER_WORDS[len(objs)]} {'shape' if len(objs) == 1 else 'shapes'}: " + \
+        _join([f"a {o.phrase(with_size=False)}" for o in objs]) + "."
+
+
+def _relation(a: SceneObject, b: SceneObject) -> str:
+    (ra, ca), (rb, cb) = divmod(a.cell, 3), divmod(b.cell, 3)
+    if ra == rb:
+        return "left of" if ca < cb else "right of"
+    return "above" if ra < rb else "below"
+
+
+def describe(scene: list[SceneObject]) -> str:
+    """Detailed description: count, one sentence per object (size, colour, shape, position, and where it is
+    relative to its neighbour in reading order), then how many are large and small."""
+    objs = sorted(scene, key=lambda o: o.cell)
+    n = len(objs)
+    parts = [f"The image shows {NUMBER_WORDS[n]} {'shape' if n == 1 else 'shapes'} on a plain background."]
+    for i, o in enumerate(objs):
+        sentence = f"A {o.phrase()} is at the {o.position}"
+        if n > 1:
+            other = objs[i + 1] if i + 1 < n else objs[i - 1]
+            sentence += f", {_relation(o, other)} the {other.phrase(with_size=False)}"
+        parts.append(sentence + ".")
+    n_large = sum(o.size == "large" for o in objs)
+    parts.append(f"{NUMBER_WORDS[n_large].capitalize()} {'is' if n_large == 1 else 'are'} large and "
+                 f"{NUMBER_WORDS[n - n_large]} {'is' if n - n_large == 1 else 'are'} small.")
+    return " ".join(parts)
+
+
+def vqa(scene: list[SceneObject], rng: random.Random) -> tuple[str, str, str]:
+    """One question with a short answer: (task, question, answer)."""
+    kind = rng.choice(("count", "colour", "position", "exist"))
+    obj = rng.choice(scene)
+    if kind == "count":
+        return "vqa-count", "How many shapes are there?", str(len(scene))
+    if kind == "colour":
+        return "vqa-colour", f"What colour is the shape at the {obj.position}?", obj.colour
+    if kind == "position":
+        return "vqa-position", f"Where is the {obj.phrase(with_size=False)}?", obj.position
+    present = {(o.colour, o.shape) for o in scene}
+    if rng.random() < 0.5:
+        return "vqa-exist", f"Is there a {obj.phrase(with_size=False)}?", "yes"
+    absent = rng.choice([(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present])
+    return "vqa-exist", f"Is there a {absent[0]} {absent[1]}?", "no"
+
+
+PROMPTS = {"caption": "Describe the image briefly.", "describe": "Describe the image in detail."}
+
+
+def make_row(split_seed: int, index: int, task: str | None = None) -> Row:
+    """Row `index` of the split with seed `split_seed` (task drawn 1:1:2 caption/describe/vqa unless given)."""
+    rng = random.Random(f"shapes/{split_seed}/{index}")
+    task = task or rng.choice(("caption", "describe", "vqa", "vqa"))
+    scene = sample_scene(rng, min_objects=3 if task == "describe" else 1)
+    img = render(scene, rng)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    if task == "vqa":
+        task, prompt, reference = vqa(scene, rng)
+        prompt += " Answer briefly."
+    else:
+        prompt, reference = PROMPTS[task], (caption(scene) if task == "caption" else describe(scene))
+    return Row(id=f"s{split_seed}-{index:07d}", image=buf.getvalue(), prompt=prompt, reference=reference, task=task)
+
+
+def vocabulary_text() -> str:
+    """Every word the generator can write, for building a closed-vocabulary tokenizer."""
+    words = [*SHAPES, *COLOURS, *SIZES, *(w for p in POSITIONS for w in p.split()), *NUMBER_WORDS,
+             *(str(i) for i in range(10))]
+    return " ".join(words)
+
+
+def write_parquet(path: str, n: int, split_seed: int, task: str | None = None, chunk_rows: int = 500,
+                  progress: bool = True) -> int:
+    """Write rows 0..n-1 of a split to Parquet (columns id, image, prompt, reference, task), in row groups of
+    chunk_rows so memory stays flat. Returns the number of rows written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tqdm import tqdm
+
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if task is not None and task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    schema = pa.schema([("id", pa.string()), ("image", pa.binary()), ("prompt", pa.string()),
+                        ("reference", pa.string()), ("task", pa.string())])
+    written = 0
+    with pq.ParquetWriter(path, schema) as writer, tqdm(total=n, desc="shapes", unit="row",
+                                                         disable=not progress) as bar:
+        for start in range(0, n, chunk_rows):
+            rows = [make_row(split_seed, i, task) for i in range(start, min(n, start + chunk_rows))]
+            columns = {name: [getattr(r, name) for r in rows] for name in schema.names}
+            writer.write_table(pa.table(columns, schema=schema))
+            written += len(rows)
+            bar.update(len(rows))
+    return written
