@@ -79,6 +79,17 @@ def cmd_data_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_base(args: argparse.Namespace) -> int:
+    from dynllava.train.base import BaseTrainConfig, train_base
+
+    config = BaseTrainConfig.from_yaml(args.config) if args.config else BaseTrainConfig()
+    if args.steps is not None:
+        config.steps = args.steps
+    path = train_base(config, args.output, progress=not args.quiet)
+    print(f"saved the base model to {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dynllava",
@@ -118,6 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--output", required=True, help="Parquet file to write")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_data_shapes)
+
+    train = sub.add_parser("train", help="train the base model or the predictors").add_subparsers(
+        dest="stage", required=True)
+    tb = train.add_parser("base", help="train the tiny LLaVA from scratch on shape scenes (CPU, ~40 min)",
+                          description="Train a byte-level BPE tokenizer and a CLIP-style + Llama LLaVA from scratch "
+                                      "on generated shape scenes; saves an HF-format directory (fp16 weights), "
+                                      "its processor and train_log.jsonl.")
+    tb.add_argument("--config", default=None, help="training YAML (configs/train/tiny.yaml); default: built-in")
+    tb.add_argument("--output", required=True, help="directory to write the model to")
+    tb.add_argument("--steps", type=int, default=None, help="override the config's optimizer steps")
+    tb.add_argument("--quiet", action="store_true", help="no progress bar")
+    tb.set_defaults(func=cmd_train_base)
     return parser
 
 

@@ -1,0 +1,93 @@
+"""Turn image + question/answer turns into training tensors: one conversation string in the model's chat
+template, tokenized as a whole (so a prefix tokenizes exactly as the inference prompt does), the `<image>`
+token expanded to the image's tokens, and labels only on the answers (and their end-of-turn token)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from dynllava.data import shapes
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    """One training sequence. input_ids, labels: [T] long; pixel_values: [3, H, W]; answer_spans: (start, end)
+    token ranges of each answer, for the text-budget rule (answers >= 50 tokens)."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    pixel_values: torch.Tensor
+    answer_spans: list[tuple[int, int]]
+
+
+def conversation_text(turns: list[tuple[str, str]], image_token: str, eos: str) -> tuple[str, list[tuple[int, int]]]:
+    """LLaVA-1.5 template: "USER: <image>\\nq1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>"; returns the text and
+    the character span of each answer (answer text plus its </s>)."""
+    text, spans = "", []
+    for i, (question, answer) in enumerate(turns):
+        text += "USER: " + (f"{image_token}\n" if i == 0 else "") + question + " ASSISTANT:"
+        start = len(text)
+        text += " " + answer + eos
+        spans.append((start, len(text)))
+    return text, spans
+
+
+def encode(processor, image, turns: list[tuple[str, str]], bos: bool = True) -> Example:
+    """Tokenize one conversation about one image into an Example."""
+    tok = processor.tokenizer
+    text, spans = conversation_text(turns, processor.image_token, tok.eos_token)
+    enc = tok(text, return_offsets_mapping=True, add_special_tokens=bos)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels, answer_spans, span_i = [], [], 0
+    token_spans: list[list[int]] = [[] for _ in spans]
+    for t, (start, end) in enumerate(offsets):
+        inside = next((j for j, (a, b) in enumerate(spans) if start >= a and end <= b and end > start), None)
+        labels.append(ids[t] if inside is not None else IGNORE)
+        if inside is not None:
+            token_spans[inside].append(t)
+    pixel_values = processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
+    n_image = (pixel_values.shape[-1] // processor.patch_size) ** 2 + processor.num_additional_image_tokens
+    if processor.vision_feature_select_strategy == "default":
+        n_image -= 1
+    image_id = processor.image_token_id
+    at = ids.index(image_id)
+    ids = ids[:at] + [image_id] * n_image + ids[at + 1 :]
+    labels = labels[:at] + [IGNORE] * n_image + labels[at + 1 :]
+    shift = n_image - 1
+    answer_spans = [(ts[0] + shift, ts[-1] + 1 + shift) for ts in token_spans if ts]
+    del span_i
+    return Example(torch.tensor(ids), torch.tensor(labels), pixel_values, answer_spans)
+
+
+def shape_turns(rng: random.Random, split_seed: int, index: int) -> tuple[object, list[tuple[str, str]]]:
+    """A multi-turn conversation about one scene: its caption, its description and two questions, in random
+    order (one image encoding serves several supervised answers)."""
+    row_rng = random.Random(f"shapes/{split_seed}/{index}")
+    scene = shapes.sample_scene(row_rng, min_objects=1)
+    image = shapes.render(scene, row_rng)
+    turns = [(shapes.PROMPTS["caption"], shapes.caption(scene))]
+    if len(scene) >= 3:
+        turns.append((shapes.PROMPTS["describe"], shapes.describe(scene)))
+    for _ in range(2):
+        _, question, answer = shapes.vqa(scene, row_rng)
+        turns.append((question + " Answer briefly.", answer))
+    rng.shuffle(turns)
+    return image, turns
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of Examples into a batch for the HF model's forward."""
+    t = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), t), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), t), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), t), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n], labels[i, :n], mask[i, :n] = e.input_ids, e.labels, 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask,
+            "pixel_values": torch.stack([e.pixel_values for e in examples])}
