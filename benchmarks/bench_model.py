@@ -199,7 +199,8 @@ def check_targets(rel: dict[str, dict[str, Any]], args: argparse.Namespace) -> l
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.manual_seed(0)
-    m = DynamicLlava.from_pretrained(args.shape, device=args.device, dtype=getattr(torch, args.dtype))
+    shape_yaml = REPO / "configs" / "models" / f"{args.shape}.yaml"  # the shape, not the trained `tiny` checkpoint
+    m = DynamicLlava.from_pretrained(shape_yaml, device=args.device, dtype=getattr(torch, args.dtype))
     imgs = images(args.batch, m.config.vision_config.image_size)
     prompts = [m.format_prompt(PROMPT)] * args.batch
     prepared = m.prepare(imgs, prompts, max(args.new_tokens, args.no_cache_tokens))

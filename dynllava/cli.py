@@ -90,6 +90,46 @@ def cmd_train_base(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_predictors(args: argparse.Namespace) -> int:
+    from dynllava.train.predictors import PredictorTrainConfig, train_predictors
+
+    config = PredictorTrainConfig.from_yaml(args.config) if args.config else PredictorTrainConfig()
+    if args.steps is not None:
+        config.steps = args.steps
+    path = train_predictors(args.model, args.output, config, data=args.data, image_root=args.image_root,
+                            device=args.device, progress=not args.quiet)
+    print(f"saved the model with its predictors to {path}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from dynllava.eval import evaluate, markdown_table, sweep_configs, target_checks, test_rows, write_results
+    from dynllava.model import DynamicLlava
+
+    model = DynamicLlava.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    rows = test_rows(args.n)
+    if args.sweep:
+        configs = sweep_configs(learned=model.predictors is not None)
+    else:
+        configs = [_sparsity_from(args)]
+    results = []
+    for i, cfg in enumerate(configs, 1):
+        log.info("[%d/%d] %s", i, len(configs), cfg)
+        results.append(evaluate(model, rows, cfg, batch_size=args.batch_size))
+        r = results[-1]
+        print(f"[{i}/{len(configs)}] {r.label}: caption F1 {r.caption_attribute_f1:.3f}  VQA {r.vqa_accuracy:.3f}  "
+              f"ppl {r.perplexity:.3f}  image keep {r.image_keep:.3f}  text keep {r.text_keep:.3f}  "
+              f"FLOPs saved {r.flops_saved:+.1%}", flush=True)
+    print()
+    print(markdown_table(results))
+    for name, ok, got in target_checks(results):
+        print(f"{'met' if ok else 'NOT met'}: {name} ({got})")
+    if args.output:
+        paths = write_results(results, args.output, model.name)
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dynllava",
@@ -141,6 +181,35 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--steps", type=int, default=None, help="override the config's optimizer steps")
     tb.add_argument("--quiet", action="store_true", help="no progress bar")
     tb.set_defaults(func=cmd_train_base)
+    tp = train.add_parser("predictors", help="train the image/text predictors the paper's way",
+                          description="Gumbel-softmax straight-through predictors at layer K with masked attention "
+                                      "and the keep-budget loss, plus a light fine-tune of the LM; writes a full "
+                                      "model directory with predictors.safetensors. Works on any local HF LLaVA "
+                                      "directory, with shape scenes or LLaVA-665k-style JSON data.")
+    tp.add_argument("--model", required=True, help="local HF LLaVA directory to start from")
+    tp.add_argument("--output", required=True, help="directory to write the fine-tuned model to")
+    tp.add_argument("--config", default=None, help="training YAML (configs/train/predictors.yaml)")
+    tp.add_argument("--data", default=None, help="LLaVA-665k-style JSON (default: generated shape scenes)")
+    tp.add_argument("--image-root", default=None, help="folder the JSON's image paths are relative to")
+    tp.add_argument("--steps", type=int, default=None, help="override the config's optimizer steps")
+    tp.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    tp.add_argument("--quiet", action="store_true", help="no progress bar")
+    tp.set_defaults(func=cmd_train_predictors)
+
+    e = sub.add_parser("eval", help="quality on the shape scenes' test split, dense vs sparse",
+                       description="Grade greedy answers on the held-out test split: caption attribute F1, VQA "
+                                   "accuracy, reference perplexity (teacher-forced through the sparse engine), keep "
+                                   "ratios achieved and analytic FLOPs saved. --sweep crosses keep ratios with "
+                                   "scorers and writes eval.md, eval.json and eval.png to --output.")
+    e.add_argument("--model", default="tiny", help="model source (default: tiny)")
+    e.add_argument("--n", type=int, default=600, help="test-split rows (default 600)")
+    e.add_argument("--sweep", action="store_true", help="run the whole sweep instead of one setting")
+    e.add_argument("--output", default=None, help="folder for eval.md / eval.json / eval.png")
+    e.add_argument("--batch-size", type=int, default=16, help="rows per generate call")
+    e.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    e.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+    _add_sparsity_args(e)
+    e.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -342,3 +342,36 @@ def _finish(model, batch: StaticBatch, i: int, row: _Row, prefill_s: float, ttft
         flops_sparse=prefill_sparse + row.flops_sparse,
     )
     return GenerationOutput(text, list(row.tokens), row.finish_reason or "length", stats, row.sparsity)
+
+
+@torch.inference_mode()
+def teacher_forced_nll(model, images: Sequence[Any], prompts: Sequence[str], targets: Sequence[Sequence[int]],
+                       sparsity: SparsityConfig | None = None) -> list[tuple[float, int]]:
+    """Negative log-likelihood of given continuations (token ids), fed through the engine exactly as generation
+    would feed them (same pruning, same admission). Returns (nll_sum, n_tokens) per row: perplexity under
+    sparsification."""
+    sparsity = sparsity or SparsityConfig()
+    model.check_scorers(sparsity)
+    longest = max(len(t) for t in targets)
+    prepared = model.prepare(images, prompts, longest)
+    n = len(prompts)
+    batch = StaticBatch(model, prepared, [sparsity] * n, longest)
+    rows = [_Row(length, sparsity, None) for length in prepared.lengths]
+    logits = batch.prefill()
+    nll = [0.0] * n
+    for t in range(longest):
+        logp = logits.log_softmax(-1)
+        for i, target in enumerate(targets):
+            if t < len(target):
+                nll[i] -= float(logp[i, target[t]])
+        if t + 1 == longest:
+            break
+        active = [t + 1 < len(target) for target in targets]
+        tokens = [target[t] if t < len(target) else 0 for target in targets]
+        for row, tok, a in zip(rows, tokens, active):
+            if a:
+                row.tokens.append(tok)
+        logits = batch.step(tokens, rows, active)
+        for row, a in zip(rows, active):
+            row.n_fed += int(a)
+    return [(nll[i], len(targets[i])) for i in range(n)]

@@ -27,6 +27,7 @@ from dynllava.config import SUPPORTED_TEXT_MODELS, ModelSpec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_CONFIG_DIR = REPO_ROOT / "configs" / "models"
+ZOO_DIR = Path(__file__).resolve().parent / "zoo"  # embedded checkpoints, shipped inside the package
 LLAVA_15_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] }}\n"
     "{% elif message['role'] == 'user' %}USER: {{ message['content'] }} "
@@ -37,14 +38,19 @@ SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
 
 
 def resolve_source(source: str | Path) -> Path:
-    """Map a model source to a local path: an existing directory/YAML, or a name in configs/models/."""
+    """Map a model source to a local path: an existing directory/YAML, an embedded checkpoint in dynllava/zoo/
+    (e.g. `tiny`), or a shape name in configs/models/ (random weights)."""
     path = Path(source).expanduser()
     if path.exists():
         return path
+    embedded = ZOO_DIR / str(source)
+    if (embedded / "config.json").is_file():
+        return embedded
     named = MODEL_CONFIG_DIR / f"{source}.yaml"
     if named.exists():
         return named
-    known = sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.yaml"))
+    known = sorted({p.name for p in ZOO_DIR.glob("*") if (p / "config.json").is_file()} |
+                   {p.stem for p in MODEL_CONFIG_DIR.glob("*.yaml")})
     raise ValueError(
         f"model source {str(source)!r} is neither a local LLaVA directory, a model YAML, nor a known name "
         f"({', '.join(known)}); nothing is downloaded at run time"

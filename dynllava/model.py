@@ -116,7 +116,6 @@ class DynamicLlava:
         return prepare_batch(self.processor, images, prompts, self.max_context, max_new_tokens)
 
     # ------------------------------------------------------------------ building blocks
-    @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with projected image features scattered into the `<image>` slots.
 

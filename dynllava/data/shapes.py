@@ -156,6 +156,16 @@ def vqa(scene: list[SceneObject], rng: random.Random) -> tuple[str, str, str]:
     return "vqa-exist", f"Is there a {absent[0]} {absent[1]}?", "no"
 
 
+def cell_labels(scene: list[SceneObject]) -> tuple[list[int], list[int], list[int]]:
+    """Per grid cell (9, reading order): colour, shape and size class, 0 = empty cell. For vision pretraining."""
+    colour, shape, size = [0] * 9, [0] * 9, [0] * 9
+    for o in scene:
+        colour[o.cell] = 1 + list(COLOURS).index(o.colour)
+        shape[o.cell] = 1 + SHAPES.index(o.shape)
+        size[o.cell] = 1 + SIZES.index(o.size)
+    return colour, shape, size
+
+
 PROMPTS = {"caption": "Describe the image briefly.", "describe": "Describe the image in detail."}
 
 
