@@ -103,11 +103,11 @@ def cmd_train_predictors(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from dynllava.eval import evaluate, markdown_table, sweep_configs, target_checks, test_rows, write_results
+    from dynllava.eval import evaluate, markdown_table, sweep_configs, target_checks, split_rows, write_results
     from dynllava.model import DynamicLlava
 
     model = DynamicLlava.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-    rows = test_rows(args.n)
+    rows = split_rows(args.n)
     if args.sweep:
         configs = sweep_configs(learned=model.predictors is not None)
     else:

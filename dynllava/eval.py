@@ -38,7 +38,7 @@ class EvalResult:
     per_task: dict
 
 
-def test_rows(n: int, split: str = "test") -> list[Row]:
+def split_rows(n: int, split: str = "test") -> list[Row]:
     """The first n rows of a split (the test split by default; never tune on it)."""
     return [make_row(SPLIT_SEEDS[split], i) for i in range(n)]
 

@@ -38,7 +38,7 @@ def test_base_training_lowers_loss_and_saves_an_hf_model(base_dir):
 
 
 def test_predictor_steps_lower_loss_and_move_keep_rates_to_budget(base_dir, tmp_path):
-    config = PredictorTrainConfig(steps=25, batch_size=4, predictor_lr=3e-3, lm_lr=0.0, warmup_steps=2,
+    config = PredictorTrainConfig(steps=25, batch_size=4, predictor_lr=1e-3, lm_lr=0.0, warmup_steps=2,
                                   text_budget_min_tokens=20, log_every=1)
     out = train_predictors(base_dir, tmp_path, config, device="cpu", progress=False)
     log = [json.loads(line) for line in (out / "predictor_log.jsonl").read_text().splitlines()]
