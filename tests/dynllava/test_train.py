@@ -24,12 +24,15 @@ SMALL = dict(vocab_size=320, tokenizer_rows=200,
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("base")
-    train_base(BaseTrainConfig(steps=12, lr=3e-3, **SMALL), out, progress=False)
+    train_base(BaseTrainConfig(steps=12, lr=3e-3, vision_steps=2, vision_batch_size=4, vision_lr_scale=0.5, **SMALL),
+               out, progress=False)
     return out
 
 
 def test_base_training_lowers_loss_and_saves_an_hf_model(base_dir):
-    losses = [json.loads(line)["loss"] for line in (base_dir / "train_log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (base_dir / "train_log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in log[:2]] == ["vision", "vision"]
+    losses = [r["loss"] for r in log if r["stage"] == "llava"]
     assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     hf = LlavaForConditionalGeneration.from_pretrained(base_dir)  # transformers loads it by itself
     assert hf.config.image_seq_length == 16
