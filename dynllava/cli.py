@@ -79,12 +79,18 @@ def cmd_data_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_config(cls, args: argparse.Namespace):
+    """Defaults <- --config YAML <- --steps."""
+    config = cls.from_yaml(args.config) if args.config else cls()
+    if args.steps is not None:
+        config.steps = args.steps
+    return config
+
+
 def cmd_train_base(args: argparse.Namespace) -> int:
     from dynllava.train.base import BaseTrainConfig, train_base
 
-    config = BaseTrainConfig.from_yaml(args.config) if args.config else BaseTrainConfig()
-    if args.steps is not None:
-        config.steps = args.steps
+    config = _train_config(BaseTrainConfig, args)
     path = train_base(config, args.output, progress=not args.quiet)
     print(f"saved the base model to {path}")
     return 0
@@ -93,9 +99,7 @@ def cmd_train_base(args: argparse.Namespace) -> int:
 def cmd_train_predictors(args: argparse.Namespace) -> int:
     from dynllava.train.predictors import PredictorTrainConfig, train_predictors
 
-    config = PredictorTrainConfig.from_yaml(args.config) if args.config else PredictorTrainConfig()
-    if args.steps is not None:
-        config.steps = args.steps
+    config = _train_config(PredictorTrainConfig, args)
     path = train_predictors(args.model, args.output, config, data=args.data, image_root=args.image_root,
                             device=args.device, progress=not args.quiet)
     print(f"saved the model with its predictors to {path}")

@@ -13,6 +13,15 @@ import yaml
 Mode = Literal["kv_cache", "no_cache"]
 
 
+def dataclass_from_yaml(cls, path: str | Path):
+    """Build dataclass `cls` from a YAML file of its fields; unknown keys are a ValueError naming the file."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"{path}: unknown {cls.__name__} keys {sorted(unknown)}")
+    return cls(**data)
+
+
 def _check_keep(name: str, value: float | None, allow_none: bool) -> None:
     if value is None:
         if not allow_none:
@@ -81,8 +90,7 @@ class SparsityConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> "SparsityConfig":
         """Load a YAML file with SparsityConfig's keys (see configs/sparsity.yaml)."""
-        with open(path) as f:
-            return cls.from_dict(yaml.safe_load(f) or {})
+        return dataclass_from_yaml(cls, path)
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from dynllava.config import ModelSpec, TextShape, VisionShape
+from dynllava.config import ModelSpec, TextShape, VisionShape, dataclass_from_yaml
 from dynllava.data import shapes
 from dynllava.loading import build_processor, hf_config_from_spec
 from dynllava.train.conversations import collate, encode, shape_turns
@@ -56,11 +55,7 @@ class BaseTrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "BaseTrainConfig":
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
-        return cls(**data)
+        return dataclass_from_yaml(cls, path)
 
 
 def corpus(n_rows: int, split_seed: int) -> list[str]:

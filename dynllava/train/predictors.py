@@ -20,8 +20,8 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
-import yaml
 
+from dynllava.config import dataclass_from_yaml
 from dynllava.data import shapes
 from dynllava.inputs import load_image
 from dynllava.predictors import Predictors
@@ -54,11 +54,7 @@ class PredictorTrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "PredictorTrainConfig":
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
-        return cls(**data)
+        return dataclass_from_yaml(cls, path)
 
 
 def tau_at(step: int, config: PredictorTrainConfig) -> float:
