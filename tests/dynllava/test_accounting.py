@@ -9,7 +9,7 @@ import torch
 
 from dynllava import engine
 from dynllava.config import SparsityConfig
-from dynllava.engine import StaticBatch, _Row
+from dynllava.engine import StaticBatch
 
 from tests.conftest import random_image
 
