@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +32,7 @@ from dynllava import costs  # noqa: E402
 from dynllava.config import SparsityConfig  # noqa: E402
 from dynllava.engine import StaticBatch  # noqa: E402
 from dynllava.model import DynamicLlava  # noqa: E402
+from benchmarks.provenance import commit, hardware  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "Describe the image in detail."
@@ -60,21 +59,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.repeats = a.repeats or (20 if on_gpu else 5)
     a.dtype = ("bfloat16" if on_gpu else "float32") if a.dtype == "auto" else a.dtype
     return a
-
-
-def hardware(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "unknown CPU")
-    return f"{model} x{os.cpu_count()} cores ({torch.get_num_threads()} torch threads)"
-
-
-def commit() -> str:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    sha = git("rev-parse", "--short", "HEAD") or os.environ.get("DYNLLAVA_COMMIT", "unknown")
-    return sha + ("-dirty" if git("status", "--porcelain") else "")
 
 
 def images(n: int, size: int) -> list[Image.Image]:

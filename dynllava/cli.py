@@ -91,7 +91,7 @@ def cmd_train_base(args: argparse.Namespace) -> int:
     from dynllava.train.base import BaseTrainConfig, train_base
 
     config = _train_config(BaseTrainConfig, args)
-    path = train_base(config, args.output, progress=not args.quiet)
+    path = train_base(config, args.output, progress=not args.quiet, device=args.device)
     print(f"saved the base model to {path}")
     return 0
 
@@ -183,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--config", default=None, help="training YAML (configs/train/tiny.yaml); default: built-in")
     tb.add_argument("--output", required=True, help="directory to write the model to")
     tb.add_argument("--steps", type=int, default=None, help="override the config's optimizer steps")
+    tb.add_argument("--device", default="cpu", help="cpu (how the shipped tiny is trained) or cuda")
     tb.add_argument("--quiet", action="store_true", help="no progress bar")
     tb.set_defaults(func=cmd_train_base)
     tp = train.add_parser("predictors", help="train the image/text predictors the paper's way",
@@ -214,7 +215,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
     _add_sparsity_args(e)
     e.set_defaults(func=cmd_eval)
+    _register_extensions(sub)
     return parser
+
+
+# The offline jobs and the serving/control plane add their subcommands here. They are imported when the
+# parser is built, not when `dynllava` is imported, so the method package stays free of Ray (invariant 4).
+EXTENSIONS = ("pipelines.cli",)
+
+
+def _register_extensions(sub) -> None:
+    import importlib
+
+    for name in EXTENSIONS:
+        try:
+            module = importlib.import_module(name)
+        except ImportError as e:  # the method works without the Ray layers installed
+            log.debug("no %s: %s", name, e)
+            continue
+        module.register(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

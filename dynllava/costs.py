@@ -24,6 +24,7 @@ class ModelDims:
     vision_hidden: int
     vision_intermediate: int
     vision_tokens: int  # patches + CLS per image
+    predictor_width: int = 512  # the image predictor's W (the paper's 512; see predictors.ImagePredictor)
 
     @classmethod
     def from_hf_config(cls, config) -> "ModelDims":
@@ -54,8 +55,9 @@ def vision_flops(d: ModelDims, n_images: int) -> float:
     return float(n_images * (d.vision_layers * per_layer + projector))
 
 
-def image_predictor_flops(d: ModelDims, n_image: int, width: int = 512, mlp: int = 2048, blocks: int = 2) -> float:
-    """The paper's image predictor over n_image tokens (stem, blocks, head)."""
+def image_predictor_flops(d: ModelDims, n_image: int, blocks: int = 2) -> float:
+    """The image predictor (width W = d.predictor_width, MLP 4W) over n_image tokens (stem, blocks, head)."""
+    width, mlp = d.predictor_width, 4 * d.predictor_width
     stem = 2 * n_image * d.hidden * width
     block = 8 * n_image * width * width + 4 * n_image * n_image * width + 4 * n_image * width * mlp
     head = 2 * n_image * (width * 256 + 256 * 128 + 128 * 2)

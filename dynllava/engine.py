@@ -8,7 +8,7 @@ never on the model.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
 import torch
@@ -115,6 +115,8 @@ class StaticBatch:
         self.cfg = sparsities[0]
         self.k = self.cfg.layer
         self.dims = costs.ModelDims.from_hf_config(model.config)
+        if model.predictors is not None:
+            self.dims = replace(self.dims, predictor_width=model.predictors.image.width)
         dev = model.device
         self.input_ids = prepared.input_ids.to(dev)
         self.valid = prepared.valid.to(dev)

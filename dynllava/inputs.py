@@ -10,7 +10,28 @@ from typing import Any, Sequence
 import torch
 from PIL import Image, UnidentifiedImageError
 
-ImageInput = Any  # PIL.Image.Image | str | Path | bytes | None
+ImageInput = Any  # PIL.Image.Image | str | Path | bytes | PixelValues | None
+
+
+@dataclass
+class PixelValues:
+    """An image the model's image processor has already resized and normalised, e.g. on a CPU worker so the
+    accelerator's actor only runs the model. values: [3, H, W] float (H, W = the processor's crop size)."""
+
+    values: torch.Tensor
+
+
+def preprocess_images(processor, images: Sequence[Any]) -> list[PixelValues]:
+    """Open and preprocess images exactly as `prepare_batch` would (ValueError naming the bad index)."""
+    opened = [load_image(img, f"images[{i}]") for i, img in enumerate(images)]
+    pixels = processor.image_processor(opened, return_tensors="pt")["pixel_values"]
+    return [PixelValues(p) for p in pixels]
+
+
+def image_token_count(processor, height: int, width: int) -> int:
+    """How many `<image>` tokens an image of pixel size [height, width] becomes (LlavaProcessor's rule)."""
+    n = (height // processor.patch_size) * (width // processor.patch_size) + processor.num_additional_image_tokens
+    return n - 1 if processor.vision_feature_select_strategy == "default" else n
 
 
 def load_image(image: ImageInput, field: str) -> Image.Image:
@@ -69,20 +90,26 @@ def prepare_batch(processor, images: Sequence[Any], prompts: Sequence[str], max_
     for i, (row_images, prompt) in enumerate(zip(images, prompts)):
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"prompts[{i}]: must be a non-empty string")
-        opened = [load_image(img, f"images[{i}]") for img in _as_image_list(row_images)]
+        row_list = _as_image_list(row_images)
         n_placeholders = prompt.count(token)
-        if n_placeholders != len(opened):
+        if n_placeholders != len(row_list):
             what = "has no image placeholder" if n_placeholders == 0 else f"has {n_placeholders} placeholders"
-            raise ValueError(f"prompts[{i}]: {what} ({token!r}) but {len(opened)} image(s) were given")
-        out = processor(images=opened or None, text=prompt, return_tensors="pt")
-        row = out["input_ids"][0]
+            raise ValueError(f"prompts[{i}]: {what} ({token!r}) but {len(row_list)} image(s) were given")
+        if row_list and all(isinstance(img, PixelValues) for img in row_list):
+            row_pixels = torch.stack([img.values for img in row_list])  # [n, 3, H, W]
+            n_tokens = image_token_count(processor, *row_pixels.shape[-2:])
+            row = processor.tokenizer(prompt.replace(token, token * n_tokens), return_tensors="pt")["input_ids"][0]
+        else:
+            opened = [load_image(img, f"images[{i}]") for img in row_list]
+            out = processor(images=opened or None, text=prompt, return_tensors="pt")
+            row, row_pixels = out["input_ids"][0], out.get("pixel_values")
         if len(row) + max_new_tokens > max_context:
             raise ValueError(f"prompts[{i}]: {len(row)} prompt tokens + max_new_tokens {max_new_tokens} exceed "
                              f"the model's context of {max_context} tokens")
         ids.append(row)
-        n_images.append(len(opened))
-        if opened:
-            pixels.append(out["pixel_values"])
+        n_images.append(len(row_list))
+        if row_list:
+            pixels.append(row_pixels)
     lengths = [len(r) for r in ids]
     pad_id = processor.tokenizer.pad_token_id
     pad_id = 0 if pad_id is None else pad_id

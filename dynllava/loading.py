@@ -123,9 +123,24 @@ def build_random(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
     torch.manual_seed(spec.seed)
     with torch.device(device):
         model = LlavaForConditionalGeneration(config).to(dtype)
+    return model.eval(), processor_for_spec(spec)
+
+
+def processor_for_spec(spec: ModelSpec) -> LlavaProcessor:
+    """The processor of a random-weight shape: a byte-level tokenizer and the shape's image geometry."""
     tokenizer = byte_level_tokenizer(spec.image_token_id, spec.text.vocab_size)
-    processor = build_processor(tokenizer, spec.vision.image_size, spec.vision.patch_size)
-    return model.eval(), processor
+    return build_processor(tokenizer, spec.vision.image_size, spec.vision.patch_size)
+
+
+def load_processor(source: str | Path):
+    """Only the processor of a model source (no weights): for CPU workers that decode and preprocess."""
+    path = resolve_source(source)
+    if path.suffix in (".yaml", ".yml"):
+        return processor_for_spec(ModelSpec.from_yaml(path))
+    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    if getattr(processor, "chat_template", None) is None:
+        processor.chat_template = LLAVA_15_CHAT_TEMPLATE
+    return processor
 
 
 def load_directory(path: Path, device: torch.device, dtype: torch.dtype):
@@ -140,7 +155,4 @@ def load_directory(path: Path, device: torch.device, dtype: torch.dtype):
     model = LlavaForConditionalGeneration.from_pretrained(
         path, dtype=dtype, local_files_only=True, attn_implementation="sdpa"
     ).to(device)
-    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-    if getattr(processor, "chat_template", None) is None:
-        processor.chat_template = LLAVA_15_CHAT_TEMPLATE
-    return model.eval(), processor
+    return model.eval(), load_processor(path)

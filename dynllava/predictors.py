@@ -27,16 +27,21 @@ def _mlp(widths: list[int]) -> nn.Sequential:
 
 
 class ImagePredictor(nn.Module):
-    """Scores image tokens: LayerNorm -> Linear(d->512) -> GELU -> 2 pre-norm transformer blocks (512, 8 heads,
-    MLP 2048) -> 256 per-token channels + 256 channels mean-pooled over the sample's image tokens -> MLP
-    512->256->128->2.
+    """Scores image tokens: LayerNorm -> Linear(d->W) -> GELU -> 2 pre-norm transformer blocks (W, W/64 heads,
+    MLP 4W) -> W/2 per-token channels + W/2 channels mean-pooled over the sample's image tokens -> MLP
+    W->256->128->2. The paper's W is 512; a model much narrower than 4096 can use a smaller W so that the
+    predictor costs less than the layers it saves.
 
     forward(hidden [B, N, d], mask [B, N] bool: real image tokens) -> logits [B, N, 2].
     """
 
-    def __init__(self, d_model: int, width: int = 512, heads: int = 8, mlp: int = 2048, blocks: int = 2):
+    def __init__(self, d_model: int, width: int = 512, blocks: int = 2):
         super().__init__()
+        if width < 64 or width % 64:
+            raise ValueError(f"image predictor width must be a multiple of 64, got {width}")
         self.d_model = d_model
+        self.width = width
+        heads, mlp = width // 64, 4 * width
         self.stem = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, width), nn.GELU())
         self.blocks = nn.ModuleList(
             nn.TransformerEncoderLayer(width, heads, mlp, dropout=0.0, activation="gelu", batch_first=True,
@@ -72,18 +77,20 @@ class TextPredictor(nn.Module):
 
 
 class Predictors(nn.Module):
-    """The pair, saved together as `predictors.safetensors` beside the model (metadata: d_model, layer)."""
+    """The pair, saved together as `predictors.safetensors` beside the model (metadata: d_model, layer,
+    image_width)."""
 
-    def __init__(self, d_model: int, layer: int = 2):
+    def __init__(self, d_model: int, layer: int = 2, image_width: int = 512):
         super().__init__()
         self.layer = layer
-        self.image = ImagePredictor(d_model)
+        self.image = ImagePredictor(d_model, image_width)
         self.text = TextPredictor(d_model)
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / PREDICTORS_FILE
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(tensors, str(path), metadata={"d_model": str(self.image.d_model), "layer": str(self.layer)})
+        save_file(tensors, str(path), metadata={"d_model": str(self.image.d_model), "layer": str(self.layer),
+                                                  "image_width": str(self.image.width)})
         return path
 
     @classmethod
@@ -99,6 +106,6 @@ class Predictors(nn.Module):
             meta = f.metadata() or {}
         if "d_model" not in meta:
             raise ValueError(f"{path}: missing d_model metadata: {json.dumps(meta)}")
-        predictors = cls(int(meta["d_model"]), int(meta.get("layer", 2)))
+        predictors = cls(int(meta["d_model"]), int(meta.get("layer", 2)), int(meta.get("image_width", 512)))
         predictors.load_state_dict(load_file(str(path)))
         return predictors.to(device=device, dtype=dtype).eval()

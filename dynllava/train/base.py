@@ -120,7 +120,8 @@ def pretrain_vision(model, processor, config: BaseTrainConfig, log_file, progres
     from dynllava.train.vision import CellHeads, cell_loss, scene_batch
 
     tower = model.model.vision_tower
-    heads = CellHeads(tower.config.hidden_size)
+    device = model.device
+    heads = CellHeads(tower.config.hidden_size).to(device)
     params = list(tower.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.vision_lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
     rng = random.Random(config.seed)
@@ -132,8 +133,8 @@ def pretrain_vision(model, processor, config: BaseTrainConfig, log_file, progres
         decay = 0.5 * (1 + math.cos(math.pi * step / config.vision_steps))
         for group in optimizer.param_groups:
             group["lr"] = config.vision_lr * warm * max(decay, 0.1)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.autocast_bf16):
-            loss, right = cell_loss(tower, heads, pixels, targets)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast_bf16):
+            loss, right = cell_loss(tower, heads, pixels.to(device), [t.to(device) for t in targets])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -145,8 +146,10 @@ def pretrain_vision(model, processor, config: BaseTrainConfig, log_file, progres
             log_file.flush()
 
 
-def train_base(config: BaseTrainConfig, output: str | Path, progress: bool = True) -> Path:
-    """Train and save an HF-format LLaVA directory (weights in fp16) with its processor and a training log."""
+def train_base(config: BaseTrainConfig, output: str | Path, progress: bool = True, device: str = "cpu") -> Path:
+    """Train and save an HF-format LLaVA directory (weights in fp16) with its processor and a training log.
+    The shipped `tiny` is trained on CPU; `device="cuda"` runs the same recipe on a GPU (same data, not bitwise
+    the same weights)."""
     from tqdm import tqdm
 
     out = Path(output)
@@ -156,6 +159,7 @@ def train_base(config: BaseTrainConfig, output: str | Path, progress: bool = Tru
     started = time.time()
     tokenizer = train_tokenizer(config)
     model, processor = build_model(config, tokenizer)
+    model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("tokenizer %d tokens; model %.2fM parameters", len(tokenizer), n_params / 1e6)
     log_file = open(out / "train_log.jsonl", "w")
@@ -180,7 +184,7 @@ def train_base(config: BaseTrainConfig, output: str | Path, progress: bool = Tru
             for j in range(config.batch_size):
                 image, turns = shape_turns(rng, split, step * config.batch_size + j)
                 examples.append(encode(processor, image, turns))
-            batch = collate(examples, tokenizer.pad_token_id)
+            batch = {k: v.to(device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, config) * group["scale"]
             with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=config.autocast_bf16):
@@ -197,7 +201,7 @@ def train_base(config: BaseTrainConfig, output: str | Path, progress: bool = Tru
                                            "elapsed_s": round(time.time() - started, 1)}) + "\n")
                 log_file.flush()
     model.eval()
-    model.to(torch.float16).save_pretrained(out)
+    model.to("cpu", torch.float16).save_pretrained(out)
     processor.save_pretrained(out)
     (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
     log.info("trained %d steps in %.1f min -> %s", config.steps, (time.time() - started) / 60, out)

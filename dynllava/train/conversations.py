@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from dynllava.data import shapes
+from dynllava.inputs import image_token_count
 
 IGNORE = -100
 
@@ -51,9 +52,7 @@ def encode(processor, image, turns: list[tuple[str, str]], bos: bool = True) -> 
         if inside is not None:
             token_spans[inside].append(t)
     pixel_values = processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
-    n_image = (pixel_values.shape[-1] // processor.patch_size) ** 2 + processor.num_additional_image_tokens
-    if processor.vision_feature_select_strategy == "default":
-        n_image -= 1
+    n_image = image_token_count(processor, *pixel_values.shape[-2:])
     image_id = processor.image_token_id
     at = ids.index(image_id)
     ids = ids[:at] + [image_id] * n_image + ids[at + 1 :]
@@ -64,18 +63,28 @@ def encode(processor, image, turns: list[tuple[str, str]], bos: bool = True) -> 
     return Example(torch.tensor(ids), torch.tensor(labels), pixel_values, answer_spans)
 
 
+QUESTIONS_PER_SCENE = 3
+
+
 def shape_turns(rng: random.Random, split_seed: int, index: int) -> tuple[object, list[tuple[str, str]]]:
-    """A multi-turn conversation about one scene: its caption, its description and two questions, in random
-    order (one image encoding serves several supervised answers)."""
+    """A multi-turn conversation about one scene: its caption, its description (3+ objects) and three
+    questions. Half the conversations ask the questions first, so that they must be answered from the image
+    rather than copied from an earlier description; the other half are in random order."""
     row_rng = random.Random(f"shapes/{split_seed}/{index}")
     scene = shapes.sample_scene(row_rng, min_objects=1)
     image = shapes.render(scene, row_rng)
-    turns = [(shapes.PROMPTS["caption"], shapes.caption(scene))]
+    texts = [(shapes.PROMPTS["caption"], shapes.caption(scene))]
     if len(scene) >= 3:
-        turns.append((shapes.PROMPTS["describe"], shapes.describe(scene)))
-    for _ in range(2):
+        texts.append((shapes.PROMPTS["describe"], shapes.describe(scene)))
+    questions = []
+    for _ in range(QUESTIONS_PER_SCENE):
         _, question, answer = shapes.vqa(scene, row_rng)
-        turns.append((question + " Answer briefly.", answer))
+        questions.append((question + " Answer briefly.", answer))
+    rng.shuffle(questions)
+    rng.shuffle(texts)
+    if rng.random() < 0.5:
+        return image, questions + texts
+    turns = questions + texts
     rng.shuffle(turns)
     return image, turns
 

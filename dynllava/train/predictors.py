@@ -29,6 +29,8 @@ from dynllava.train.conversations import IGNORE, Example, collate, encode, shape
 from dynllava.train.masked import masked_forward
 
 log = logging.getLogger(__name__)
+# Copied from the base model when the LM is frozen: its config, generation defaults and training record.
+BASE_FILES = ("config.json", "generation_config.json", "train_config.json", "train_log.jsonl")
 
 
 @dataclass
@@ -37,10 +39,13 @@ class PredictorTrainConfig:
 
     seed: int = 0
     layer: int = 2  # K
+    image_width: int = 512  # the image predictor's width W (the paper's 512; smaller for narrow models)
     steps: int = 800
     batch_size: int = 8
     predictor_lr: float = 1e-3  # the predictors' AdamW learning rate
     lm_lr: float = 5e-5  # the language model's (and projector's); 0 freezes them. The vision tower is frozen.
+    dense_every: int = 0  # with lm_lr > 0: every n-th step is a plain dense CE step (0 = never), so the LM
+    #                      learns the pruned context without forgetting the full one (one model, any keep ratio)
     vision_keep_target: float = 0.2
     text_keep_target: float = 0.5
     budget_weight: float = 100.0
@@ -137,7 +142,7 @@ def train_predictors(model_dir: str | Path, output: str | Path, config: Predicto
     torch.manual_seed(config.seed)
     model = DynamicLlava.from_pretrained(model_dir, device=device)  # fp32 on CPU, bf16 on GPU
     d_model = model.config.text_config.hidden_size
-    model.predictors = Predictors(d_model, layer=config.layer).to(model.device, torch.float32)
+    model.predictors = Predictors(d_model, layer=config.layer, image_width=config.image_width).to(model.device, torch.float32)
     hf = model.hf_model
     for p in hf.model.vision_tower.parameters():
         p.requires_grad_(False)
@@ -154,6 +159,7 @@ def train_predictors(model_dir: str | Path, output: str | Path, config: Predicto
     model.predictors.train()
     pad = model.processor.tokenizer.pad_token_id
     batches = _batches(model.processor, config, data, image_root)
+    image_rate = text_rate = 1.0
     with open(out / "predictor_log.jsonl", "w") as log_file, \
             tqdm(total=config.steps, desc="train predictors", disable=not progress) as bar:
         for step in range(config.steps):
@@ -170,14 +176,23 @@ def train_predictors(model_dir: str | Path, output: str | Path, config: Predicto
             for group, lr in zip(optimizer.param_groups, peak):
                 group["lr"] = lr * max(scale, 0.05)
             tau = tau_at(step, config)
+            pixels = batch["pixel_values"].to(model.device)
+            dense_step = config.lm_lr > 0 and config.dense_every > 0 and step % config.dense_every == 0
             with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=config.autocast_bf16):
-                out_ = masked_forward(model, ids, batch["pixel_values"].to(model.device), valid, answer_mask,
-                                      config.layer, tau)
-                ce = F.cross_entropy(out_.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                if dense_step:
+                    logits = hf(input_ids=ids, pixel_values=pixels, attention_mask=valid.long()).logits
+                else:
+                    out_ = masked_forward(model, ids, pixels, valid, answer_mask, config.layer, tau)
+                    logits = out_.logits
+                ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                      ignore_index=IGNORE)
-            image_mask = (ids == model.image_token_id) & valid
-            budget, image_rate, text_rate = budget_loss(out_, [e.answer_spans for e in examples], image_mask, config)
-            loss = ce + budget
+            if dense_step:
+                loss, budget = ce, torch.zeros(())
+            else:
+                image_mask = (ids == model.image_token_id) & valid
+                budget, image_rate, text_rate = budget_loss(out_, [e.answer_spans for e in examples], image_mask,
+                                                            config)
+                loss = ce + budget
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.grad_clip)
@@ -197,9 +212,9 @@ def train_predictors(model_dir: str | Path, output: str | Path, config: Predicto
     if config.lm_lr > 0:
         hf.to(save_dtype).save_pretrained(out)
     else:
-        for f in src.glob("*.safetensors"):
-            shutil.copy(f, out / f.name)
-        shutil.copy(src / "config.json", out / "config.json")
+        for f in [*src.glob("model*.safetensors"), *(src / n for n in BASE_FILES)]:
+            if f.is_file():
+                shutil.copy(f, out / f.name)
     model.processor.save_pretrained(out)
     model.predictors.to(save_dtype).save(out)
     (out / "predictor_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))

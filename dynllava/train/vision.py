@@ -14,7 +14,9 @@ from dynllava.data import shapes
 
 
 class CellHeads(nn.Module):
-    """Pools the patch grid into 3x3 cells and classifies each: [N, P, C] -> colour, shape, size logits."""
+    """Classifies, from every patch on its own, the contents of the 3x3 grid cell the patch lies in:
+    [N, P, C] -> colour, shape, size logits [N, P, classes]. Per patch (not pooled per cell), so that every
+    image token carries its cell's objects: a pruned image that keeps any token of a cell still knows it."""
 
     def __init__(self, width: int):
         super().__init__()
@@ -23,11 +25,15 @@ class CellHeads(nn.Module):
         self.size = nn.Linear(width, 1 + len(shapes.SIZES))
 
     def forward(self, patches: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        n, p, c = patches.shape
-        side = int(p**0.5)
-        grid = patches.transpose(1, 2).reshape(n, c, side, side)
-        cells = F.adaptive_avg_pool2d(grid, 3).flatten(2).transpose(1, 2)  # [N, 9, C]
-        return self.colour(cells), self.shape(cells), self.size(cells)
+        return self.colour(patches), self.shape(patches), self.size(patches)
+
+
+def patch_cells(n_patches: int) -> torch.Tensor:
+    """The 3x3 cell (reading order) of each patch of a square patch grid: [P] long."""
+    side = int(n_patches**0.5)
+    rows = torch.arange(side).repeat_interleave(side) * 3 // side
+    cols = torch.arange(side).repeat(side) * 3 // side
+    return rows * 3 + cols
 
 
 def scene_batch(rng: random.Random, processor, split_seed: int, start: int, n: int):
@@ -43,9 +49,12 @@ def scene_batch(rng: random.Random, processor, split_seed: int, start: int, n: i
 
 
 def cell_loss(vision_tower, heads: CellHeads, pixels: torch.Tensor, targets: list[torch.Tensor]):
-    """Mean cross-entropy over cells and attributes; also returns the fraction of cells fully right."""
-    patches = vision_tower(pixels).last_hidden_state[:, 1:]  # drop CLS
+    """Mean cross-entropy over patches and attributes (each patch predicts its cell's labels, targets [N, 9]);
+    also returns the fraction of patches with all three attributes right."""
+    patches = vision_tower(pixels).last_hidden_state[:, 1:]  # [N, P, C], CLS dropped
+    cells = patch_cells(patches.shape[1]).to(patches.device)
+    per_patch = [t[:, cells] for t in targets]  # [N, P] each
     logits = heads(patches)
-    loss = sum(F.cross_entropy(lg.flatten(0, 1).float(), t.flatten()) for lg, t in zip(logits, targets)) / 3
-    right = torch.stack([lg.argmax(-1) == t for lg, t in zip(logits, targets)]).all(0).float().mean()
+    loss = sum(F.cross_entropy(lg.flatten(0, 1).float(), t.flatten()) for lg, t in zip(logits, per_patch)) / 3
+    right = torch.stack([lg.argmax(-1) == t for lg, t in zip(logits, per_patch)]).all(0).float().mean()
     return loss, float(right)

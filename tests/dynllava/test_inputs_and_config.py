@@ -80,3 +80,19 @@ def test_config_files_mirror_the_config_objects():
     assert {"tiny", "llava-1.5-7b", "llava-1.5-13b"} <= set(shapes)
     assert all(s.n_image_tokens == 576 for s in shapes.values())  # LLaVA-1.5 geometry
     assert (shapes["llava-1.5-7b"].text.hidden_size, shapes["llava-1.5-13b"].text.num_hidden_layers) == (4096, 40)
+
+
+def test_preprocessed_pixels_give_the_same_batch_and_tokens(tiny_model, batch4):
+    """Images preprocessed elsewhere (a pipeline's CPU stage) tokenize and generate exactly as raw images."""
+    from dynllava.inputs import preprocess_images
+
+    images, prompts = batch4
+    pixels = preprocess_images(tiny_model.processor, images)
+    raw = tiny_model.prepare(images, prompts, max_new_tokens=4)
+    pre = tiny_model.prepare(pixels, prompts, max_new_tokens=4)
+    assert raw.lengths == pre.lengths and raw.n_images == pre.n_images
+    assert (raw.input_ids == pre.input_ids).all() and (raw.pixel_values == pre.pixel_values).all()
+    sparsity = SparsityConfig(vision_keep=0.5, vision_scorer="stride", text_keep=0.5, text_scorer="recent")
+    a = tiny_model.generate(images, prompts, sparsity=sparsity, max_new_tokens=6)
+    b = tiny_model.generate(pixels, prompts, sparsity=sparsity, max_new_tokens=6)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]

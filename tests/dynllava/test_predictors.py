@@ -23,11 +23,11 @@ def test_shapes_and_pooling_ignore_padding():
 
 def test_save_and_load_roundtrip(tmp_path):
     torch.manual_seed(0)
-    p = Predictors(64, layer=3)
+    p = Predictors(64, layer=3, image_width=128)
     path = p.save(tmp_path)
     assert path.name == PREDICTORS_FILE
     q = Predictors.load(tmp_path)
-    assert q is not None and q.layer == 3
+    assert q is not None and q.layer == 3 and q.image.width == 128
     for (name, a), (_, b) in zip(p.state_dict().items(), q.state_dict().items()):
         assert torch.equal(a, b), name
     assert Predictors.load(tmp_path / "missing") is None
@@ -50,3 +50,21 @@ def test_predictors_learn():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0]
+
+
+def test_image_predictor_flops_follow_its_width():
+    """The cost model charges the predictor that is loaded, not always the paper's 512-wide one: per token, the
+    two blocks cost 2 FLOPs per matrix weight plus the attention products (4 * n * W per block, n = 1 here)."""
+    import dataclasses
+
+    from dynllava import costs
+    from dynllava.config import ModelSpec
+    from dynllava.loading import hf_config_from_spec
+
+    dims = costs.ModelDims.from_hf_config(hf_config_from_spec(ModelSpec()))
+    for width in (512, 128):
+        d = dataclasses.replace(dims, predictor_width=width)
+        block_weights = sum(x.numel() for n, x in Predictors(dims.hidden, image_width=width).image.named_parameters()
+                            if x.dim() == 2 and n.startswith("blocks"))
+        blocks_only = costs.image_predictor_flops(d, 1) - costs.image_predictor_flops(d, 1, blocks=0)
+        assert blocks_only == 2 * block_weights + 2 * 4 * width

@@ -1,0 +1,73 @@
+"""`dynllava caption`: the offline job's command line (registered into the `dynllava` command)."""
+
+from __future__ import annotations
+
+import argparse
+
+DEFAULT_CONFIG = "configs/caption.yaml"
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipelines.caption import run_caption_job
+    from pipelines.config import CaptionJobConfig
+
+    if args.config:
+        config = CaptionJobConfig.from_yaml(args.config)
+    elif Path(DEFAULT_CONFIG).is_file():
+        config = CaptionJobConfig.from_yaml(DEFAULT_CONFIG)
+    else:
+        config = CaptionJobConfig()
+    config = config.with_overrides(model=args.model, prompt=args.prompt, vision_keep=args.vision_keep,
+                                   text_keep=args.text_keep, vision_scorer=args.vision_scorer,
+                                   text_scorer=args.text_scorer, batch_size=args.batch_size)
+    summary = run_caption_job(args.input, args.output, config, address=args.address, limit=args.limit)
+    print(summary.table())
+    if summary.error_examples:
+        print("errors, for example:\n  " + "\n  ".join(summary.error_examples))
+    print(f"output: {args.output} (job record: {args.output}/_job.json)")
+    return 0
+
+
+def cmd_grade(args: argparse.Namespace) -> int:
+    from pipelines.grade import grade_output
+
+    summary, n = grade_output(args.input, args.output)
+    print(f"graded {n} rows of {args.output} against {args.input}:")
+    for key, value in summary.items():
+        print(f"  {key:<24} {value:.3f}")
+    return 0
+
+
+def register(sub) -> None:
+    """Add the `caption` subcommand to the `dynllava` parser's subparsers."""
+    c = sub.add_parser(
+        "caption", help="caption or answer a large image dataset on Ray Data (resumable)",
+        description="Stream an image(-text) dataset through a pool of engine actors and write one Parquet row "
+                    "per input row (id, caption, error, finish_reason, kept counts, KV bytes, latency, model, "
+                    "sparsity) plus DIR/_job.json. Rerunning on the same output folder processes only the ids "
+                    "that have no row yet. Bad rows get an `error` and the job goes on.")
+    c.add_argument("--input", required=True,
+                   help="Parquet file/folder (columns image bytes or image_path, optional id, prompt), a folder of "
+                        "images (jpg/png/webp/gif), or JSONL (image_path or base64 image, prompt); local or any "
+                        "filesystem pyarrow handles (s3://, gs://, ...)")
+    c.add_argument("--output", required=True, help="output folder (resumes when it holds an earlier run)")
+    c.add_argument("--model", default=None, help="tiny (default), a local HF LLaVA directory, or a model YAML")
+    c.add_argument("--config", default=None, help=f"job YAML (default: {DEFAULT_CONFIG} when present)")
+    c.add_argument("--address", default=None, help="an existing Ray cluster: auto or ray://HOST:PORT "
+                                                   "(default: start Ray locally)")
+    c.add_argument("--vision-keep", type=float, default=None, help="override the config's vision_keep")
+    c.add_argument("--text-keep", type=float, default=None, help="override the config's text_keep")
+    c.add_argument("--vision-scorer", default=None, help="override the config's vision_scorer")
+    c.add_argument("--text-scorer", default=None, help="override the config's text_scorer")
+    c.add_argument("--prompt", default=None, help="prompt for rows without their own (default from config)")
+    c.add_argument("--batch-size", type=int, default=None, help="rows per engine call (default from config)")
+    c.add_argument("--limit", type=int, default=None, help="process at most N rows in this run")
+    c.set_defaults(func=cmd_caption)
+    g = sub.add_parser("grade", help="grade a caption job's output against the references in its input",
+                       description="For inputs made by `dynllava data shapes` (columns reference, task): caption "
+                                   "attribute F1 and VQA accuracy of the captions in a job's output folder.")
+    g.add_argument("--input", required=True, help="the job's input Parquet (with reference and task columns)")
+    g.add_argument("--output", required=True, help="the job's output folder")
+    g.set_defaults(func=cmd_grade)

@@ -1,0 +1,107 @@
+"""The caption job's config (configs/caption.yaml mirrors it 1:1). Precedence: defaults <- YAML <- CLI flags.
+Validated when built, so a bad value fails before Ray starts."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dynllava.config import SparsityConfig
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Input column names. id: the row's stable id (resume keys on it); image: encoded bytes (Parquet) or
+    base64 (JSONL); image_path: a path or URI of the image; prompt: the per-row prompt (optional column)."""
+
+    id: str = "id"
+    image: str = "image"
+    image_path: str = "image_path"
+    prompt: str = "prompt"
+
+
+@dataclass(frozen=True)
+class ActorPool:
+    """The engine actors: Ray Data autoscales the pool between min_size and max_size; each actor reserves
+    num_cpus / num_gpus."""
+
+    min_size: int = 1
+    max_size: int = 1
+    num_cpus: float = 2.0
+    num_gpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_size <= self.max_size:
+            raise ValueError(f"actors: need 1 <= min_size <= max_size, got {self.min_size}, {self.max_size}")
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ValueError("actors: num_cpus and num_gpus must be >= 0")
+
+
+@dataclass(frozen=True)
+class CaptionJobConfig:
+    """Everything that determines a caption job's output, saved as `_job.json` beside it."""
+
+    model: str = "tiny"  # embedded name, local HF LLaVA directory, or model YAML
+    prompt: str = "Describe the image briefly."  # used when a row has no prompt of its own
+    columns: Columns = field(default_factory=Columns)
+    sparsity: SparsityConfig = field(default_factory=lambda: SparsityConfig(vision_keep=0.2, text_keep=0.5))
+    max_new_tokens: int = 64  # per row
+    batch_size: int = 16  # rows per engine call (the static batch)
+    decode_batch_size: int = 64  # rows per CPU decode task
+    decode_num_cpus: float = 0.5  # CPUs reserved per decode task (Ray fuses the decode stage into the engine
+    #                               actors when their resources are equal: keep them different)
+    actors: ActorPool = field(default_factory=ActorPool)
+    max_image_pixels: int = 40_000_000  # larger images are rejected as decompression bombs
+    device: str | None = None  # cuda or cpu (default: cuda when the actor has a GPU)
+    dtype: str | None = None  # default: bf16 on GPU, fp32 on CPU
+    rows_per_file: int = 1000  # at least this many rows per output Parquet file (fewer only at the end)
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "batch_size", "decode_batch_size", "max_image_pixels", "rows_per_file"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not 0 < self.decode_num_cpus <= 64:
+            raise ValueError(f"decode_num_cpus must be in (0, 64], got {self.decode_num_cpus!r}")
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise ValueError("prompt must be a non-empty string")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["sparsity"] = self.sparsity.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "config") -> "CaptionJobConfig":
+        """Build from plain data (YAML), with nested sections; unknown keys are a ValueError."""
+        data = dict(data)
+        nested = {"columns": Columns, "actors": ActorPool, "sparsity": SparsityConfig}
+        for key, sub in nested.items():
+            if key in data and not isinstance(data[key], sub):
+                section = data[key] or {}
+                unknown = set(section) - {f.name for f in dataclasses.fields(sub)}
+                if unknown:
+                    raise ValueError(f"{where}: unknown {key} keys {sorted(unknown)}")
+                data[key] = sub(**section)
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "CaptionJobConfig":
+        if not Path(path).is_file():
+            raise ValueError(f"config {path}: no such file")
+        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {}, where=str(path))
+
+    def with_overrides(self, **changes: Any) -> "CaptionJobConfig":
+        """A copy with the given top-level fields and sparsity fields (vision_keep, text_keep, vision_scorer,
+        text_scorer) changed; None values are ignored."""
+        sparsity_keys = {f.name for f in dataclasses.fields(SparsityConfig)}
+        sparsity = self.sparsity.replace(**{k: v for k, v in changes.items() if k in sparsity_keys})
+        top = {k: v for k, v in changes.items() if k not in sparsity_keys and v is not None}
+        return dataclasses.replace(self, sparsity=sparsity, **top)

@@ -1,0 +1,104 @@
+"""Find out what an input is (Parquet, a folder of images, JSONL), check it has usable columns, and read it
+as a Ray Dataset. Whole-input problems fail here, with one message, before any work starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from pipelines.config import Columns
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp")
+JSONL_EXTENSIONS = ("jsonl", "json")
+FOLDER_ID_COLUMN = "path"  # read_binary_files(include_paths=True) names the file's path "path"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A resolved input. kind: parquet | images | jsonl; id_column: the column that identifies a row (the
+    resume key; it is present right after the read); image_column / image_path_column: where the image is
+    (one of them may be None); prompt_column: None when rows carry no prompt; base_dir: what relative
+    image paths are relative to."""
+
+    path: str
+    kind: str
+    id_column: str
+    image_column: str | None
+    image_path_column: str | None
+    prompt_column: str | None
+    base_dir: str
+
+
+def _file_info(path: str) -> tuple[pafs.FileSystem, str, pafs.FileInfo]:
+    try:
+        fs, inner = pafs.FileSystem.from_uri(path)
+    except (ValueError, pafs.ArrowInvalid):  # a plain local path
+        fs, inner = pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+    return fs, inner, fs.get_file_info(inner)
+
+
+def _list_files(fs: pafs.FileSystem, inner: str) -> list[str]:
+    return [f.path for f in fs.get_file_info(pafs.FileSelector(inner, recursive=True))
+            if f.type == pafs.FileType.File and not Path(f.path).name.startswith((".", "_"))]
+
+
+def _extension(path: str) -> str:
+    return Path(path).suffix.lower().lstrip(".")
+
+
+def detect_kind(path: str) -> tuple[str, str]:
+    """(kind, the path to read: absolute for local paths, the URI otherwise); ValueError when there is no such
+    input or nothing usable in it."""
+    fs, inner, info = _file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise ValueError(f"input {path}: no such file or folder")
+    files = [inner] if info.type == pafs.FileType.File else _list_files(fs, inner)
+    kinds = {"parquet" if _extension(f) == "parquet" else "jsonl" if _extension(f) in JSONL_EXTENSIONS
+             else "images" if _extension(f) in IMAGE_EXTENSIONS else None for f in files}
+    kinds.discard(None)
+    if not kinds:
+        raise ValueError(f"input {path}: no Parquet, JSONL or image files ({', '.join(IMAGE_EXTENSIONS)}) found")
+    if len(kinds) > 1:
+        raise ValueError(f"input {path}: mixes {' and '.join(sorted(kinds))} files; give one kind per job")
+    return kinds.pop(), (path if "://" in path else inner)
+
+
+def _schema_names(ds) -> list[str]:
+    schema = ds.schema()
+    return list(schema.names) if schema is not None else []
+
+
+def open_input(path: str, columns: Columns):
+    """Read `path` lazily as a Ray Dataset and say how its rows map to the job's fields.
+    Returns (dataset, InputSpec). ValueError for a missing path or an input without usable columns."""
+    import ray.data
+
+    kind, path = detect_kind(path)
+    is_dir = _file_info(path)[2].type == pafs.FileType.Directory
+    base_dir = path if is_dir else path.rsplit("/", 1)[0]  # what relative image paths are relative to
+    if kind == "images":
+        ds = ray.data.read_binary_files(path, include_paths=True, file_extensions=list(IMAGE_EXTENSIONS))
+        return ds, InputSpec(path, kind, FOLDER_ID_COLUMN, "bytes", None, None, base_dir)
+    if kind == "parquet":
+        ds = ray.data.read_parquet(path)
+    else:
+        ds = ray.data.read_json(path, lines=True, file_extensions=list(JSONL_EXTENSIONS))
+    names = _schema_names(ds)
+    image = columns.image if columns.image in names else None
+    image_path = columns.image_path if columns.image_path in names else None
+    if image is None and image_path is None:
+        raise ValueError(f"input {path}: no image column: expected {columns.image!r} (bytes"
+                         f"{' or base64' if kind == 'jsonl' else ''}) or {columns.image_path!r}; "
+                         f"columns are {names} (set columns.image / columns.image_path in the config)")
+    if columns.id in names:
+        id_column = columns.id
+    elif image_path is not None:
+        id_column = image_path  # a path names its row stably across reruns
+    else:
+        raise ValueError(f"input {path}: no {columns.id!r} column and no {columns.image_path!r} column to use as "
+                         f"the row id; resuming and exactly-once output need a stable id per row "
+                         f"(columns are {names}; set columns.id in the config)")
+    prompt = columns.prompt if columns.prompt in names else None
+    return ds, InputSpec(path, kind, id_column, image, image_path, prompt, base_dir)

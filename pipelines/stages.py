@@ -1,0 +1,203 @@
+"""The caption job's stages, each a small spec plus a UDF that validates its input columns:
+decode (CPU tasks: read, validate and preprocess each image, pick the prompt) -> generate (an autoscaling pool
+of engine actors) -> the Parquet write. A bad row becomes an output row with `error` set; it never stops the job.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from pipelines.sources import InputSpec
+
+# Columns between decode and generate; the id column of the input also travels through unchanged.
+DECODED_COLUMNS = ("id", "prompt", "pixel_values", "error")
+OUTPUT_COLUMNS = ("id", "caption", "error", "finish_reason", "n_image_kept", "n_text_admitted", "kv_bytes_peak",
+                  "latency_s", "model", "sparsity", "n_image_tokens", "n_text_generated", "kv_bytes_dense")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the pipeline: a name, its UDF (a function for CPU tasks, a class for an actor pool), the
+    columns it needs, and the keyword arguments it is built with."""
+
+    name: str
+    udf: Callable
+    needs: tuple[str, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def require_columns(batch: dict[str, Any], needs: tuple[str, ...], stage: str) -> None:
+    """A stage's input contract: a missing column is a bug upstream, reported with the stage's name."""
+    missing = [c for c in needs if c not in batch]
+    if missing:
+        raise KeyError(f"stage {stage!r}: input batch lacks columns {missing}; it has {sorted(batch)}")
+
+
+def is_null(value: Any) -> bool:
+    """Missing in a Ray batch: None, or NaN where Arrow turned an all-null column into floats."""
+    return value is None or (isinstance(value, (float, np.floating)) and np.isnan(value))
+
+
+@lru_cache(maxsize=4)
+def _processor(model: str):
+    from dynllava.loading import load_processor
+
+    return load_processor(model)
+
+
+def _read_bytes(path: str, base_dir: str) -> bytes:
+    import pyarrow.fs as pafs
+
+    if "://" not in path and not Path(path).is_absolute():
+        path = f"{base_dir.rstrip('/')}/{path}"
+    if "://" in path:
+        fs, inner = pafs.FileSystem.from_uri(path)
+        with fs.open_input_file(inner) as f:
+            return f.read()
+    return Path(path).expanduser().read_bytes()
+
+
+def _image_bytes(value: Any, from_path: bool, base_dir: str) -> bytes:
+    if is_null(value):
+        raise ValueError("no image (the image column is empty)")
+    if from_path:
+        return _read_bytes(str(value), base_dir)
+    if isinstance(value, str):  # JSONL carries images as base64 text (a data URL prefix is allowed)
+        try:
+            return base64.b64decode(value.split(",", 1)[1] if value.startswith("data:") else value, validate=True)
+        except ValueError:
+            raise ValueError("image is a string but not valid base64") from None
+    return bytes(value)
+
+
+def open_checked(data: bytes, max_pixels: int):
+    """Decode one image, refusing decompression bombs before the pixels are decoded. Returns an RGB PIL image;
+    ValueError with the reason otherwise (truncated, not an image, too many pixels)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        if img.width * img.height > max_pixels:
+            raise ValueError(f"image is {img.width}x{img.height} = {img.width * img.height} pixels, over the "
+                             f"limit of {max_pixels} (max_image_pixels)")
+        img.load()  # truncated files fail here
+        return img.convert("RGB")
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, SyntaxError) as e:
+        raise ValueError(f"unreadable image ({e})") from None
+
+
+def decode_batch(batch: dict[str, np.ndarray], *, spec: InputSpec, model: str, default_prompt: str,
+                 max_pixels: int) -> dict[str, np.ndarray]:
+    """CPU task: for each row, read and check its image, preprocess it exactly as the model's processor does
+    (pixel_values [3, H, W] float32), and pick its prompt (the row's, else the job's). Rows that fail get
+    zero pixels and an `error`; the generate stage passes them through."""
+    image_col = spec.image_column or spec.image_path_column
+    require_columns(batch, (spec.id_column, image_col), "decode")
+    processor = _processor(model)
+    crop = processor.image_processor.crop_size
+    shape = (3, crop["height"], crop["width"])
+    n = len(batch[spec.id_column])
+    pixels = np.zeros((n, *shape), dtype=np.float32)
+    errors: list[str | None] = [None] * n
+    prompts = []
+    for i in range(n):
+        prompt = batch[spec.prompt_column][i] if spec.prompt_column else None
+        prompt = default_prompt if is_null(prompt) else prompt
+        prompts.append(str(prompt))
+        try:
+            if not str(prompt).strip():
+                raise ValueError("empty prompt")
+            value = batch[spec.image_column][i] if spec.image_column else None
+            if is_null(value) and spec.image_path_column:
+                data = _image_bytes(batch[spec.image_path_column][i], True, spec.base_dir)
+            else:
+                data = _image_bytes(value, False, spec.base_dir)
+            image = open_checked(data, max_pixels)
+            pixels[i] = processor.image_processor(image, return_tensors="np")["pixel_values"][0]
+        except (ValueError, OSError) as e:
+            errors[i] = str(e)
+    out = {"id": batch[spec.id_column].astype(str) if spec.id_column != "id" else batch["id"],
+           "prompt": np.array(prompts, dtype=object), "pixel_values": pixels,
+           "error": np.array(errors, dtype=object)}
+    if spec.id_column != "id":
+        out[spec.id_column] = batch[spec.id_column]  # the resume key must reach the writer unchanged
+    return out
+
+
+class GenerateStage:
+    """An engine actor: loads the model once, then captions batches of decoded rows. Rows that already carry
+    an error pass through; a row the engine rejects (e.g. prompt longer than the context) gets its own error
+    without failing its batch. `loader(model, device=, dtype=)` builds the model (injected by tests)."""
+
+    def __init__(self, model: str, sparsity: dict, max_new_tokens: int, device: str | None = None,
+                 dtype: str | None = None, loader: Callable | None = None, extra_columns: tuple[str, ...] = ()):
+        from dynllava.config import SparsityConfig
+        from dynllava.model import DynamicLlava
+
+        self.model = (loader or DynamicLlava.from_pretrained)(model, device=device, dtype=dtype)
+        self.sparsity = SparsityConfig.from_dict(sparsity)
+        self.sparsity_json = json.dumps(self.sparsity.to_dict(), sort_keys=True)
+        self.max_new_tokens = max_new_tokens
+        self.extra_columns = extra_columns
+
+    def _generate(self, images: list, prompts: list[str]) -> list[Any]:
+        """Generate for rows; a ValueError or out-of-memory on the batch is retried row by row (rows are
+        independent), so one bad row only fails itself. Returns GenerationOutput or an error string per row."""
+        import torch
+
+        try:
+            return self.model.generate(images, prompts, sparsity=self.sparsity, max_new_tokens=self.max_new_tokens)
+        except (ValueError, torch.OutOfMemoryError) as e:
+            if len(prompts) == 1:
+                return [f"{type(e).__name__}: {e}" if isinstance(e, torch.OutOfMemoryError) else str(e)]
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return [self._generate([img], [p])[0] for img, p in zip(images, prompts)]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from dynllava.inputs import PixelValues
+
+        require_columns(batch, DECODED_COLUMNS + self.extra_columns, "generate")
+        n = len(batch["id"])
+        ok = [i for i in range(n) if is_null(batch["error"][i])]
+        results: dict[int, Any] = {}
+        started = time.perf_counter()
+        if ok:
+            images = [PixelValues(torch.from_numpy(np.ascontiguousarray(batch["pixel_values"][i]))) for i in ok]
+            prompts = [self.model.format_prompt(str(batch["prompt"][i])) for i in ok]
+            results = dict(zip(ok, self._generate(images, prompts)))
+        latency = time.perf_counter() - started  # every row of a static batch waits for the whole batch
+        out: dict[str, list] = {c: [] for c in OUTPUT_COLUMNS}
+        for i in range(n):
+            res = results.get(i, batch["error"][i])
+            good = not isinstance(res, str)
+            s = res.stats if good else None
+            out["id"].append(batch["id"][i])
+            out["caption"].append(res.text.strip() if good else None)
+            out["error"].append(None if good else res)
+            out["finish_reason"].append(res.finish_reason if good else None)
+            out["n_image_kept"].append(s.n_image_kept if good else 0)
+            out["n_text_admitted"].append(s.n_text_admitted if good else 0)
+            out["kv_bytes_peak"].append(s.kv_bytes_peak if good else 0)
+            out["latency_s"].append(latency if good else 0.0)
+            out["model"].append(self.model.name)
+            out["sparsity"].append(self.sparsity_json)
+            out["n_image_tokens"].append(s.n_image_tokens if good else 0)
+            out["n_text_generated"].append(s.n_text_generated if good else 0)
+            out["kv_bytes_dense"].append(s.kv_bytes_dense_equivalent if good else 0)
+        columns = {c: np.array(v, dtype=object if c in ("id", "caption", "error", "finish_reason", "model",
+                                                        "sparsity") else None) for c, v in out.items()}
+        for c in self.extra_columns:
+            columns[c] = batch[c]
+        return columns

@@ -1,0 +1,183 @@
+"""The caption job end to end on a local Ray: every input kind, bad rows, exactly-once output, resume after an
+interrupted run, a killed engine actor, the saved job record, and fail-fast on unusable inputs."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.caption import JOB_FILE, run_caption_job
+from pipelines.config import CaptionJobConfig
+
+from tests.pipelines.conftest import REPO_ROOT, png_bytes
+
+pytestmark = pytest.mark.ray
+
+
+def read_output(output: Path) -> pa.Table:
+    return pq.read_table(str(output), columns=None) if any(output.glob("*.parquet")) else pa.table({})
+
+
+def output_rows(output: Path) -> list[dict]:
+    files = sorted(output.glob("*.parquet"))
+    return [r for f in files for r in pq.read_table(f).to_pylist()]
+
+
+def write_parquet_input(path: Path, n: int, start: int = 0, **extra_rows) -> list[str]:
+    ids = [f"r{i:04d}" for i in range(start, start + n)]
+    table = pa.table({"id": ids, "image": [png_bytes(i) for i in range(start, start + n)],
+                      "prompt": [f"What is in picture {i}?" for i in range(start, start + n)]})
+    pq.write_table(table, path)
+    return ids
+
+
+def test_parquet_input_matches_the_in_process_engine(ray_local, tmp_path, job_config):
+    """One row per input row, in any order, and each caption is what DynamicLlava.generate gives that row."""
+    from dynllava.model import DynamicLlava
+
+    ids = write_parquet_input(tmp_path / "in.parquet", 12)
+    summary = run_caption_job(str(tmp_path / "in.parquet"), tmp_path / "out", job_config)
+    rows = {r["id"]: r for r in output_rows(tmp_path / "out")}
+    assert sorted(rows) == ids and summary.rows == 12 and summary.errors == 0
+    model = DynamicLlava.from_pretrained(job_config.model)
+    for i in (0, 5, 11):
+        ref = model.generate([png_bytes(i)], [model.format_prompt(f"What is in picture {i}?")],
+                             sparsity=job_config.sparsity, max_new_tokens=job_config.max_new_tokens)[0]
+        row = rows[ids[i]]
+        assert row["caption"] == ref.text.strip() and row["error"] is None
+        assert row["n_image_kept"] == ref.stats.n_image_kept and row["kv_bytes_peak"] == ref.stats.kv_bytes_peak
+        assert json.loads(row["sparsity"]) == job_config.sparsity.to_dict()
+
+
+def test_image_folder_and_jsonl_inputs(ray_local, tmp_path, job_config):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, fmt in enumerate(["PNG", "JPEG", "WEBP", "GIF"]):
+        (folder / f"img{i}.{fmt.lower().replace('jpeg', 'jpg')}").write_bytes(png_bytes(i, fmt=fmt))
+    run_caption_job(str(folder), tmp_path / "out_folder", job_config)
+    rows = output_rows(tmp_path / "out_folder")
+    assert sorted(Path(r["id"]).name for r in rows) == ["img0.png", "img1.jpg", "img2.webp", "img3.gif"]
+    assert all(r["error"] is None and r["caption"] is not None for r in rows)
+
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "a.png").write_bytes(png_bytes(7))
+    lines = [{"id": "by-path", "image_path": "pics/a.png", "prompt": "What colour?"},
+             {"id": "by-b64", "image": base64.b64encode(png_bytes(8)).decode(), "prompt": "What colour?"},
+             {"id": "data-url", "image": "data:image/png;base64," + base64.b64encode(png_bytes(9)).decode()}]
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    run_caption_job(str(tmp_path / "in.jsonl"), tmp_path / "out_jsonl", job_config)
+    rows = {r["id"]: r for r in output_rows(tmp_path / "out_jsonl")}
+    assert sorted(rows) == ["by-b64", "by-path", "data-url"]
+    assert all(r["error"] is None for r in rows.values()), rows
+
+
+def test_bad_rows_become_error_rows_and_the_job_goes_on(ray_local, tmp_path, job_config):
+    good = png_bytes(1)
+    big = png_bytes(2, size=(300, 300))
+    rows = [("ok-1", good, "Describe."), ("truncated", good[: len(good) // 2], "Describe."),
+            ("not-an-image", b"hello world", "Describe."), ("bomb", big, "Describe."),
+            ("no-image", None, "Describe."), ("empty-prompt", good, "   "),
+            ("too-long", good, "word " * 400), ("ok-2", good, None)]
+    pq.write_table(pa.table({"id": [r[0] for r in rows], "image": [r[1] for r in rows],
+                             "prompt": [r[2] for r in rows]}), tmp_path / "in.parquet")
+    config = CaptionJobConfig.from_dict({**job_config.to_dict(), "max_image_pixels": 200 * 200})
+    summary = run_caption_job(str(tmp_path / "in.parquet"), tmp_path / "out", config)
+    out = {r["id"]: r for r in output_rows(tmp_path / "out")}
+    assert sorted(out) == sorted(r[0] for r in rows)
+    errors = {k: v["error"] for k, v in out.items()}
+    assert errors["ok-1"] is None and errors["ok-2"] is None and out["ok-2"]["caption"] is not None
+    assert "unreadable image" in errors["truncated"] and "unreadable image" in errors["not-an-image"]
+    assert "max_image_pixels" in errors["bomb"] and "no image" in errors["no-image"]
+    assert "empty prompt" in errors["empty-prompt"] and "context" in errors["too-long"]
+    assert summary.errors == 6 and summary.rows == 8
+
+
+def test_resume_processes_only_missing_ids_and_records_each_run(ray_local, tmp_path, job_config):
+    ids = write_parquet_input(tmp_path / "in.parquet", 20)
+    first = run_caption_job(str(tmp_path / "in.parquet"), tmp_path / "out", job_config, limit=7)
+    assert first.rows == 7
+    second = run_caption_job(str(tmp_path / "in.parquet"), tmp_path / "out", job_config)
+    third = run_caption_job(str(tmp_path / "in.parquet"), tmp_path / "out", job_config)
+    got = [r["id"] for r in output_rows(tmp_path / "out")]
+    assert sorted(got) == ids and (second.rows, third.rows, third.total_rows) == (13, 0, 20)
+    job = json.loads((tmp_path / "out" / JOB_FILE).read_text())
+    assert [r["rows"] for r in job["runs"]] == [7, 13, 0]
+    assert CaptionJobConfig.from_dict(job["config"]) == job_config  # the resolved config, round-tripped
+
+
+def test_resume_after_the_job_process_is_killed(ray_local, tmp_path, job_config):
+    """Kill a job's whole process tree mid-run (some files committed, others not), then rerun: every id
+    exactly once."""
+    (tmp_path / "in").mkdir()  # 12 files: Ray Data streams them as separate blocks, so outputs land one by one
+    ids = [i for k in range(12) for i in write_parquet_input(tmp_path / "in" / f"part-{k:02d}.parquet", 10, 10 * k)]
+    out = tmp_path / "out"
+    cfg = tmp_path / "job.yaml"
+    import yaml
+
+    cfg.write_text(yaml.safe_dump({**job_config.to_dict(), "batch_size": 2, "rows_per_file": 2}))
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    log = open(tmp_path / "job.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "dynllava.cli", "caption", "--input", str(tmp_path / "in"),
+                             "--output", str(out), "--config", str(cfg)], env=env, start_new_session=True,
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(out.glob("*.parquet"))) < 2 and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, (tmp_path / "job.log").read_text()[-3000:]
+    os.killpg(proc.pid, 9)
+    proc.wait()
+    partial = len(output_rows(out)) if out.exists() else 0
+    assert partial < len(ids), "the job finished before it could be interrupted; make it slower"
+    run_caption_job(str(tmp_path / "in"), out, job_config)
+    assert sorted(r["id"] for r in output_rows(out)) == ids
+
+
+def crash_once_loader(model, device=None, dtype=None, marker: str = ""):
+    """Loads the model, but the first generate call anywhere kills its actor process (marker file)."""
+    from dynllava.model import DynamicLlava
+
+    real = DynamicLlava.from_pretrained(model, device=device, dtype=dtype)
+    marker = Path(marker)
+    generate = real.generate
+
+    def generate_or_die(*args, **kwargs):
+        if not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os._exit(1)  # the process dies as on an OOM kill: no exception, no cleanup
+        return generate(*args, **kwargs)
+
+    real.generate = generate_or_die
+    return real
+
+
+def test_a_killed_engine_actor_is_replaced_and_no_row_is_lost(ray_local, tmp_path, job_config):
+    from functools import partial
+
+    ids = write_parquet_input(tmp_path / "in.parquet", 16)
+    marker = tmp_path / "crashed"
+    loader = partial(crash_once_loader, marker=str(marker))
+    run_caption_job(str(tmp_path / "in.parquet"), tmp_path / "out", job_config, loader=loader)
+    assert marker.exists(), "the actor never crashed: the test proved nothing"
+    got = [r["id"] for r in output_rows(tmp_path / "out")]
+    assert sorted(got) == ids and all(r["error"] is None for r in output_rows(tmp_path / "out"))
+
+
+def test_unusable_inputs_fail_fast_with_one_message(ray_local, tmp_path, job_config):
+    with pytest.raises(ValueError, match="no such file"):
+        run_caption_job(str(tmp_path / "missing.parquet"), tmp_path / "out1", job_config)
+    pq.write_table(pa.table({"id": ["a"], "picture": [png_bytes(0)]}), tmp_path / "wrong.parquet")
+    with pytest.raises(ValueError, match="no image column"):
+        run_caption_job(str(tmp_path / "wrong.parquet"), tmp_path / "out2", job_config)
+    pq.write_table(pa.table({"image": [png_bytes(0)]}), tmp_path / "noid.parquet")
+    with pytest.raises(ValueError, match="row id"):
+        run_caption_job(str(tmp_path / "noid.parquet"), tmp_path / "out3", job_config)
+    assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()

@@ -1,0 +1,57 @@
+"""The stage UDFs without Ray: decode checks and preprocesses rows, generate isolates bad rows."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pytest
+
+from pipelines.sources import InputSpec
+from pipelines.stages import GenerateStage, decode_batch, require_columns
+
+from tests.pipelines.conftest import png_bytes
+
+
+def spec(**kw) -> InputSpec:
+    base = dict(path="x", kind="parquet", id_column="id", image_column="image", image_path_column="image_path",
+                prompt_column="prompt", base_dir="/")
+    return InputSpec(**{**base, **kw})
+
+
+def test_decode_checks_every_row_and_preprocesses_like_the_processor(tiny_yaml, tiny_model, tmp_path):
+    from dynllava.inputs import preprocess_images
+
+    (tmp_path / "p.png").write_bytes(png_bytes(3))
+    good = png_bytes(1)
+    batch = {"id": np.array(["a", "b", "c", "d", "e", "f"], dtype=object),
+             "image": np.array([good, good[:40], base64.b64encode(good).decode(), None, png_bytes(2, (90, 90)),
+                                good], dtype=object),
+             "image_path": np.array([None, None, None, str(tmp_path / "p.png"), None, None], dtype=object),
+             "prompt": np.array(["Q?", "Q?", None, "Q?", "Q?", ""], dtype=object)}
+    out = decode_batch(batch, spec=spec(), model=tiny_yaml, default_prompt="Default?", max_pixels=80 * 80)
+    errors = list(out["error"])
+    assert errors[0] is None and errors[2] is None and errors[3] is None
+    assert "unreadable" in errors[1] and "max_image_pixels" in errors[4] and "empty prompt" in errors[5]
+    assert list(out["prompt"][:3]) == ["Q?", "Q?", "Default?"]
+    expected = preprocess_images(tiny_model.processor, [good, png_bytes(3)])
+    assert np.array_equal(out["pixel_values"][0], expected[0].values.numpy())
+    assert np.array_equal(out["pixel_values"][3], expected[1].values.numpy())
+    assert not out["pixel_values"][1].any()
+
+
+def test_generate_passes_errors_through_and_isolates_a_rejected_row(tiny_yaml):
+    stage = GenerateStage(tiny_yaml, {"vision_keep": 0.5, "vision_scorer": "stride", "text_keep": 0.5,
+                                      "text_scorer": "recent"}, max_new_tokens=4)
+    from dynllava.inputs import preprocess_images
+
+    px = np.stack([p.values.numpy() for p in preprocess_images(stage.model.processor, [png_bytes(i) for i in range(3)])])
+    batch = {"id": np.array(["ok", "bad", "long"], dtype=object), "prompt": np.array(["Q?", "Q?", "w " * 400], dtype=object),
+             "pixel_values": px, "error": np.array([None, "unreadable image (x)", None], dtype=object)}
+    out = stage(batch)
+    assert list(out["id"]) == ["ok", "bad", "long"]
+    assert out["error"][0] is None and out["caption"][0] is not None and out["n_image_kept"][0] > 0
+    assert out["error"][1] == "unreadable image (x)" and out["caption"][1] is None
+    assert "context" in out["error"][2]
+    with pytest.raises(KeyError, match="generate"):
+        require_columns({"id": 1}, ("id", "prompt"), "generate")
