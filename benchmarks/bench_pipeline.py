@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--text-scorer", default="learned")
     p.add_argument("--actor-cpus", type=float, default=2, help="CPUs (torch threads) of the engine actor")
     p.add_argument("--num-gpus", type=float, default=0, help="GPUs of the engine actor")
+    p.add_argument("--decode-tasks", type=int, default=None, help="most decode tasks at once (default: Ray's)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     return p.parse_args(argv)
 
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     results = {"loop sparse": loop_rows_per_s(data, args, sparse)}
     for name, sparsity in (("pipeline dense", dense), ("pipeline sparse", sparse)):
         config = CaptionJobConfig(model=args.model, sparsity=sparsity, max_new_tokens=args.max_new_tokens,
-                                  batch_size=args.batch_size, device=args.device,
+                                  batch_size=args.batch_size, device=args.device, decode_tasks=args.decode_tasks,
                                   actors=ActorPool(1, 1, num_cpus=args.actor_cpus, num_gpus=args.num_gpus))
         summary = run_caption_job(str(data), work / name.replace(" ", "_"), config)
         assert summary.rows == args.rows and summary.errors == 0, summary

@@ -129,7 +129,8 @@ def run_caption_job(input_path: str, output: str | Path, config: CaptionJobConfi
     # stages and is committed to the output, so cut them to decode-batch size (streaming, no shuffle).
     ds = ds.repartition(target_num_rows_per_block=config.decode_batch_size)
     ds = ds.map_batches(decode.udf, fn_kwargs=decode.kwargs, batch_size=config.decode_batch_size,
-                        batch_format="numpy", num_cpus=config.decode_num_cpus)
+                        batch_format="numpy", num_cpus=config.decode_num_cpus,
+                        compute=ray.data.TaskPoolStrategy(size=config.decode_tasks))
     pool = config.actors
     ds = ds.map_batches(generate.udf, fn_constructor_kwargs=generate.kwargs, batch_size=config.batch_size,
                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=pool.min_size,

@@ -52,6 +52,7 @@ class CaptionJobConfig:
     max_new_tokens: int = 64  # per row
     batch_size: int = 16  # rows per engine call (the static batch)
     decode_batch_size: int = 64  # rows per CPU decode task
+    decode_tasks: int | None = None  # most decode tasks at once (None: Ray Data decides; 1 on a 2-core box)
     decode_num_cpus: float = 0.5  # CPUs reserved per decode task (Ray fuses the decode stage into the engine
     #                               actors when their resources are equal: keep them different)
     actors: ActorPool = field(default_factory=ActorPool)
@@ -65,6 +66,9 @@ class CaptionJobConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.decode_tasks is not None and (isinstance(self.decode_tasks, bool) or
+                                              not isinstance(self.decode_tasks, int) or self.decode_tasks < 1):
+            raise ValueError(f"decode_tasks must be null or an integer >= 1, got {self.decode_tasks!r}")
         if not 0 < self.decode_num_cpus <= 64:
             raise ValueError(f"decode_num_cpus must be in (0, 64], got {self.decode_num_cpus!r}")
         if not isinstance(self.prompt, str) or not self.prompt.strip():

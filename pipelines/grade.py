@@ -22,4 +22,9 @@ def grade_output(input_path: str, output: str | Path, id_column: str = "id") -> 
         if row_id in captions:
             scores.add(task, captions[row_id] or "", reference)
             n += 1
-    return scores.summary(), n
+    summary = scores.summary()
+    if not scores.vqa_total:
+        summary.pop("vqa_accuracy")
+    if not scores.caption.reference:
+        summary.pop("caption_attribute_f1")
+    return summary, n

@@ -34,7 +34,7 @@ class InputSpec:
 def _file_info(path: str) -> tuple[pafs.FileSystem, str, pafs.FileInfo]:
     try:
         fs, inner = pafs.FileSystem.from_uri(path)
-    except (ValueError, pafs.ArrowInvalid):  # a plain local path
+    except ValueError:  # a plain (relative) local path: pyarrow.ArrowInvalid is a ValueError
         fs, inner = pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
     return fs, inner, fs.get_file_info(inner)
 

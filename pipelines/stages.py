@@ -174,7 +174,7 @@ class GenerateStage:
         results: dict[int, Any] = {}
         started = time.perf_counter()
         if ok:
-            images = [PixelValues(torch.from_numpy(np.ascontiguousarray(batch["pixel_values"][i]))) for i in ok]
+            images = [PixelValues(torch.from_numpy(np.array(batch["pixel_values"][i]))) for i in ok]  # a writable copy
             prompts = [self.model.format_prompt(str(batch["prompt"][i])) for i in ok]
             results = dict(zip(ok, self._generate(images, prompts)))
         latency = time.perf_counter() - started  # every row of a static batch waits for the whole batch

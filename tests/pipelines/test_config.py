@@ -36,7 +36,7 @@ def test_flags_override_the_yaml():
                                                                                                base.model)
 
 
-def test_input_kinds_are_detected(tmp_path):
+def test_input_kinds_are_detected(tmp_path, monkeypatch):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.png").write_bytes(b"")
     (tmp_path / "a" / "y.JPG").write_bytes(b"")
@@ -44,6 +44,8 @@ def test_input_kinds_are_detected(tmp_path):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "part-0.parquet").write_bytes(b"")
     assert [detect_kind(str(tmp_path / p))[0] for p in ("a", "b.jsonl", "c")] == ["images", "jsonl", "parquet"]
+    monkeypatch.chdir(tmp_path)
+    assert detect_kind("b.jsonl") == ("jsonl", str(tmp_path / "b.jsonl"))  # relative -> absolute for the workers
     (tmp_path / "c" / "x.png").write_bytes(b"")
     with pytest.raises(ValueError, match="mixes"):
         detect_kind(str(tmp_path / "c"))
