@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--text-scorer", default="learned")
     p.add_argument("--actor-cpus", type=float, default=2, help="CPUs (torch threads) of the engine actor")
     p.add_argument("--num-gpus", type=float, default=0, help="GPUs of the engine actor")
-    p.add_argument("--decode-tasks", type=int, default=None, help="most decode tasks at once (default: Ray's)")
+    p.add_argument("--decode-tasks", type=int, default=1, help="most decode tasks at once (default 1: 2 cores)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     return p.parse_args(argv)
 

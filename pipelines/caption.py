@@ -18,7 +18,7 @@ from typing import Callable
 
 from pipelines.config import CaptionJobConfig
 from pipelines.sources import InputSpec, open_input
-from pipelines.stages import GenerateStage, Stage, decode_batch
+from pipelines.stages import DECODED_COLUMNS, GenerateStage, Stage, decode_batch
 
 log = logging.getLogger(__name__)
 JOB_FILE = "_job.json"
@@ -58,7 +58,7 @@ def build_stages(config: CaptionJobConfig, spec: InputSpec, loader: Callable | N
         Stage("decode", decode_batch, (spec.id_column,),
               {"spec": spec, "model": config.model, "default_prompt": config.prompt,
                "max_pixels": config.max_image_pixels}),
-        Stage("generate", GenerateStage, ("id", "prompt", "pixel_values", "error"),
+        Stage("generate", GenerateStage, DECODED_COLUMNS,
               {"model": config.model, "sparsity": config.sparsity.to_dict(), "max_new_tokens": config.max_new_tokens,
                "device": config.device, "dtype": config.dtype, "loader": loader, "extra_columns": id_extra}),
     ]

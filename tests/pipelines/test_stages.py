@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipelines.sources import InputSpec
-from pipelines.stages import GenerateStage, decode_batch, require_columns
+from pipelines.stages import GenerateStage, decode_batch, normalise, require_columns
 
 from tests.pipelines.conftest import png_bytes
 
@@ -35,19 +35,20 @@ def test_decode_checks_every_row_and_preprocesses_like_the_processor(tiny_yaml, 
     assert "unreadable" in errors[1] and "max_image_pixels" in errors[4] and "empty prompt" in errors[5]
     assert list(out["prompt"][:3]) == ["Q?", "Q?", "Default?"]
     expected = preprocess_images(tiny_model.processor, [good, png_bytes(3)])
-    assert np.array_equal(out["pixel_values"][0], expected[0].values.numpy())
-    assert np.array_equal(out["pixel_values"][3], expected[1].values.numpy())
-    assert not out["pixel_values"][1].any()
+    got = normalise(tiny_model.processor, out["pixels"][[0, 3]])
+    assert out["pixels"].dtype == np.uint8 and not out["pixels"][1].any()
+    assert all(np.array_equal(g.values.numpy(), e.values.numpy()) for g, e in zip(got, expected))
 
 
 def test_generate_passes_errors_through_and_isolates_a_rejected_row(tiny_yaml):
     stage = GenerateStage(tiny_yaml, {"vision_keep": 0.5, "vision_scorer": "stride", "text_keep": 0.5,
                                       "text_scorer": "recent"}, max_new_tokens=4)
-    from dynllava.inputs import preprocess_images
-
-    px = np.stack([p.values.numpy() for p in preprocess_images(stage.model.processor, [png_bytes(i) for i in range(3)])])
-    batch = {"id": np.array(["ok", "bad", "long"], dtype=object), "prompt": np.array(["Q?", "Q?", "w " * 400], dtype=object),
-             "pixel_values": px, "error": np.array([None, "unreadable image (x)", None], dtype=object)}
+    decoded = decode_batch({"id": np.array(["ok", "bad", "long"], dtype=object),
+                            "image": np.array([png_bytes(i) for i in range(3)], dtype=object)},
+                           spec=spec(prompt_column=None, image_path_column=None), model=tiny_yaml,
+                           default_prompt="Q?", max_pixels=10**6)
+    batch = {**decoded, "prompt": np.array(["Q?", "Q?", "w " * 400], dtype=object),
+             "error": np.array([None, "unreadable image (x)", None], dtype=object)}
     out = stage(batch)
     assert list(out["id"]) == ["ok", "bad", "long"]
     assert out["error"][0] is None and out["caption"][0] is not None and out["n_image_kept"][0] > 0
