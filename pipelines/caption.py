@@ -114,6 +114,9 @@ def run_caption_job(input_path: str, output: str | Path, config: CaptionJobConfi
     import ray.data
     from ray.data.checkpoint import CheckpointConfig
 
+    if "://" in str(output):
+        raise ValueError(f"output {output}: give a local or network-mounted folder (every node must see it); "
+                         f"remote URIs are read as inputs but not yet written as outputs")
     output = Path(output).expanduser().resolve()
     _init_ray(address, config)
     ds, spec = open_input(input_path, config.columns)  # fails fast on a bad input, before any work

@@ -180,4 +180,6 @@ def test_unusable_inputs_fail_fast_with_one_message(ray_local, tmp_path, job_con
     pq.write_table(pa.table({"image": [png_bytes(0)]}), tmp_path / "noid.parquet")
     with pytest.raises(ValueError, match="row id"):
         run_caption_job(str(tmp_path / "noid.parquet"), tmp_path / "out3", job_config)
+    with pytest.raises(ValueError, match="mounted folder"):
+        run_caption_job(str(tmp_path / "wrong.parquet"), "s3://bucket/out", job_config)
     assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()
