@@ -139,9 +139,14 @@ def describe(scene: list[SceneObject]) -> str:
     return " ".join(parts)
 
 
-def vqa(scene: list[SceneObject], rng: random.Random) -> tuple[str, str, str]:
-    """One question with a short answer: (task, question, answer)."""
-    kind = rng.choice(("count", "colour", "position", "exist"))
+QUESTION_KINDS = ("count", "colour", "position", "exist")
+
+
+def vqa(scene: list[SceneObject], rng: random.Random, weights: tuple[float, ...] | None = None
+        ) -> tuple[str, str, str]:
+    """One question with a short answer: (task, question, answer). Kinds are uniform unless `weights` (one per
+    QUESTION_KINDS) are given; the splits' rows always use the uniform draw."""
+    kind = rng.choice(QUESTION_KINDS) if weights is None else rng.choices(QUESTION_KINDS, weights)[0]
     obj = rng.choice(scene)
     if kind == "count":
         return "vqa-count", "How many shapes are there?", str(len(scene))

@@ -50,6 +50,8 @@ class BaseTrainConfig:
     vision_batch_size: int = 32  # images per stage-1 step
     vision_lr: float = 2e-3  # stage-1 peak learning rate
     vision_lr_scale: float = 1.0  # stage 2: the tower's learning rate as a fraction of `lr`
+    questions_per_scene: int = 3  # VQA turns per training conversation
+    question_weights: list[float] | None = None  # count, colour, position, exist (None: uniform)
     autocast_bf16: bool = True  # bf16 autocast for matmuls (fp32 master weights); 2x faster on AVX512-BF16 CPUs
     threads: int = 0  # torch CPU threads (0 = leave torch's default)
 
@@ -103,6 +105,10 @@ def build_model(config: BaseTrainConfig, tokenizer):
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     processor = build_processor(tokenizer, spec.vision.image_size, spec.vision.patch_size)
     return model, processor
+
+
+def _weights(config: BaseTrainConfig) -> tuple[float, ...] | None:
+    return None if config.question_weights is None else tuple(config.question_weights)
 
 
 def lr_at(step: int, config: BaseTrainConfig) -> float:
@@ -182,7 +188,8 @@ def train_base(config: BaseTrainConfig, output: str | Path, progress: bool = Tru
         for step in range(config.steps):
             examples = []
             for j in range(config.batch_size):
-                image, turns = shape_turns(rng, split, step * config.batch_size + j)
+                image, turns = shape_turns(rng, split, step * config.batch_size + j, config.questions_per_scene,
+                                           _weights(config))
                 examples.append(encode(processor, image, turns))
             batch = {k: v.to(device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
             for group in optimizer.param_groups:

@@ -63,13 +63,12 @@ def encode(processor, image, turns: list[tuple[str, str]], bos: bool = True) -> 
     return Example(torch.tensor(ids), torch.tensor(labels), pixel_values, answer_spans)
 
 
-QUESTIONS_PER_SCENE = 3
-
-
-def shape_turns(rng: random.Random, split_seed: int, index: int) -> tuple[object, list[tuple[str, str]]]:
-    """A multi-turn conversation about one scene: its caption, its description (3+ objects) and three
-    questions. Half the conversations ask the questions first, so that they must be answered from the image
-    rather than copied from an earlier description; the other half are in random order."""
+def shape_turns(rng: random.Random, split_seed: int, index: int, n_questions: int = 3,
+                question_weights: tuple[float, ...] | None = None) -> tuple[object, list[tuple[str, str]]]:
+    """A multi-turn conversation about one scene: its caption, its description (3+ objects) and n_questions
+    questions (kinds weighted by question_weights, see shapes.vqa). Half the conversations ask the questions
+    first, so that they must be answered from the image rather than copied from an earlier description; the
+    other half are in random order."""
     row_rng = random.Random(f"shapes/{split_seed}/{index}")
     scene = shapes.sample_scene(row_rng, min_objects=1)
     image = shapes.render(scene, row_rng)
@@ -77,8 +76,8 @@ def shape_turns(rng: random.Random, split_seed: int, index: int) -> tuple[object
     if len(scene) >= 3:
         texts.append((shapes.PROMPTS["describe"], shapes.describe(scene)))
     questions = []
-    for _ in range(QUESTIONS_PER_SCENE):
-        _, question, answer = shapes.vqa(scene, row_rng)
+    for _ in range(n_questions):
+        _, question, answer = shapes.vqa(scene, row_rng, question_weights)
         questions.append((question + " Answer briefly.", answer))
     rng.shuffle(questions)
     rng.shuffle(texts)

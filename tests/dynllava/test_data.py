@@ -72,3 +72,15 @@ def test_cli_rejects_bad_n(tmp_path, capsys):
 @pytest.mark.parametrize("task", ["caption", "describe", "vqa"])
 def test_task_filter(task):
     assert make_row(0, 0, task).task.startswith(task)
+
+
+def test_question_weights_steer_the_training_mix_only():
+    import random
+
+    from dynllava.data.shapes import sample_scene, vqa
+
+    scene = sample_scene(random.Random(0), min_objects=3)
+    only_exist = {vqa(scene, random.Random(i), weights=(0, 0, 0, 1))[0] for i in range(20)}
+    assert only_exist == {"vqa-exist"}
+    uniform = {vqa(scene, random.Random(i))[0] for i in range(40)}
+    assert uniform == {"vqa-count", "vqa-colour", "vqa-position", "vqa-exist"}
