@@ -134,6 +134,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train_args(p: argparse.ArgumentParser, config_yaml: str, output_help: str, device_help: str,
+                    device_default: str | None = None) -> None:
+    """The options both training commands share."""
+    p.add_argument("--config", default=None, help=f"training YAML ({config_yaml}); default: built-in")
+    p.add_argument("--output", required=True, help=output_help)
+    p.add_argument("--steps", type=int, default=None, help="override the config's optimizer steps")
+    p.add_argument("--device", default=device_default, help=device_help)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dynllava",
@@ -180,25 +190,19 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Train a byte-level BPE tokenizer and a CLIP-style + Llama LLaVA from scratch "
                                       "on generated shape scenes; saves an HF-format directory (fp16 weights), "
                                       "its processor and train_log.jsonl.")
-    tb.add_argument("--config", default=None, help="training YAML (configs/train/tiny.yaml); default: built-in")
-    tb.add_argument("--output", required=True, help="directory to write the model to")
-    tb.add_argument("--steps", type=int, default=None, help="override the config's optimizer steps")
-    tb.add_argument("--device", default="cpu", help="cpu (how the shipped tiny is trained) or cuda")
-    tb.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_train_args(tb, "configs/train/tiny.yaml", "directory to write the model to",
+                    "cpu (how the shipped tiny is trained) or cuda", device_default="cpu")
     tb.set_defaults(func=cmd_train_base)
     tp = train.add_parser("predictors", help="train the image/text predictors the paper's way",
                           description="Gumbel-softmax straight-through predictors at layer K with masked attention "
-                                      "and the keep-budget loss, plus a light fine-tune of the LM; writes a full "
+                                      "and the keep-budget loss, optionally fine-tuning the LM (lm_lr); writes a full "
                                       "model directory with predictors.safetensors. Works on any local HF LLaVA "
                                       "directory, with shape scenes or LLaVA-665k-style JSON data.")
     tp.add_argument("--model", required=True, help="local HF LLaVA directory to start from")
-    tp.add_argument("--output", required=True, help="directory to write the fine-tuned model to")
-    tp.add_argument("--config", default=None, help="training YAML (configs/train/predictors.yaml)")
     tp.add_argument("--data", default=None, help="LLaVA-665k-style JSON (default: generated shape scenes)")
     tp.add_argument("--image-root", default=None, help="folder the JSON's image paths are relative to")
-    tp.add_argument("--steps", type=int, default=None, help="override the config's optimizer steps")
-    tp.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    tp.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_train_args(tp, "configs/train/predictors.yaml", "directory to write the fine-tuned model to",
+                    "cuda or cpu (default: cuda when present)")
     tp.set_defaults(func=cmd_train_predictors)
 
     e = sub.add_parser("eval", help="quality on the shape scenes' test split, dense vs sparse",

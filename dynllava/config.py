@@ -13,13 +13,18 @@ import yaml
 Mode = Literal["kv_cache", "no_cache"]
 
 
-def dataclass_from_yaml(cls, path: str | Path):
-    """Build dataclass `cls` from a YAML file of its fields; unknown keys are a ValueError naming the file."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
+def dataclass_from_dict(cls, data: dict[str, Any], where: str, what: str | None = None):
+    """Build dataclass `cls` from a dict of its fields; unknown keys are a ValueError naming `where` (a file)
+    and `what` (the section; default the class name)."""
     unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
-        raise ValueError(f"{path}: unknown {cls.__name__} keys {sorted(unknown)}")
+        raise ValueError(f"{where}: unknown {what or cls.__name__} keys {sorted(unknown)}")
     return cls(**data)
+
+
+def dataclass_from_yaml(cls, path: str | Path):
+    """Build dataclass `cls` from a YAML file of its fields; unknown keys are a ValueError naming the file."""
+    return dataclass_from_dict(cls, yaml.safe_load(Path(path).read_text()) or {}, str(path))
 
 
 def _check_keep(name: str, value: float | None, allow_none: bool) -> None:
@@ -82,10 +87,7 @@ class SparsityConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SparsityConfig":
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown SparsityConfig keys: {sorted(unknown)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "sparsity")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "SparsityConfig":

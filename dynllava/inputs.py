@@ -34,8 +34,9 @@ def image_token_count(processor, height: int, width: int) -> int:
     return n - 1 if processor.vision_feature_select_strategy == "default" else n
 
 
-def load_image(image: ImageInput, field: str) -> Image.Image:
-    """Open an image given as PIL image, path or encoded bytes; ValueError naming `field` if unreadable."""
+def load_image(image: ImageInput, field: str, max_pixels: int | None = None) -> Image.Image:
+    """Open an image given as PIL image, path or encoded bytes; ValueError naming `field` if unreadable, or if
+    it has more than `max_pixels` pixels (checked from the header, before the pixels are decoded)."""
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     try:
@@ -45,6 +46,9 @@ def load_image(image: ImageInput, field: str) -> Image.Image:
             img = Image.open(Path(image).expanduser())
         else:
             raise ValueError(f"{field}: expected a PIL image, a path or bytes, got {type(image).__name__}")
+        if max_pixels is not None and img.width * img.height > max_pixels:
+            raise ValueError(f"{field} is {img.width}x{img.height} = {img.width * img.height} pixels, over the "
+                             f"limit of {max_pixels} (max_image_pixels)")
         img.load()  # decode now: truncated files fail here, not later
         return img.convert("RGB")
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError, SyntaxError) as e:

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from dynllava.config import SparsityConfig
+from dynllava.config import SparsityConfig, dataclass_from_dict
 
 
 @dataclass(frozen=True)
@@ -86,15 +86,8 @@ class CaptionJobConfig:
         nested = {"columns": Columns, "actors": ActorPool, "sparsity": SparsityConfig}
         for key, sub in nested.items():
             if key in data and not isinstance(data[key], sub):
-                section = data[key] or {}
-                unknown = set(section) - {f.name for f in dataclasses.fields(sub)}
-                if unknown:
-                    raise ValueError(f"{where}: unknown {key} keys {sorted(unknown)}")
-                data[key] = sub(**section)
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
-        return cls(**data)
+                data[key] = dataclass_from_dict(sub, data[key] or {}, where, key)
+        return dataclass_from_dict(cls, data, where, "top-level")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "CaptionJobConfig":

@@ -10,7 +10,6 @@ trace in the output. Errors are caught per row instead, and every input id gets 
 from __future__ import annotations
 
 import base64
-import io
 import json
 import time
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from dynllava.inputs import load_image
 from pipelines.sources import InputSpec
 
 # Columns between decode and generate; the id column of the input also travels through unchanged.
@@ -83,22 +83,6 @@ def _image_bytes(value: Any, from_path: bool, base_dir: str) -> bytes:
     return bytes(value)
 
 
-def open_checked(data: bytes, max_pixels: int):
-    """Decode one image, refusing decompression bombs before the pixels are decoded. Returns an RGB PIL image;
-    ValueError with the reason otherwise (truncated, not an image, too many pixels)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        img = Image.open(io.BytesIO(data))
-        if img.width * img.height > max_pixels:
-            raise ValueError(f"image is {img.width}x{img.height} = {img.width * img.height} pixels, over the "
-                             f"limit of {max_pixels} (max_image_pixels)")
-        img.load()  # truncated files fail here
-        return img.convert("RGB")
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, SyntaxError) as e:
-        raise ValueError(f"unreadable image ({e})") from None
-
-
 def decode_batch(batch: dict[str, np.ndarray], *, spec: InputSpec, model: str, default_prompt: str,
                  max_pixels: int) -> dict[str, np.ndarray]:
     """CPU task: for each row, read and check its image, resize and crop it exactly as the model's processor
@@ -126,7 +110,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, spec: InputSpec, model: str, d
                 data = _image_bytes(batch[spec.image_path_column][i], True, spec.base_dir)
             else:
                 data = _image_bytes(value, False, spec.base_dir)
-            image = open_checked(data, max_pixels)
+            image = load_image(data, "image", max_pixels)
             pixels[i] = processor.image_processor(image, do_rescale=False, do_normalize=False,
                                                   return_tensors="np")["pixel_values"][0]
         except (ValueError, OSError) as e:

@@ -17,7 +17,7 @@ def test_yaml_mirrors_the_defaults_and_round_trips():
 
 
 def test_bad_values_and_unknown_keys_are_rejected():
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match="unknown top-level keys"):
         CaptionJobConfig.from_dict({"batchsize": 3})
     with pytest.raises(ValueError, match="unknown actors keys"):
         CaptionJobConfig.from_dict({"actors": {"gpus": 1}})
