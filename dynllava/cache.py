@@ -42,6 +42,30 @@ class _Group:
                     store.append(grown)
         self.capacity = capacity
 
+    def select(self, rows: list[int], block_tokens: int) -> None:
+        """Keep rows `rows` in that order; capacity shrinks to what the longest kept row needs."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        lengths = [self.lengths[r] for r in rows]
+        capacity = min(self.capacity, -(-(max(lengths, default=0) + 1) // block_tokens) * block_tokens)
+        for store in (self.k, self.v):
+            store[:] = [t[:, :, :capacity].index_select(0, index) for t in store]
+        self.batch, self.lengths = len(rows), lengths
+        self.capacity = capacity if self.n_layers else 0
+
+    def merge(self, other: "_Group") -> None:
+        """Append other's rows below this group's (capacity: the larger of the two)."""
+        capacity = max(self.capacity, other.capacity)
+        for store, theirs in ((self.k, other.k), (self.v, other.v)):
+            for i in range(self.n_layers):
+                merged = torch.zeros(self.batch + other.batch, self.heads, capacity, self.head_dim, dtype=self.dtype,
+                                     device=self.device)
+                merged[: self.batch, :, : self.capacity] = store[i]
+                merged[self.batch:, :, : other.capacity] = theirs[i]
+                store[i] = merged
+        self.batch += other.batch
+        self.lengths = self.lengths + other.lengths
+        self.capacity = capacity
+
     @property
     def bytes_per_slot(self) -> int:
         """Bytes one token occupies in one row across this group's layers (K and V)."""
@@ -96,6 +120,25 @@ class SparseKVCache:
         """Advance the lengths of rows whose current token is admitted (after the step ran)."""
         group = self.groups[group_index]
         group.lengths = [n + int(a) for n, a in zip(group.lengths, admit)]
+
+    # ------------------------------------------------------------------ rows joining and leaving
+    def select(self, rows: list[int]) -> None:
+        """Keep only rows `rows` (in that order): finished or cancelled requests free their K/V."""
+        for group in self.groups:
+            group.select(rows, self.block_tokens)
+
+    def merge(self, other: "SparseKVCache") -> None:
+        """Append another cache's rows (a newly prefilled group) after this cache's rows. Both must have the same
+        layers, K, heads, head size and dtype; buffers are reallocated once at the larger capacity."""
+        for mine, theirs in zip(self.groups, other.groups):
+            if (mine.n_layers, mine.heads, mine.head_dim, mine.dtype) != (theirs.n_layers, theirs.heads,
+                                                                          theirs.head_dim, theirs.dtype):
+                raise ValueError("merge: caches differ in layers, heads, head size or dtype")
+            mine.merge(theirs)
+
+    @property
+    def batch(self) -> int:
+        return self.groups[0].batch
 
     # ------------------------------------------------------------------ reads
     def buffers(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -56,19 +56,35 @@ class GenerationOutput:
 
 @dataclass
 class _Row:
-    """Mutable per-request decoding state."""
+    """Mutable per-request decoding state: everything a request needs to be decoded in any batch."""
 
     prompt_len: int
     sparsity: SparsityConfig
     generator: torch.Generator | None
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
     tokens: list[int] = field(default_factory=list)
     n_fed: int = 0  # generated tokens fed back through decoding (all but the last one sampled)
     finish_reason: str | None = None
-    stop_at: int | None = None  # character index where a stop string begins
     admission: AdmissionState = field(default_factory=AdmissionState)
     finished_at: float = 0.0
-    flops_dense: float = 0.0
+    flops_dense: float = 0.0  # decoding FLOPs so far (prefill's are added when the row finishes)
     flops_sparse: float = 0.0
+    # set from the prefill that ran this row (StaticBatch.record_prefill)
+    n_images: int = 0
+    n_image: int = 0  # image tokens in the prompt
+    n_image_kept: int = 0
+    n_kept_prompt: int = 0  # prompt tokens in layers >= K
+    prefill_flops: tuple[float, float] = (0.0, 0.0)  # (dense, as run)
+
+    @property
+    def n_admitted(self) -> int:
+        """Generated tokens whose K/V entered layers >= K."""
+        rate = self.sparsity.text_keep
+        return self.n_fed if rate is not None and rate >= 1.0 else self.admission.n_admitted
 
 
 def _check_args(model, max_new_tokens: int, temperature: float, top_p: float) -> None:
@@ -91,16 +107,107 @@ def _per_row(value, n: int, name: str) -> list:
     return [value] * n
 
 
-def _sample(logits: torch.Tensor, rows: list[_Row], temperature: float, top_p: float) -> list[int]:
-    """Greedy when temperature == 0, else temperature + nucleus sampling with each row's own generator."""
-    if temperature == 0.0:
-        return logits.argmax(-1).tolist()
-    probs = (logits / temperature).softmax(-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p
-        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-    return [int(torch.multinomial(probs[i], 1, generator=row.generator)) for i, row in enumerate(rows)]
+def _sample(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+    """Next token per row [B, V] -> B ids: greedy when the row's temperature is 0, else temperature + nucleus
+    sampling with the row's own generator (so a row samples the same tokens alone or in any batch)."""
+    greedy = logits.argmax(-1).tolist()
+    out = []
+    for i, row in enumerate(rows):
+        if row.temperature == 0.0:
+            out.append(greedy[i])
+            continue
+        probs = (logits[i] / row.temperature).softmax(-1)
+        if row.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            drop = sorted_p.cumsum(-1) - sorted_p > row.top_p
+            probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+        out.append(int(torch.multinomial(probs, 1, generator=row.generator)))
+    return out
+
+
+def model_dims(model) -> costs.ModelDims:
+    """The cost model's dimensions of a loaded model (the loaded predictor width included)."""
+    dims = costs.ModelDims.from_hf_config(model.config)
+    if model.predictors is not None:
+        dims = replace(dims, predictor_width=model.predictors.image.width)
+    return dims
+
+
+def admit_tokens(text_scorer, scores: torch.Tensor | None, rows: list[_Row], active: list[bool],
+                 text_dense: bool) -> list[bool]:
+    """Admission of each active row's current token to layers >= K, from its text score [B]."""
+    if text_dense:
+        return list(active)
+    host_scores = scores.tolist()
+    decisions = [False] * len(rows)
+    idx = [i for i, a in enumerate(active) if a]
+    made = decide_admission(text_scorer, [host_scores[i] for i in idx], [rows[i].sparsity.text_keep for i in idx],
+                            [rows[i].admission for i in idx])
+    for i, d in zip(idx, made):
+        decisions[i] = d
+    return decisions
+
+
+def _is_text_dense(sparsities: Sequence[SparsityConfig]) -> bool:
+    return all(s.text_keep is not None and s.text_keep >= 1.0 for s in sparsities)
+
+
+class CachedDecoding:
+    """Decoding of rows whose prompts are in a SparseKVCache: the cache, the step function and text admission.
+
+    Rows can leave (`select`) and whole prefilled groups can join (`merge`) between steps: this is what
+    continuous batching runs on. Rows must share layer K and the text scorer."""
+
+    def __init__(self, model, cache: SparseKVCache, sparsities: list[SparsityConfig], use_graphs: bool):
+        self.model, self.cache, self.use_graphs = model, cache, use_graphs
+        self.k = sparsities[0].layer
+        self.text_scorer_name = sparsities[0].text_scorer
+        self.text_scorer = TEXT_SCORERS[self.text_scorer_name]()
+        self._set_rows(sparsities)
+
+    def _set_rows(self, sparsities: list[SparsityConfig]) -> None:
+        self.sparsities = sparsities
+        self.text_dense = _is_text_dense(sparsities)
+        self.decoder = CachedStep(self.model, self.cache, self.k, self.text_scorer, not self.text_dense,
+                                  self.use_graphs)
+
+    def step(self, tokens: list[int], rows: list[_Row], active: list[bool]) -> torch.Tensor:
+        """Feed each active row's last token; returns next-token logits [B, V]."""
+        cache = self.cache
+        for group in (0, 1):
+            cache.reserve_step(group, active)
+        positions = [r.prompt_len + len(r.tokens) - 1 for r in rows]
+        logits, scores = self.decoder(tokens, positions, cache.lengths(0), cache.lengths(1))
+        cache.commit_step(0, active)
+        cache.commit_step(1, admit_tokens(self.text_scorer, scores, rows, active, self.text_dense))
+        return logits
+
+    def select(self, keep: list[int]) -> None:
+        """Keep only rows `keep` (in that order); the others' K/V is freed."""
+        self.cache.select(keep)
+        self._set_rows([self.sparsities[i] for i in keep])
+
+    def merge(self, other: "CachedDecoding") -> None:
+        """Append another group's rows (its cache is copied in; rows keep their slots' contents)."""
+        if (other.k, other.text_scorer_name) != (self.k, self.text_scorer_name):
+            raise ValueError("merge: rows must share layer K and the text scorer")
+        self.cache.merge(other.cache)
+        self._set_rows(self.sparsities + other.sparsities)
+
+
+def row_step_flops(dims: costs.ModelDims, rows: list[_Row], active: list[bool], mode: str,
+                   text_scored: bool) -> None:
+    """Add this step's analytic FLOPs (dense and as its own setting runs it) to each active row, before its
+    counters move. A text-dense row is not charged for a text predictor that ran only for its batch-mates."""
+    for row, a in zip(rows, active):
+        if not a:
+            continue
+        learned = text_scored and row.sparsity.text_scorer == "learned" and not _is_text_dense([row.sparsity])
+        ctx_dense = row.prompt_len + row.n_fed + 1  # the token being fed attends to itself
+        ctx_sparse = row.n_kept_prompt + row.n_admitted + 1
+        k = row.sparsity.layer
+        row.flops_dense += costs.decode_step_flops(dims, ctx_dense, ctx_dense, k, mode)
+        row.flops_sparse += costs.decode_step_flops(dims, ctx_dense, ctx_sparse, k, mode, learned)
 
 
 class StaticBatch:
@@ -114,19 +221,17 @@ class StaticBatch:
         self.use_graphs = cuda_graphs and model.device.type == "cuda"
         self.cfg = sparsities[0]
         self.k = self.cfg.layer
-        self.dims = costs.ModelDims.from_hf_config(model.config)
-        if model.predictors is not None:
-            self.dims = replace(self.dims, predictor_width=model.predictors.image.width)
+        self.dims = model_dims(model)
         dev = model.device
         self.input_ids = prepared.input_ids.to(dev)
         self.valid = prepared.valid.to(dev)
         self.prepared = prepared
         self.sparsities = sparsities
         self.text_scorer = TEXT_SCORERS[self.cfg.text_scorer]()
-        self.text_rates = [s.text_keep for s in sparsities]
-        self.text_dense = all(r is not None and r >= 1.0 for r in self.text_rates)
+        self.text_dense = _is_text_dense(sparsities)
         self.image_mask = (self.input_ids == model.image_token_id) & self.valid
         self.cache: SparseKVCache | None = None
+        self.cached: CachedDecoding | None = None
         b, t = self.input_ids.shape
         self.rows_index = torch.arange(b, device=dev)
         if self.cfg.mode == "no_cache":
@@ -148,7 +253,7 @@ class StaticBatch:
         if self.cfg.mode == "kv_cache":
             block = GRAPH_CACHE_BLOCK_TOKENS if self.use_graphs else CACHE_BLOCK_TOKENS
             self.cache = SparseKVCache(m.n_layers, self.k, b, m.n_kv_heads, m.head_dim, m.dtype, h.device, block)
-            self.decoder = CachedStep(m, self.cache, self.k, self.text_scorer, not self.text_dense, self.use_graphs)
+            self.cached = CachedDecoding(m, self.cache, list(self.sparsities), self.use_graphs)
         res = m.run_context(h, positions, self.valid, self.k, choose, need_attention, self.cache)
         self.prompt_keep = res.keep
         self.n_kept_prompt = res.keep.sum(1).tolist()
@@ -157,35 +262,25 @@ class StaticBatch:
             self.full_keep[:, :t] = res.keep
         return m.logits(res.last_hidden)
 
-    # ---------------------------------------------------------------- decode
-    def _admit(self, scores: torch.Tensor | None, rows: list[_Row], active: list[bool]) -> list[bool]:
-        """Admission of each active row's current token to layers >= K, from its text score [B]."""
-        if self.text_dense:
-            return list(active)
-        host_scores = scores.tolist()
-        decisions = [False] * len(rows)
-        idx = [i for i, a in enumerate(active) if a]
-        made = decide_admission(self.text_scorer, [host_scores[i] for i in idx], [self.text_rates[i] for i in idx],
-                                [rows[i].admission for i in idx])
-        for i, d in zip(idx, made):
-            decisions[i] = d
-        return decisions
+    def record_prefill(self, rows: list[_Row]) -> None:
+        """Store on each row what its prefill kept and cost (rows may then be decoded in other batches)."""
+        n_image = self.image_mask.sum(1).tolist()
+        n_image_kept = (self.prompt_keep & self.image_mask).sum(1).tolist()
+        for i, row in enumerate(rows):
+            row.n_images = self.prepared.n_images[i]
+            row.n_image, row.n_image_kept, row.n_kept_prompt = n_image[i], n_image_kept[i], self.n_kept_prompt[i]
+            learned = row.sparsity.vision_scorer == "learned" and row.n_image_kept < row.n_image
+            row.prefill_flops = (
+                costs.prefill_flops(self.dims, row.prompt_len, row.prompt_len, self.k, row.n_images),
+                costs.prefill_flops(self.dims, row.prompt_len, row.n_kept_prompt, self.k, row.n_images,
+                                    row.n_image, learned))
 
+    # ---------------------------------------------------------------- decode
     def step(self, tokens: list[int], rows: list[_Row], active: list[bool]) -> torch.Tensor:
         """Feed each row's last token; returns next-token logits [B, V]."""
         if self.cfg.mode == "kv_cache":
-            return self._step_cached(tokens, rows, active)
+            return self.cached.step(tokens, rows, active)
         return self._step_recompute(tokens, rows, active)
-
-    def _step_cached(self, tokens, rows, active) -> torch.Tensor:
-        cache = self.cache
-        for group in (0, 1):
-            cache.reserve_step(group, active)
-        positions = [r.prompt_len + len(r.tokens) - 1 for r in rows]
-        logits, scores = self.decoder(tokens, positions, cache.lengths(0), cache.lengths(1))
-        cache.commit_step(0, active)
-        cache.commit_step(1, self._admit(scores, rows, active))
-        return logits
 
     def _step_recompute(self, tokens, rows, active) -> torch.Tensor:
         m, dev = self.model, self.model.device
@@ -206,7 +301,7 @@ class StaticBatch:
             self_att = attention[self.rows_index, current] if attention is not None else None
             scores = None if self.text_dense else self.text_scorer.score(
                 TextInputs(hidden[self.rows_index, current], self_att, m.predictors))
-            admit = self._admit(scores, rows, active)
+            admit = admit_tokens(self.text_scorer, scores, rows, active, self.text_dense)
             decided = torch.tensor(admit, device=dev)
             self.full_keep[self.rows_index, current] = decided
             keep = self.full_keep[:, :width].clone()
@@ -218,43 +313,50 @@ class StaticBatch:
                             need_attention)
         return m.logits(res.last_hidden)
 
-    # ---------------------------------------------------------------- accounting
     def step_flops(self, rows: list[_Row], active: list[bool]) -> None:
         """Add this step's analytic FLOPs (dense and as run) to each active row, before its counters move."""
-        learned = self.cfg.text_scorer == "learned" and not self.text_dense
-        for i, (row, a) in enumerate(zip(rows, active)):
-            if not a:
-                continue
-            admitted_before = row.n_fed if self.text_dense else row.admission.n_admitted
-            ctx_dense = row.prompt_len + row.n_fed + 1  # the token being fed attends to itself
-            ctx_sparse = self.n_kept_prompt[i] + admitted_before + 1
-            row.flops_dense += costs.decode_step_flops(self.dims, ctx_dense, ctx_dense, self.k, self.cfg.mode)
-            row.flops_sparse += costs.decode_step_flops(self.dims, ctx_dense, ctx_sparse, self.k, self.cfg.mode,
-                                                        learned)
+        row_step_flops(self.dims, rows, active, self.cfg.mode, not self.text_dense)
+
+    def kv_bytes(self, i: int) -> int:
+        """Bytes of K/V row i holds in the cache (0 in no_cache mode)."""
+        return self.cache.bytes_in_use(i) if self.cache is not None else 0
 
 
-def _generator(device: torch.device, seed: int | None) -> torch.Generator:
-    """A row's own sampling generator: seeded, or from OS entropy (never touching torch's global RNG)."""
-    g = torch.Generator(device=device)
-    if seed is None:
-        g.seed()
-    else:
-        g.manual_seed(seed)
-    return g
+def new_row(prompt_len: int, sparsity: SparsityConfig, device: torch.device, max_new_tokens: int,
+            temperature: float, top_p: float, seed: int | None, stop: Sequence[str] | None,
+            ignore_eos: bool) -> _Row:
+    """A request's decoding state; its sampler is seeded (or from OS entropy) only when it samples."""
+    generator = None
+    if temperature > 0:  # a row's own generator, never torch's global RNG
+        generator = torch.Generator(device=device)
+        generator.seed() if seed is None else generator.manual_seed(seed)
+    return _Row(prompt_len, sparsity, generator, max_new_tokens=max_new_tokens, temperature=temperature,
+                top_p=top_p, stop=[s for s in (stop or []) if s], ignore_eos=ignore_eos)
 
 
-def _check_stop(model, row: _Row, stop: Sequence[str], ignore_eos: bool, max_new_tokens: int) -> None:
+def check_stop(model, row: _Row) -> None:
+    """Set row.finish_reason after a new token: EOS ("stop", the EOS is dropped), a stop string, or length."""
     token = row.tokens[-1]
-    if token in model.eos_token_ids and not ignore_eos:
+    if token in model.eos_token_ids and not row.ignore_eos:
         row.tokens.pop()
         row.finish_reason = "stop"
-    elif stop:
-        tail = model.processor.tokenizer.decode(row.tokens[-(4 * max(map(len, stop)) + 4):],
+    elif row.stop:
+        tail = model.processor.tokenizer.decode(row.tokens[-(4 * max(map(len, row.stop)) + 4):],
                                                 skip_special_tokens=True)
-        if any(s in tail for s in stop):
+        if any(s in tail for s in row.stop):
             row.finish_reason = "stop"
-    if row.finish_reason is None and len(row.tokens) >= max_new_tokens:
+    if row.finish_reason is None and len(row.tokens) >= row.max_new_tokens:
         row.finish_reason = "length"
+
+
+def check_sparsities(model, sparsities: Sequence[SparsityConfig]) -> None:
+    """Rows of one batch must share layer, mode and scorers (keep ratios may differ); scorers must be runnable."""
+    first = sparsities[0]
+    for s in sparsities:
+        if (s.layer, s.mode, s.vision_scorer, s.text_scorer) != (first.layer, first.mode, first.vision_scorer,
+                                                                   first.text_scorer):
+            raise ValueError("sparsity: rows of one batch must share layer, mode and scorers")
+        model.check_scorers(s)
 
 
 @torch.inference_mode()
@@ -271,27 +373,21 @@ def generate(model, images: Sequence[Any], prompts: Sequence[str],
     _check_args(model, max_new_tokens, temperature, top_p)
     n = len(prompts)
     sparsities = _per_row(sparsity or SparsityConfig(), n, "sparsity")
-    first = sparsities[0]
-    for s in sparsities:
-        if (s.layer, s.mode, s.vision_scorer, s.text_scorer) != (first.layer, first.mode, first.vision_scorer,
-                                                                   first.text_scorer):
-            raise ValueError("sparsity: rows of one batch must share layer, mode and scorers")
-        model.check_scorers(s)
-    stop = [s for s in (stop or []) if s]
+    check_sparsities(model, sparsities)
     prepared = model.prepare(images, prompts, max_new_tokens)
     prefill_start = time.perf_counter()
     seeds = _per_row(seed, n, "seed")
-    dev = model.device
-    rows = [_Row(prompt_len, s, _generator(dev, sd) if temperature > 0 else None)
+    rows = [new_row(prompt_len, s, model.device, max_new_tokens, temperature, top_p, sd, stop, ignore_eos)
             for prompt_len, s, sd in zip(prepared.lengths, sparsities, seeds)]
     batch = StaticBatch(model, prepared, sparsities, max_new_tokens, cuda_graphs)
     logits = batch.prefill()
-    tokens = _sample(logits, rows, temperature, top_p)
+    batch.record_prefill(rows)
+    tokens = _sample(logits, rows)
     first_token_at = time.perf_counter()  # _sample synchronised the device (token ids are on the host)
     prefill_s, ttft_s = first_token_at - prefill_start, first_token_at - start
     for row, tok in zip(rows, tokens):
         row.tokens.append(tok)
-        _check_stop(model, row, stop, ignore_eos, max_new_tokens)
+        check_stop(model, row)
         row.finished_at = first_token_at
     while True:
         active = [r.finish_reason is None for r in rows]
@@ -301,49 +397,45 @@ def generate(model, images: Sequence[Any], prompts: Sequence[str],
         logits = batch.step(tokens, rows, active)
         for row, a in zip(rows, active):
             row.n_fed += int(a)
-        new = _sample(logits, rows, temperature, top_p)
+        new = _sample(logits, rows)
         now = time.perf_counter()
         for i, row in enumerate(rows):
             if active[i]:
                 row.tokens.append(new[i])
                 tokens[i] = new[i]
-                _check_stop(model, row, stop, ignore_eos, max_new_tokens)
+                check_stop(model, row)
                 row.finished_at = now
-    return [_finish(model, batch, i, row, prefill_s, ttft_s, first_token_at, stop) for i, row in enumerate(rows)]
+    return [finish_row(model, batch.dims, row, batch.kv_bytes(i), prefill_s, ttft_s, first_token_at)
+            for i, row in enumerate(rows)]
 
 
-def _finish(model, batch: StaticBatch, i: int, row: _Row, prefill_s: float, ttft_s: float,
-            first_token_at: float, stop: list[str]) -> GenerationOutput:
-    tokenizer = model.processor.tokenizer
-    text = tokenizer.decode(row.tokens, skip_special_tokens=True)
-    if stop:
-        cut = min((text.find(s) for s in stop if s in text), default=-1)
-        if cut >= 0:
-            text = text[:cut]
-    dims, k = batch.dims, batch.k
-    n_image = int(batch.image_mask[i].sum())
-    n_kept_image = int((batch.prompt_keep[i] & batch.image_mask[i]).sum())
-    n_fed = row.n_fed
+def final_text(model, row: _Row) -> str:
+    """The row's text so far, cut before the first stop string."""
+    text = model.processor.tokenizer.decode(row.tokens, skip_special_tokens=True)
+    cut = min((text.find(s) for s in row.stop if s in text), default=-1)
+    return text[:cut] if cut >= 0 else text
+
+
+def finish_row(model, dims: costs.ModelDims, row: _Row, kv_bytes: int, prefill_s: float, ttft_s: float,
+               first_token_at: float) -> GenerationOutput:
+    """A finished row's output and stats (kv_bytes: what it holds in its cache now, i.e. at its peak)."""
     element = torch.empty((), dtype=model.dtype).element_size()
-    dense_kv = costs.kv_bytes(dims, row.prompt_len + n_fed, row.prompt_len + n_fed, k, element)
-    learned_vision = row.sparsity.vision_scorer == "learned" and n_kept_image < n_image
-    prefill_dense = costs.prefill_flops(dims, row.prompt_len, row.prompt_len, k, batch.prepared.n_images[i])
-    prefill_sparse = costs.prefill_flops(dims, row.prompt_len, batch.n_kept_prompt[i], k,
-                                         batch.prepared.n_images[i], n_image, learned_vision)
+    n_ctx = row.prompt_len + row.n_fed
     stats = RequestStats(
-        n_image_tokens=n_image,
-        n_image_kept=n_kept_image,
+        n_image_tokens=row.n_image,
+        n_image_kept=row.n_image_kept,
         n_text_generated=len(row.tokens),
-        n_text_admitted=n_fed if batch.text_dense else row.admission.n_admitted,
-        kv_bytes_peak=batch.cache.bytes_in_use(i) if batch.cache is not None else 0,
-        kv_bytes_dense_equivalent=dense_kv,
+        n_text_admitted=row.n_admitted,
+        kv_bytes_peak=kv_bytes,
+        kv_bytes_dense_equivalent=costs.kv_bytes(dims, n_ctx, n_ctx, row.sparsity.layer, element),
         prefill_s=prefill_s,
         decode_s=row.finished_at - first_token_at,
         ttft_s=ttft_s,
-        flops_dense=prefill_dense + row.flops_dense,
-        flops_sparse=prefill_sparse + row.flops_sparse,
+        flops_dense=row.prefill_flops[0] + row.flops_dense,
+        flops_sparse=row.prefill_flops[1] + row.flops_sparse,
     )
-    return GenerationOutput(text, list(row.tokens), row.finish_reason or "length", stats, row.sparsity)
+    return GenerationOutput(final_text(model, row), list(row.tokens), row.finish_reason or "length", stats,
+                            row.sparsity)
 
 
 @torch.inference_mode()
@@ -360,6 +452,7 @@ def teacher_forced_nll(model, images: Sequence[Any], prompts: Sequence[str], tar
     batch = StaticBatch(model, prepared, [sparsity] * n, longest)
     rows = [_Row(length, sparsity, None) for length in prepared.lengths]
     logits = batch.prefill()
+    batch.record_prefill(rows)
     nll = [0.0] * n
     for t in range(longest):
         logp = logits.log_softmax(-1)

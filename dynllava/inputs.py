@@ -123,3 +123,19 @@ def prepare_batch(processor, images: Sequence[Any], prompts: Sequence[str], max_
     valid = torch.arange(input_ids.shape[1])[None, :] < torch.tensor(lengths)[:, None]
     pixel_values = torch.cat(pixels) if pixels else None
     return PreparedBatch(input_ids, valid, pixel_values, lengths, n_images)
+
+
+def concat_prepared(batches: Sequence[PreparedBatch], pad_id: int = 0) -> PreparedBatch:
+    """Stack prepared batches (e.g. single requests prepared on their own threads) into one, re-padded on the
+    right to the longest row. Padding ids are never read (the `valid` mask hides them)."""
+    lengths = [n for b in batches for n in b.lengths]
+    input_ids = torch.full((len(lengths), max(lengths)), pad_id, dtype=torch.long)
+    row = 0
+    for b in batches:
+        for i, n in enumerate(b.lengths):
+            input_ids[row, :n] = b.input_ids[i, :n]
+            row += 1
+    valid = torch.arange(input_ids.shape[1])[None, :] < torch.tensor(lengths)[:, None]
+    pixels = [b.pixel_values for b in batches if b.pixel_values is not None]
+    return PreparedBatch(input_ids, valid, torch.cat(pixels) if pixels else None, lengths,
+                         [k for b in batches for k in b.n_images])

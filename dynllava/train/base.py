@@ -50,6 +50,7 @@ class BaseTrainConfig:
     vision_batch_size: int = 32  # images per stage-1 step
     vision_lr: float = 2e-3  # stage-1 peak learning rate
     vision_lr_scale: float = 1.0  # stage 2: the tower's learning rate as a fraction of `lr`
+    vision_cell_index: bool = False  # stage 1 also predicts each patch's own grid cell (positions made explicit)
     questions_per_scene: int = 3  # VQA turns per training conversation
     question_weights: list[float] | None = None  # count, colour, position, exist (None: uniform)
     autocast_bf16: bool = True  # bf16 autocast for matmuls (fp32 master weights); 2x faster on AVX512-BF16 CPUs
@@ -127,7 +128,7 @@ def pretrain_vision(model, processor, config: BaseTrainConfig, log_file, progres
 
     tower = model.model.vision_tower
     device = model.device
-    heads = CellHeads(tower.config.hidden_size).to(device)
+    heads = CellHeads(tower.config.hidden_size, config.vision_cell_index).to(device)
     params = list(tower.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.vision_lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
     rng = random.Random(config.seed)

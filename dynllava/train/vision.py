@@ -16,13 +16,16 @@ from dynllava.data import shapes
 class CellHeads(nn.Module):
     """Classifies, from every patch on its own, the contents of the 3x3 grid cell the patch lies in:
     [N, P, C] -> colour, shape, size logits [N, P, classes]. Per patch (not pooled per cell), so that every
-    image token carries its cell's objects: a pruned image that keeps any token of a cell still knows it."""
+    image token carries its cell's objects: a pruned image that keeps any token of a cell still knows it.
+    With `cell_index`, a fourth head names the patch's own cell [N, P, 9], so every token also states where it
+    is (the LM then reads "where is X" off the token that holds X)."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, cell_index: bool = False):
         super().__init__()
         self.colour = nn.Linear(width, 1 + len(shapes.COLOURS))
         self.shape = nn.Linear(width, 1 + len(shapes.SHAPES))
         self.size = nn.Linear(width, 1 + len(shapes.SIZES))
+        self.cell = nn.Linear(width, 9) if cell_index else None
 
     def forward(self, patches: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.colour(patches), self.shape(patches), self.size(patches)
@@ -49,12 +52,14 @@ def scene_batch(rng: random.Random, processor, split_seed: int, start: int, n: i
 
 
 def cell_loss(vision_tower, heads: CellHeads, pixels: torch.Tensor, targets: list[torch.Tensor]):
-    """Mean cross-entropy over patches and attributes (each patch predicts its cell's labels, targets [N, 9]);
-    also returns the fraction of patches with all three attributes right."""
+    """Mean cross-entropy over patches and heads (each patch predicts its cell's labels, targets [N, 9], and its
+    cell index when the heads have one); also returns the fraction of patches with all three attributes right."""
     patches = vision_tower(pixels).last_hidden_state[:, 1:]  # [N, P, C], CLS dropped
     cells = patch_cells(patches.shape[1]).to(patches.device)
     per_patch = [t[:, cells] for t in targets]  # [N, P] each
     logits = heads(patches)
-    loss = sum(F.cross_entropy(lg.flatten(0, 1).float(), t.flatten()) for lg, t in zip(logits, per_patch)) / 3
+    losses = [F.cross_entropy(lg.flatten(0, 1).float(), t.flatten()) for lg, t in zip(logits, per_patch)]
+    if heads.cell is not None:
+        losses.append(F.cross_entropy(heads.cell(patches).flatten(0, 1).float(), cells.repeat(patches.shape[0])))
     right = torch.stack([lg.argmax(-1) == t for lg, t in zip(logits, per_patch)]).all(0).float().mean()
-    return loss, float(right)
+    return sum(losses) / len(losses), float(right)

@@ -1,0 +1,422 @@
+"""Continuous batching: requests join the running batch at step boundaries and leave as soon as they finish.
+
+One thread owns the model and calls `step()` (or runs `start()`'s loop); any thread may `submit` and `cancel`.
+Each step:
+  1. take in submissions and cancellations (a cancelled request's row and K/V are freed at once);
+  2. admit waiting requests in arrival order while the batch has room and the KV budget holds, prefill them
+     together, and merge their cache into the running batch;
+  3. one decoding step for every running row; finished rows leave.
+Rows of the running batch share layer K, the mode and the text scorer (keep ratios and the vision scorer may
+differ per request: the vision scorer acts only in the prefill, which runs per scorer group). A request that
+needs another layer or text scorer waits until the running batch drains; nothing behind it overtakes it.
+
+The KV budget is checked against what the padded cache would allocate with every running row at its worst
+case (prompt kept at vision_keep, text admitted at text_keep, max_new_tokens generated), so admission never
+has to preempt: sparser requests reserve fewer slots and more of them run at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from dynllava import ops
+from dynllava.config import SparsityConfig
+from dynllava.engine import (CACHE_BLOCK_TOKENS, CachedDecoding, GenerationOutput, StaticBatch, _Row, _sample,
+                             check_sparsities, check_stop, finish_row, model_dims, new_row,
+                             row_step_flops)
+from dynllava.inputs import PreparedBatch, concat_prepared
+from dynllava.scorers import RATE_SLACK_TOKENS
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """The engine's waiting queue is at its limit: retry later (HTTP 429)."""
+
+
+@dataclass
+class EngineRequest:
+    """One request for the continuous engine. prepared: a single row from `model.prepare` (validated and
+    tokenized by the caller's thread, so bad input fails before it queues)."""
+
+    prepared: PreparedBatch
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    ignore_eos: bool = False
+    on_event: Callable[["StreamEvent"], None] | None = None  # called on the engine thread: keep it cheap
+
+
+@dataclass
+class StreamEvent:
+    """What a request produced since its previous event. The last event has `output` (or `error`) set."""
+
+    text: str  # new text (never a partial character, never the start of a stop string that may follow)
+    token_ids: list[int]  # new token ids
+    output: GenerationOutput | None = None
+    error: str | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.output is not None or self.error is not None
+
+
+@dataclass
+class EngineCounters:
+    """Cumulative and current figures of one engine (for telemetry and tests)."""
+
+    submitted: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    tokens_generated: int = 0
+    waiting: int = 0  # requests queued, not yet prefilled
+    running: int = 0  # rows in the running batch
+    kv_bytes_in_use: int = 0  # K/V bytes the running rows hold (valid slots)
+    kv_bytes_allocated: int = 0  # bytes the cache tensors occupy (padding and headroom included)
+    kv_bytes_reserved: int = 0  # worst-case bytes admission has reserved for the running rows
+
+
+@dataclass
+class _Live:
+    """A request inside the engine: its ticket, decoding row and streaming position."""
+
+    ticket: int
+    request: EngineRequest
+    submitted_at: float
+    row: _Row | None = None
+    sent: str = ""  # text already streamed
+    sent_tokens: int = 0
+    prefill_s: float = 0.0
+    first_token_at: float = 0.0
+    reserve: tuple[int, int] = (0, 0)  # worst-case slots in the dense and sparse layer groups
+
+
+def _decoding_signature(s: SparsityConfig) -> tuple:
+    return s.layer, s.mode, s.text_scorer
+
+
+def text_slots_bound(sparsity: SparsityConfig, max_new_tokens: int) -> int:
+    """Most generated tokens a request can admit to layers >= K (the rate scorers stay within
+    RATE_SLACK_TOKENS of text_keep * seen; the learned scorer's own decision and keep_all are unbounded)."""
+    rate = sparsity.text_keep
+    if rate is None or rate >= 1.0 or sparsity.text_scorer == "keep_all":
+        return max_new_tokens
+    return min(max_new_tokens, math.ceil(rate * max_new_tokens + RATE_SLACK_TOKENS) + 1)
+
+
+def reserved_slots(model, request: EngineRequest) -> tuple[int, int]:
+    """Worst-case cache slots of one request: (dense group: every token, sparse group: kept prompt + admitted
+    text). One extra slot each for the token being fed."""
+    p = request.prepared
+    n_image = int((p.input_ids[0, : p.lengths[0]] == model.image_token_id).sum())
+    kept_prompt = p.lengths[0] - n_image + ops.keep_count(n_image, request.sparsity.vision_keep)
+    return (p.lengths[0] + request.max_new_tokens + 1,
+            kept_prompt + text_slots_bound(request.sparsity, request.max_new_tokens) + 1)
+
+
+class ContinuousEngine:
+    """The continuous-batching engine over one DynamicLlava (kv_cache mode).
+
+    max_batch: most rows decoding together; max_prefill_batch: most requests prefilled in one pass;
+    kv_budget_bytes: cap on the cache's allocation at every running row's worst case (None: no cap);
+    max_waiting: queue length beyond which `submit` raises QueueFull.
+    """
+
+    def __init__(self, model, max_batch: int = 32, max_prefill_batch: int = 8, kv_budget_bytes: int | None = None,
+                 max_waiting: int = 256):
+        if max_batch < 1 or max_prefill_batch < 1 or max_waiting < 1:
+            raise ValueError("max_batch, max_prefill_batch and max_waiting must be >= 1")
+        self.model = model
+        self.max_batch, self.max_prefill_batch = max_batch, max_prefill_batch
+        self.kv_budget_bytes, self.max_waiting = kv_budget_bytes, max_waiting
+        self.dims = model_dims(model)
+        element = torch.empty((), dtype=model.dtype).element_size()
+        self._slot_bytes_per_layer = 2 * model.n_kv_heads * model.head_dim * element
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._inbox: collections.deque[_Live] = collections.deque()
+        self._cancelled: set[int] = set()
+        self._tickets = itertools.count()
+        self._waiting: collections.deque[_Live] = collections.deque()
+        self._running: list[_Live] = []
+        self._decoding: CachedDecoding | None = None
+        self._tokens: list[int] = []  # each running row's last sampled token (fed at the next step)
+        self.counters = EngineCounters()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # ------------------------------------------------------------------ any thread
+    def submit(self, request: EngineRequest) -> int:
+        """Queue a request; returns its ticket. ValueError if it can never run here, QueueFull if the queue is
+        at its limit."""
+        if request.prepared.input_ids.shape[0] != 1:
+            raise ValueError("EngineRequest.prepared must hold exactly one row")
+        if request.sparsity.mode != "kv_cache":
+            raise ValueError("continuous batching runs in kv_cache mode only")
+        check_sparsities(self.model, [request.sparsity])
+        if request.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
+        reserve = reserved_slots(self.model, request)
+        need = self._allocation([reserve], request.sparsity.layer)
+        if self.kv_budget_bytes is not None and need > self.kv_budget_bytes:
+            raise ValueError(f"this request alone needs {need} bytes of KV cache (prompt {request.prepared.lengths[0]}"
+                             f" tokens + max_new_tokens {request.max_new_tokens}), over the engine's budget of "
+                             f"{self.kv_budget_bytes} bytes")
+        with self._lock:
+            if len(self._inbox) + self.counters.waiting >= self.max_waiting:
+                raise QueueFull(f"{self.max_waiting} requests are already waiting")
+            live = _Live(next(self._tickets), request, time.perf_counter(), reserve=reserve)
+            self._inbox.append(live)
+            self.counters.submitted += 1
+            self._wake.notify()
+        return live.ticket
+
+    def cancel(self, ticket: int) -> None:
+        """Drop a request (e.g. its client disconnected); its slot and K/V are freed at the next step boundary.
+        Cancelling a finished or unknown ticket does nothing."""
+        with self._lock:
+            self._cancelled.add(ticket)
+            self._wake.notify()
+
+    def start(self) -> None:
+        """Run the engine loop on a daemon thread (idle waits cost nothing)."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="dynllava-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the loop thread after its current step (queued requests stay queued)."""
+        with self._lock:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    # ------------------------------------------------------------------ engine thread
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self._inbox and not self._cancelled and not self.has_work():
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            self.step()
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """One scheduling step (see the module docstring). Returns whether anything is still waiting or running."""
+        self._take_inbox()
+        group = self._admit()
+        if group:
+            self._prefill(group)
+        if self._running:
+            self._decode()
+        self._update_counters()
+        return self.has_work()
+
+    def run_until_idle(self) -> None:
+        """Step until nothing waits or runs (for callers that drive the engine themselves)."""
+        while self.step():
+            pass
+
+    def _take_inbox(self) -> None:
+        with self._lock:
+            self._waiting.extend(self._inbox)
+            self._inbox.clear()
+            cancelled, self._cancelled = self._cancelled, set()
+        if not cancelled:
+            return
+        gone = [live for live in itertools.chain(self._waiting, self._running) if live.ticket in cancelled]
+        self._waiting = collections.deque(live for live in self._waiting if live.ticket not in cancelled)
+        leaving = [i for i, live in enumerate(self._running) if live.ticket in cancelled]
+        if leaving:
+            self._drop(leaving)
+        for live in gone:
+            self.counters.cancelled += 1
+            self._deliver(live, StreamEvent("", [], error="cancelled"))
+
+    def _allocation(self, reserves: list[tuple[int, int]], layer_k: int) -> int:
+        """Bytes the padded cache allocates for rows with these worst-case slots (capacity rounded to blocks)."""
+        if not reserves:
+            return 0
+        layers = (layer_k, self.model.n_layers - layer_k)
+        total = 0
+        for group in (0, 1):
+            capacity = -(-max(r[group] for r in reserves) // CACHE_BLOCK_TOKENS) * CACHE_BLOCK_TOKENS
+            total += len(reserves) * capacity * layers[group] * self._slot_bytes_per_layer
+        return total
+
+    def _admit(self) -> list[_Live]:
+        """Waiting requests that join now: in arrival order, compatible with the running batch, within the batch
+        size and the KV budget."""
+        group: list[_Live] = []
+        signature = _decoding_signature(self._running[0].request.sparsity) if self._running else None
+        reserves = [live.reserve for live in self._running]
+        while self._waiting and len(group) < self.max_prefill_batch and \
+                len(self._running) + len(group) < self.max_batch:
+            head = self._waiting[0]
+            sig = _decoding_signature(head.request.sparsity)
+            if signature is not None and sig != signature:
+                break
+            if self.kv_budget_bytes is not None and \
+                    self._allocation(reserves + [head.reserve], head.request.sparsity.layer) > self.kv_budget_bytes:
+                break
+            signature = sig
+            reserves.append(head.reserve)
+            group.append(self._waiting.popleft())
+        return group
+
+    def _prefill(self, group: list[_Live]) -> None:
+        """Prefill the joining requests (one pass per vision scorer), emit their first tokens, merge their caches."""
+        by_scorer: dict[str, list[_Live]] = {}
+        for live in group:
+            by_scorer.setdefault(live.request.sparsity.vision_scorer, []).append(live)
+        for members in by_scorer.values():
+            try:
+                self._prefill_group(members)
+            except Exception as e:  # a bad batch must not take the engine down: fail just these requests
+                log.exception("prefill failed for %d request(s)", len(members))
+                for live in members:
+                    self._fail(live, f"prefill failed: {type(e).__name__}: {e}")
+
+    def _prefill_group(self, members: list[_Live]) -> None:
+        model = self.model
+        started = time.perf_counter()
+        prepared = concat_prepared([live.request.prepared for live in members])
+        sparsities = [live.request.sparsity for live in members]
+        for live in members:
+            r = live.request
+            live.row = new_row(r.prepared.lengths[0], r.sparsity, model.device, r.max_new_tokens, r.temperature,
+                               r.top_p, r.seed, r.stop, r.ignore_eos)
+        rows = [live.row for live in members]
+        batch = StaticBatch(model, prepared, sparsities, max(r.max_new_tokens for r in rows), cuda_graphs=False)
+        logits = batch.prefill()
+        batch.record_prefill(rows)
+        tokens = _sample(logits, rows)
+        now = time.perf_counter()
+        for live, tok in zip(members, tokens):
+            live.prefill_s, live.first_token_at = now - started, now
+            live.row.tokens.append(tok)
+            live.row.finished_at = now
+            check_stop(model, live.row)
+        # merge every new row (finished ones leave right after, through the same path as all others)
+        if self._decoding is None:
+            self._decoding = batch.cached
+        else:
+            self._decoding.merge(batch.cached)
+        self._running.extend(members)
+        self._tokens.extend(tokens)
+        self._emit_and_retire()
+
+    def _decode(self) -> None:
+        rows = [live.row for live in self._running]
+        active = [True] * len(rows)
+        try:
+            row_step_flops(self.dims, rows, active, "kv_cache", not self._decoding.text_dense)
+            logits = self._decoding.step(self._tokens, rows, active)
+            for row in rows:
+                row.n_fed += 1
+            new = _sample(logits, rows)
+        except Exception as e:  # fail the running requests, keep serving
+            log.exception("decoding step failed for %d request(s)", len(rows))
+            for live in self._running:
+                self._fail(live, f"decoding failed: {type(e).__name__}: {e}")
+            self._running, self._tokens, self._decoding = [], [], None
+            return
+        now = time.perf_counter()
+        for i, (row, tok) in enumerate(zip(rows, new)):
+            row.tokens.append(tok)
+            row.finished_at = now
+            self._tokens[i] = tok
+            check_stop(self.model, row)
+        self._emit_and_retire()
+
+    def _emit_and_retire(self) -> None:
+        """Stream every running row's new text; finished rows get their final event and leave the batch."""
+        done = []
+        for i, live in enumerate(self._running):
+            row = live.row
+            if row.finish_reason is not None:
+                output = finish_row(self.model, self.dims, row, self._decoding.cache.bytes_in_use(i), live.prefill_s,
+                                    live.first_token_at - live.submitted_at, live.first_token_at)
+                self._send(live, output.text, output)
+                self.counters.finished += 1
+                self.counters.tokens_generated += len(row.tokens)
+                done.append(i)
+            else:
+                self._send(live, self._streamable_text(row), None)
+        if done:
+            self._drop(done)
+
+    def _streamable_text(self, row: _Row) -> str:
+        """The text that is safe to send: no trailing partial character, no tail that may begin a stop string."""
+        text = self.model.processor.tokenizer.decode(row.tokens, skip_special_tokens=True).rstrip("\ufffd")
+        hold = max((k for s in row.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return text[: len(text) - hold]
+
+    def _send(self, live: _Live, text: str, output: GenerationOutput | None) -> None:
+        if not text.startswith(live.sent):  # the tokenizer revised earlier text: hold until it settles
+            if output is None:
+                return
+            text = live.sent + text[len(live.sent):]  # never unsend: the final text wins from the divergence on
+        delta, new_tokens = text[len(live.sent):], live.row.tokens[live.sent_tokens:]
+        if not delta and not new_tokens and output is None:
+            return
+        live.sent, live.sent_tokens = text, len(live.row.tokens)
+        self._deliver(live, StreamEvent(delta, new_tokens, output=output))
+
+    def _deliver(self, live: _Live, event: StreamEvent) -> None:
+        if live.request.on_event is None:
+            return
+        try:
+            live.request.on_event(event)
+        except Exception:  # a broken consumer must not stop the engine; its request is cancelled
+            log.exception("on_event callback failed; cancelling ticket %d", live.ticket)
+            with self._lock:
+                self._cancelled.add(live.ticket)
+
+    def _fail(self, live: _Live, message: str) -> None:
+        self.counters.failed += 1
+        self._deliver(live, StreamEvent("", [], error=message))
+
+    def _drop(self, indices: list[int]) -> None:
+        """Remove running rows at `indices`; their K/V is freed."""
+        gone = set(indices)
+        keep = [i for i in range(len(self._running)) if i not in gone]
+        self._running = [self._running[i] for i in keep]
+        self._tokens = [self._tokens[i] for i in keep]
+        if not keep:
+            self._decoding = None
+        else:
+            self._decoding.select(keep)
+
+    def _update_counters(self) -> None:
+        c = self.counters
+        c.waiting, c.running = len(self._waiting), len(self._running)
+        cache = self._decoding.cache if self._decoding is not None else None
+        c.kv_bytes_in_use = sum(cache.bytes_in_use(i) for i in range(cache.batch)) if cache else 0
+        c.kv_bytes_allocated = cache.bytes_allocated() if cache else 0
+        c.kv_bytes_reserved = self._allocation([live.reserve for live in self._running],
+                                               self._running[0].request.sparsity.layer) if self._running else 0
+
+
+__all__ = ["ContinuousEngine", "EngineRequest", "StreamEvent", "EngineCounters", "QueueFull", "text_slots_bound",
+           "reserved_slots"]
