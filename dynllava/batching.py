@@ -57,6 +57,7 @@ class EngineRequest:
     stop: Sequence[str] = ()
     ignore_eos: bool = False
     on_event: Callable[["StreamEvent"], None] | None = None  # called on the engine thread: keep it cheap
+    arrived_at: float | None = None  # time.perf_counter() when the request arrived (TTFT's start; default: submit)
 
 
 @dataclass
@@ -132,16 +133,17 @@ class ContinuousEngine:
 
     max_batch: most rows decoding together; max_prefill_batch: most requests prefilled in one pass;
     kv_budget_bytes: cap on the cache's allocation at every running row's worst case (None: no cap);
-    max_waiting: queue length beyond which `submit` raises QueueFull.
+    max_waiting: queue length beyond which `submit` raises QueueFull. join_running=False makes it a static
+    batcher: a new batch starts only when the running one has entirely finished (the baseline to compare with).
     """
 
     def __init__(self, model, max_batch: int = 32, max_prefill_batch: int = 8, kv_budget_bytes: int | None = None,
-                 max_waiting: int = 256):
+                 max_waiting: int = 256, join_running: bool = True):
         if max_batch < 1 or max_prefill_batch < 1 or max_waiting < 1:
             raise ValueError("max_batch, max_prefill_batch and max_waiting must be >= 1")
         self.model = model
         self.max_batch, self.max_prefill_batch = max_batch, max_prefill_batch
-        self.kv_budget_bytes, self.max_waiting = kv_budget_bytes, max_waiting
+        self.kv_budget_bytes, self.max_waiting, self.join_running = kv_budget_bytes, max_waiting, join_running
         self.dims = model_dims(model)
         element = torch.empty((), dtype=model.dtype).element_size()
         self._slot_bytes_per_layer = 2 * model.n_kv_heads * model.head_dim * element
@@ -162,6 +164,37 @@ class ContinuousEngine:
     def submit(self, request: EngineRequest) -> int:
         """Queue a request; returns its ticket. ValueError if it can never run here, QueueFull if the queue is
         at its limit."""
+        result = self.submit_many([request])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def submit_many(self, requests: Sequence[EngineRequest]) -> list[int | Exception]:
+        """Queue several requests at once (they reach the scheduler together, e.g. one static batch). Returns a
+        ticket, or the ValueError / QueueFull that refused it, per request."""
+        checked: list[_Live | Exception] = []
+        for request in requests:
+            try:
+                checked.append(self._check(request))
+            except ValueError as e:
+                checked.append(e)
+        results: list[int | Exception] = []
+        with self._lock:
+            for item in checked:
+                if isinstance(item, Exception):
+                    results.append(item)
+                elif len(self._inbox) + self.counters.waiting >= self.max_waiting:
+                    results.append(QueueFull(f"{self.max_waiting} requests are already waiting"))
+                else:
+                    item.ticket = next(self._tickets)
+                    item.submitted_at = item.request.arrived_at or time.perf_counter()
+                    self._inbox.append(item)
+                    self.counters.submitted += 1
+                    results.append(item.ticket)
+            self._wake.notify()
+        return results
+
+    def _check(self, request: EngineRequest) -> _Live:
         if request.prepared.input_ids.shape[0] != 1:
             raise ValueError("EngineRequest.prepared must hold exactly one row")
         if request.sparsity.mode != "kv_cache":
@@ -175,14 +208,7 @@ class ContinuousEngine:
             raise ValueError(f"this request alone needs {need} bytes of KV cache (prompt {request.prepared.lengths[0]}"
                              f" tokens + max_new_tokens {request.max_new_tokens}), over the engine's budget of "
                              f"{self.kv_budget_bytes} bytes")
-        with self._lock:
-            if len(self._inbox) + self.counters.waiting >= self.max_waiting:
-                raise QueueFull(f"{self.max_waiting} requests are already waiting")
-            live = _Live(next(self._tickets), request, time.perf_counter(), reserve=reserve)
-            self._inbox.append(live)
-            self.counters.submitted += 1
-            self._wake.notify()
-        return live.ticket
+        return _Live(-1, request, 0.0, reserve=reserve)
 
     def cancel(self, ticket: int) -> None:
         """Drop a request (e.g. its client disconnected); its slot and K/V are freed at the next step boundary.
@@ -197,6 +223,11 @@ class ContinuousEngine:
             self._stopping = False
             self._thread = threading.Thread(target=self._loop, name="dynllava-engine", daemon=True)
             self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the loop thread is running."""
+        return self._thread is not None and self._thread.is_alive()
 
     def stop(self) -> None:
         """Stop the loop thread after its current step (queued requests stay queued)."""
@@ -268,6 +299,8 @@ class ContinuousEngine:
         """Waiting requests that join now: in arrival order, compatible with the running batch, within the batch
         size and the KV budget."""
         group: list[_Live] = []
+        if self._running and not self.join_running:
+            return group
         signature = _decoding_signature(self._running[0].request.sparsity) if self._running else None
         reserves = [live.reserve for live in self._running]
         while self._waiting and len(group) < self.max_prefill_batch and \

@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # The offline jobs and the serving/control plane add their subcommands here. They are imported when the
 # parser is built, not when `dynllava` is imported, so the method package stays free of Ray (invariant 4).
-EXTENSIONS = ("pipelines.cli",)
+EXTENSIONS = ("pipelines.cli", "cluster.cli")
 
 
 def _register_extensions(sub) -> None:

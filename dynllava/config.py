@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -14,11 +15,21 @@ Mode = Literal["kv_cache", "no_cache"]
 
 
 def dataclass_from_dict(cls, data: dict[str, Any], where: str, what: str | None = None):
-    """Build dataclass `cls` from a dict of its fields; unknown keys are a ValueError naming `where` (a file)
-    and `what` (the section; default the class name)."""
+    """Build dataclass `cls` from a dict of its fields, nested dataclass fields from nested dicts; unknown keys
+    are a ValueError naming `where` (a file) and `what` (the section; default the class name)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: {what or cls.__name__} must be a mapping, got {type(data).__name__}")
     unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
         raise ValueError(f"{where}: unknown {what or cls.__name__} keys {sorted(unknown)}")
+    hints = typing.get_type_hints(cls)
+    data = dict(data)
+    for name, value in list(data.items()):
+        kind = hints.get(name)
+        if dataclasses.is_dataclass(kind) and value is None:
+            del data[name]  # an empty YAML section: the defaults
+        elif dataclasses.is_dataclass(kind) and isinstance(value, dict):
+            data[name] = dataclass_from_dict(kind, value, where, name)
     return cls(**data)
 
 

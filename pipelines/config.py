@@ -82,11 +82,6 @@ class CaptionJobConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> "CaptionJobConfig":
         """Build from plain data (YAML), with nested sections; unknown keys are a ValueError."""
-        data = dict(data)
-        nested = {"columns": Columns, "actors": ActorPool, "sparsity": SparsityConfig}
-        for key, sub in nested.items():
-            if key in data and not isinstance(data[key], sub):
-                data[key] = dataclass_from_dict(sub, data[key] or {}, where, key)
         return dataclass_from_dict(cls, data, where, "top-level")
 
     @classmethod

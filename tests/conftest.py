@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import yaml
 from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 TINY_SPEC = {
     "name": "test-tiny",
@@ -62,3 +67,14 @@ def batch4(tiny_model):
     images = [random_image(i, (30 + 9 * i, 52 - 5 * i)) for i in range(4)]
     prompts = [tiny_model.format_prompt(t) for t in texts]
     return images, prompts
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray with logical CPUs to spare (decode tasks + actors), a capped object store, no dashboard."""
+    import ray
+
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])  # workers
+    ray.init(num_cpus=6, include_dashboard=False, object_store_memory=400 * 2**20, log_to_driver=False)
+    yield ray
+    ray.shutdown()

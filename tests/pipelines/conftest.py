@@ -1,31 +1,15 @@
-"""Fixtures for the Ray Data jobs: one local Ray per test module, small inputs of every kind, a job config on
-the tiny random test model (no predictors, so heuristic scorers)."""
+"""Fixtures for the Ray Data jobs: small inputs of every kind, a job config on the tiny random test model (no
+predictors, so heuristic scorers)."""
 
 from __future__ import annotations
 
 import io
-import os
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from pipelines.config import ActorPool, CaptionJobConfig
 from dynllava.config import SparsityConfig
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    """A local Ray with logical CPUs to spare (decode tasks + actors), a capped object store, no dashboard."""
-    import ray
-
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])  # workers
-    ray.init(num_cpus=6, include_dashboard=False, object_store_memory=400 * 2**20, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
 
 def png_bytes(seed: int, size: tuple[int, int] = (40, 48), fmt: str = "PNG") -> bytes:
     img = Image.new("RGB", size, ((seed * 53) % 256, (seed * 97) % 256, (seed * 31) % 256))

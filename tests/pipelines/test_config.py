@@ -7,7 +7,7 @@ import pytest
 from pipelines.config import ActorPool, CaptionJobConfig
 from pipelines.sources import detect_kind
 
-from tests.pipelines.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT
 
 
 def test_yaml_mirrors_the_defaults_and_round_trips():

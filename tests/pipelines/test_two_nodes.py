@@ -12,7 +12,8 @@ import pytest
 from pipelines.caption import run_caption_job
 from pipelines.config import ActorPool
 
-from tests.pipelines.conftest import REPO_ROOT, png_bytes
+from tests.conftest import REPO_ROOT
+from tests.pipelines.conftest import png_bytes
 
 pytestmark = pytest.mark.ray
 

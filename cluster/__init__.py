@@ -1,0 +1,1 @@
+"""Online serving and the control plane on Ray: the OpenAI-compatible Serve app, telemetry, policy, controller."""

@@ -1,0 +1,142 @@
+"""OpenAI chat-completions wire format: the request schema (validated strictly: unknown fields and wrong types
+are errors, as OpenAI's own API does), the response and stream-chunk bodies, and the error shape.
+
+Pure data: no Ray, no model. The server (cluster/server.py) turns ApiError into its HTTP status.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}} with `status`."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+             413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 retry_after_s: float | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.retry_after_s = retry_after_s
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
+                          "param": self.param, "code": self.code}}
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, round(self.retry_after_s)))} if self.retry_after_s is not None else {}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Strict):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+Part = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[Part]]
+    name: str | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class DynllavaOptions(_Strict):
+    """The extension field: per-request sparsity, within the operator's bounds."""
+
+    vision_keep: float | None = None
+    text_keep: float | None = None
+    vision_scorer: str | None = None
+    text_scorer: str | None = None
+
+
+class ChatCompletionRequest(_Strict):
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: Union[str, list[str], None] = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    dynllava: DynllavaOptions | None = None
+
+
+def parse_request(body: bytes) -> ChatCompletionRequest:
+    """Validate a raw JSON body; ApiError(400) for malformed JSON or the first bad field."""
+    try:
+        request = ChatCompletionRequest.model_validate_json(body)
+    except ValidationError as e:
+        first = e.errors()[0]
+        if first["type"] == "json_invalid":
+            raise ApiError(400, f"malformed JSON: {first['msg']}") from None
+        where = ".".join(str(p) for p in first["loc"])
+        raise ApiError(400, f"{where or 'body'}: {first['msg']}", param=where or None) from None
+    if request.n != 1:
+        raise ApiError(400, "n: only n=1 is supported", param="n")
+    stops = [request.stop] if isinstance(request.stop, str) else (request.stop or [])
+    if len(stops) > 4:
+        raise ApiError(400, "stop: at most 4 sequences", param="stop")
+    return request
+
+
+def stop_list(request: ChatCompletionRequest) -> list[str]:
+    return [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(cid: str, model: str, text: str, finish_reason: str, usage_: dict, extension: dict) -> dict:
+    """A non-streamed chat.completion."""
+    return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                         "finish_reason": finish_reason}],
+            "usage": usage_, "dynllava": extension}
+
+
+def chunk_body(cid: str, model: str, delta: dict, finish_reason: str | None = None,
+               usage_: dict | None = None, extension: dict | None = None, no_choices: bool = False) -> dict:
+    """One chat.completion.chunk (the usage chunk has no choices)."""
+    body = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [] if no_choices else [{"index": 0, "delta": delta, "logprobs": None,
+                                               "finish_reason": finish_reason}]}
+    if usage_ is not None:
+        body["usage"] = usage_
+    if extension is not None:
+        body["dynllava"] = extension
+    return body

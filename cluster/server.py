@@ -1,0 +1,244 @@
+"""The Ray Serve deployment: an OpenAI-compatible chat-completions endpoint over the continuous-batching engine.
+
+A replica loads the model once and runs `dynllava.batching.ContinuousEngine` on its own thread. Each HTTP
+request is validated and preprocessed (images decoded, prompt tokenized) on a worker thread, submitted to the
+engine, and answered from the engine's stream events, bridged into the replica's event loop. A client that
+disconnects cancels its request, which frees its batch slot and K/V at the next step.
+
+With `batching: static`, requests are grouped by `@serve.batch` and each group runs to completion before the
+next starts (the classic baseline, same engine code otherwise).
+"""
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from typing import Any, AsyncIterator
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+
+from cluster import openai_protocol as proto
+from cluster.chat_inputs import to_prompt
+from cluster.openai_protocol import ApiError
+from cluster.serve_config import ServeConfig
+from cluster.serve_metrics import ServerMetrics
+from dynllava.batching import ContinuousEngine, EngineRequest, QueueFull, StreamEvent
+from dynllava.config import SparsityConfig
+from dynllava.model import DynamicLlava
+
+log = logging.getLogger(__name__)
+app = FastAPI(title="dynllava", docs_url=None, redoc_url=None)
+
+
+def _sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def _error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
+
+
+@serve.deployment(name="LlavaServer")
+@serve.ingress(app)
+class LlavaServer:
+    """One replica: the model, its engine and the HTTP routes."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.config = ServeConfig.from_dict(config)
+        cfg = self.config
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.model = DynamicLlava.from_pretrained(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        self.model_name = cfg.served_model_name or self.model.name
+        self.model.check_scorers(cfg.sparsity)
+        self.default_sparsity = cfg.sparsity
+        static = cfg.batching == "static"
+        self.engine = ContinuousEngine(self.model, max_batch=cfg.max_batch,
+                                       max_prefill_batch=cfg.max_batch if static else cfg.max_prefill_batch,
+                                       kv_budget_bytes=cfg.kv_budget_bytes, max_waiting=cfg.max_waiting,
+                                       join_running=not static)
+        self.engine.start()
+        if static:
+            self._static_submit.set_max_batch_size(cfg.max_batch)
+            self._static_submit.set_batch_wait_timeout_s(cfg.batch_wait_s)
+        self.metrics = ServerMetrics(self.model_name)
+        self._stop_sampling = self.metrics.start_sampling(self.engine.counters)
+        self.api_key = cfg.api_key
+        log.info("serving %s (%s batching, default sparsity %s)", self.model_name, cfg.batching, cfg.sparsity)
+
+    # ------------------------------------------------------------------ routes
+    @app.get("/health")
+    async def health(self) -> Response:
+        c = self.engine.counters
+        body = {"status": "ok" if self.engine.alive else "engine stopped", "model": self.model_name,
+                "running": c.running, "waiting": c.waiting, "finished": c.finished, "cancelled": c.cancelled,
+                "failed": c.failed, "kv_bytes_in_use": c.kv_bytes_in_use}
+        return JSONResponse(body, status_code=200 if self.engine.alive else 503)
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+        except ApiError as e:
+            return _error_response(e)
+        return JSONResponse({"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
+                                                          "owned_by": "dynllava"}]})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        arrived = time.perf_counter()
+        try:
+            self._authorize(request)
+            if not self.engine.alive:
+                raise ApiError(503, "the engine is not running", retry_after_s=5)
+            body = await self._read_body(request)
+            chat = proto.parse_request(body)
+            if chat.model not in (None, "", self.model_name):
+                raise ApiError(404, f"model {chat.model!r} is not served here (this server has "
+                                    f"{self.model_name!r})", param="model", code="model_not_found")
+            engine_request = await asyncio.to_thread(self._engine_request, chat)
+            engine_request.arrived_at = arrived  # TTFT counts validation and image decoding too
+            events: asyncio.Queue[StreamEvent] = asyncio.Queue()
+            loop = asyncio.get_running_loop()
+            engine_request.on_event = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+            ticket = await self._submit(engine_request)
+        except ApiError as e:
+            self.metrics.outcome("busy" if e.status in (429, 503) else "rejected")
+            return _error_response(e)
+        prompt_tokens = engine_request.prepared.lengths[0]
+        if chat.stream:
+            include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+            return StreamingResponse(self._stream(ticket, events, prompt_tokens, include_usage),
+                                     media_type="text/event-stream")
+        return await self._complete(ticket, events, prompt_tokens)
+
+    # ------------------------------------------------------------------ request handling
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
+            raise ApiError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                           code="invalid_api_key")
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.config.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"request body of {declared} bytes is over the {limit}-byte limit")
+        body = await request.body()
+        if len(body) > limit:
+            raise ApiError(413, f"request body of {len(body)} bytes is over the {limit}-byte limit")
+        return body
+
+    def _sparsity(self, chat: proto.ChatCompletionRequest) -> SparsityConfig:
+        base = self.default_sparsity
+        if chat.dynllava is None:
+            return base
+        asked = {k: v for k, v in chat.dynllava.model_dump().items() if v is not None}
+        try:
+            sparsity = base.replace(**asked)
+            self.config.sparsity_bounds.check(sparsity)
+            self.model.check_scorers(sparsity)
+        except ValueError as e:
+            raise ApiError(400, str(e) if str(e).startswith("dynllava.") else f"dynllava: {e}",
+                           param="dynllava") from None
+        return sparsity
+
+    def _engine_request(self, chat: proto.ChatCompletionRequest) -> EngineRequest:
+        """Validate limits, decode images and tokenize (on a worker thread)."""
+        limits = self.config.limits
+        max_tokens = chat.max_completion_tokens or chat.max_tokens or limits.default_max_tokens
+        if max_tokens > limits.max_tokens:
+            field = "max_completion_tokens" if chat.max_completion_tokens else "max_tokens"
+            raise ApiError(400, f"{field} {max_tokens} is over this server's limit of {limits.max_tokens}",
+                           param=field)
+        sparsity = self._sparsity(chat)
+        prompt, images = to_prompt(self.model.processor, chat.messages, limits, self.config.allow_remote_images)
+        try:
+            prepared = self.model.prepare([images], [prompt], max_tokens)
+        except ValueError as e:
+            raise ApiError(400, str(e).replace("prompts[0]: ", "messages: ").replace("images[0]", "image"),
+                           param="messages") from None
+        return EngineRequest(prepared, sparsity, max_tokens, temperature=chat.temperature, top_p=chat.top_p,
+                             seed=chat.seed, stop=proto.stop_list(chat))
+
+    async def _submit(self, engine_request: EngineRequest) -> int:
+        if self.config.batching == "static":
+            result = await self._static_submit(engine_request)
+        else:
+            result = self.engine.submit_many([engine_request])[0]
+        if isinstance(result, QueueFull):
+            raise ApiError(429, f"server busy: {result}", code="queue_full", retry_after_s=1)
+        if isinstance(result, Exception):
+            raise ApiError(400, str(result))
+        return result
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def _static_submit(self, requests: list[EngineRequest]) -> list[int | Exception]:
+        """Static batching: the requests @serve.batch grouped reach the engine together and run as one batch."""
+        return self.engine.submit_many(requests)
+
+    def _extension(self, output) -> dict:
+        return {"applied": output.sparsity.to_dict(), "stats": output.stats.to_dict()}
+
+    async def _complete(self, ticket: int, events: asyncio.Queue, prompt_tokens: int) -> Response:
+        done = False
+        try:
+            while True:
+                event = await events.get()
+                if event.error is not None:
+                    done = True
+                    self.metrics.outcome("error")
+                    return _error_response(ApiError(500, f"generation failed: {event.error}"))
+                if event.output is not None:
+                    done = True
+                    out = event.output
+                    self.metrics.finished(out.stats)
+                    self.metrics.outcome("ok")
+                    return JSONResponse(proto.completion_body(
+                        proto.completion_id(), self.model_name, out.text, out.finish_reason,
+                        proto.usage(prompt_tokens, out.stats.n_text_generated), self._extension(out)))
+        finally:
+            if not done:  # the client went away (Serve cancelled this coroutine)
+                self.engine.cancel(ticket)
+                self.metrics.outcome("cancelled")
+
+    async def _stream(self, ticket: int, events: asyncio.Queue, prompt_tokens: int,
+                      include_usage: bool) -> AsyncIterator[str]:
+        cid, name, done = proto.completion_id(), self.model_name, False
+        try:
+            yield _sse(proto.chunk_body(cid, name, {"role": "assistant", "content": ""}))
+            while not done:
+                event = await events.get()
+                if event.error is not None:
+                    done = True
+                    self.metrics.outcome("error")
+                    yield _sse(ApiError(500, f"generation failed: {event.error}").body())
+                    break
+                if event.text:
+                    yield _sse(proto.chunk_body(cid, name, {"content": event.text}))
+                if event.output is not None:
+                    done = True
+                    out = event.output
+                    self.metrics.finished(out.stats)
+                    self.metrics.outcome("ok")
+                    yield _sse(proto.chunk_body(cid, name, {}, out.finish_reason, extension=self._extension(out)))
+                    if include_usage:
+                        yield _sse(proto.chunk_body(cid, name, {}, usage_=proto.usage(
+                            prompt_tokens, out.stats.n_text_generated), no_choices=True))
+            yield _sse("[DONE]")
+        finally:
+            if not done:  # disconnected mid-stream
+                self.engine.cancel(ticket)
+                self.metrics.outcome("cancelled")
+
+    def __del__(self) -> None:
+        if hasattr(self, "engine"):
+            self._stop_sampling.set()
+            self.engine.stop()
