@@ -29,6 +29,7 @@ from cluster.serve_metrics import ServerMetrics
 from dynllava.batching import ContinuousEngine, EngineRequest, QueueFull, StreamEvent
 from dynllava.config import SparsityConfig
 from dynllava.model import DynamicLlava
+from pipelines.stages import normalise
 
 log = logging.getLogger(__name__)
 app = FastAPI(title="dynllava", docs_url=None, redoc_url=None)
@@ -53,7 +54,7 @@ class LlavaServer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.model = DynamicLlava.from_pretrained(cfg.model, device=cfg.device, dtype=cfg.dtype)
-        self.model_name = cfg.served_model_name or self.model.name
+        self.served_name = cfg.served_model_name or self.model.name
         self.model.check_scorers(cfg.sparsity)
         self.default_sparsity = cfg.sparsity
         static = cfg.batching == "static"
@@ -65,16 +66,16 @@ class LlavaServer:
         if static:
             self._static_submit.set_max_batch_size(cfg.max_batch)
             self._static_submit.set_batch_wait_timeout_s(cfg.batch_wait_s)
-        self.metrics = ServerMetrics(self.model_name)
+        self.metrics = ServerMetrics(self.served_name)
         self._stop_sampling = self.metrics.start_sampling(self.engine.counters)
         self.api_key = cfg.api_key
-        log.info("serving %s (%s batching, default sparsity %s)", self.model_name, cfg.batching, cfg.sparsity)
+        log.info("serving %s (%s batching, default sparsity %s)", self.served_name, cfg.batching, cfg.sparsity)
 
     # ------------------------------------------------------------------ routes
     @app.get("/health")
     async def health(self) -> Response:
         c = self.engine.counters
-        body = {"status": "ok" if self.engine.alive else "engine stopped", "model": self.model_name,
+        body = {"status": "ok" if self.engine.alive else "engine stopped", "model": self.served_name,
                 "running": c.running, "waiting": c.waiting, "finished": c.finished, "cancelled": c.cancelled,
                 "failed": c.failed, "kv_bytes_in_use": c.kv_bytes_in_use}
         return JSONResponse(body, status_code=200 if self.engine.alive else 503)
@@ -85,7 +86,7 @@ class LlavaServer:
             self._authorize(request)
         except ApiError as e:
             return _error_response(e)
-        return JSONResponse({"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
+        return JSONResponse({"object": "list", "data": [{"id": self.served_name, "object": "model", "created": 0,
                                                           "owned_by": "dynllava"}]})
 
     @app.post("/v1/chat/completions")
@@ -97,9 +98,9 @@ class LlavaServer:
                 raise ApiError(503, "the engine is not running", retry_after_s=5)
             body = await self._read_body(request)
             chat = proto.parse_request(body)
-            if chat.model not in (None, "", self.model_name):
+            if chat.model not in (None, "", self.served_name):
                 raise ApiError(404, f"model {chat.model!r} is not served here (this server has "
-                                    f"{self.model_name!r})", param="model", code="model_not_found")
+                                    f"{self.served_name!r})", param="model", code="model_not_found")
             engine_request = await asyncio.to_thread(self._engine_request, chat)
             engine_request.arrived_at = arrived  # TTFT counts validation and image decoding too
             events: asyncio.Queue[StreamEvent] = asyncio.Queue()
@@ -115,6 +116,55 @@ class LlavaServer:
             return StreamingResponse(self._stream(ticket, events, prompt_tokens, include_usage),
                                      media_type="text/event-stream")
         return await self._complete(ticket, events, prompt_tokens)
+
+    # ------------------------------------------------------------------ in-cluster calls (offline jobs)
+    def model_name(self) -> str:
+        """The served model's name (deployment-handle method)."""
+        return self.served_name
+
+    async def generate_rows(self, pixels, prompts: list[str], max_new_tokens: int,
+                            sparsity: dict[str, Any]) -> list[Any]:
+        """Deployment-handle method for `dynllava caption --serve-app`: rows of resized uint8 pixels
+        [N, 3, H, W] and raw prompts join the continuous batch beside online requests. Returns a
+        GenerationOutput or an error string per row. A full queue makes these rows wait, never fail."""
+        try:
+            applied = SparsityConfig.from_dict(sparsity)
+            self.config.sparsity_bounds.check(applied)
+            self.model.check_scorers(applied)
+        except ValueError as e:
+            return [f"sparsity: {e}"] * len(prompts)
+        images = await asyncio.to_thread(normalise, self.model.processor, pixels)
+        return list(await asyncio.gather(*(self._offline_row(image, prompt, max_new_tokens, applied)
+                                           for image, prompt in zip(images, prompts))))
+
+    async def _offline_row(self, image, prompt: str, max_new_tokens: int, sparsity: SparsityConfig) -> Any:
+        try:
+            prepared = await asyncio.to_thread(self.model.prepare, [image], [self.model.format_prompt(prompt)],
+                                               max_new_tokens)
+        except ValueError as e:
+            return str(e)
+        events: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        request = EngineRequest(prepared, sparsity, max_new_tokens,
+                                on_event=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        while True:
+            result = self.engine.submit_many([request])[0]
+            if not isinstance(result, QueueFull):
+                break
+            await asyncio.sleep(0.05)  # back-pressure: offline rows wait for room
+        if isinstance(result, Exception):
+            return str(result)
+        try:
+            while True:
+                event = await events.get()
+                if event.error is not None:
+                    return event.error
+                if event.output is not None:
+                    self.metrics.finished(event.output.stats)
+                    return event.output
+        except asyncio.CancelledError:
+            self.engine.cancel(result)
+            raise
 
     # ------------------------------------------------------------------ request handling
     def _authorize(self, request: Request) -> None:
@@ -202,7 +252,7 @@ class LlavaServer:
                     self.metrics.finished(out.stats)
                     self.metrics.outcome("ok")
                     return JSONResponse(proto.completion_body(
-                        proto.completion_id(), self.model_name, out.text, out.finish_reason,
+                        proto.completion_id(), self.served_name, out.text, out.finish_reason,
                         proto.usage(prompt_tokens, out.stats.n_text_generated), self._extension(out)))
         finally:
             if not done:  # the client went away (Serve cancelled this coroutine)
@@ -211,7 +261,7 @@ class LlavaServer:
 
     async def _stream(self, ticket: int, events: asyncio.Queue, prompt_tokens: int,
                       include_usage: bool) -> AsyncIterator[str]:
-        cid, name, done = proto.completion_id(), self.model_name, False
+        cid, name, done = proto.completion_id(), self.served_name, False
         try:
             yield _sse(proto.chunk_body(cid, name, {"role": "assistant", "content": ""}))
             while not done:

@@ -18,7 +18,7 @@ from typing import Callable
 
 from pipelines.config import CaptionJobConfig
 from pipelines.sources import InputSpec, open_input
-from pipelines.stages import DECODED_COLUMNS, GenerateStage, Stage, decode_batch
+from pipelines.stages import DECODED_COLUMNS, GenerateStage, ServeGenerateStage, Stage, decode_batch
 
 log = logging.getLogger(__name__)
 JOB_FILE = "_job.json"
@@ -58,6 +58,10 @@ def build_stages(config: CaptionJobConfig, spec: InputSpec, loader: Callable | N
         Stage("decode", decode_batch, (spec.id_column,),
               {"spec": spec, "model": config.model, "default_prompt": config.prompt,
                "max_pixels": config.max_image_pixels}),
+        Stage("generate", ServeGenerateStage, DECODED_COLUMNS,
+              {"app_name": config.serve_app, "sparsity": config.sparsity.to_dict(),
+               "max_new_tokens": config.max_new_tokens, "extra_columns": id_extra})
+        if config.serve_app else
         Stage("generate", GenerateStage, DECODED_COLUMNS,
               {"model": config.model, "sparsity": config.sparsity.to_dict(), "max_new_tokens": config.max_new_tokens,
                "device": config.device, "dtype": config.dtype, "loader": loader, "extra_columns": id_extra}),
@@ -107,6 +111,15 @@ def _init_ray(address: str | None, config: CaptionJobConfig) -> None:
     ray.init(num_cpus=int(max(need, os.cpu_count() or 1)), include_dashboard=False)
 
 
+def _check_serve_app(name: str) -> None:
+    from ray import serve
+
+    apps = serve.status().applications
+    if name not in apps or "LlavaServer" not in apps[name].deployments:
+        raise ValueError(f"serve app {name!r}: no such `dynllava serve` app on this cluster "
+                         f"(running apps: {sorted(apps) or 'none'})")
+
+
 def run_caption_job(input_path: str, output: str | Path, config: CaptionJobConfig, address: str | None = None,
                     limit: int | None = None, loader: Callable | None = None) -> RunSummary:
     """Run (or resume) a caption job; returns this run's summary and appends it to `output/_job.json`.
@@ -118,7 +131,9 @@ def run_caption_job(input_path: str, output: str | Path, config: CaptionJobConfi
         raise ValueError(f"output {output}: give a local or network-mounted folder (every node must see it); "
                          f"remote URIs are read as inputs but not yet written as outputs")
     output = Path(output).expanduser().resolve()
-    _init_ray(address, config)
+    _init_ray(address or ("auto" if config.serve_app else None), config)
+    if config.serve_app:
+        _check_serve_app(config.serve_app)
     ds, spec = open_input(input_path, config.columns)  # fails fast on a bad input, before any work
     output.mkdir(parents=True, exist_ok=True)
     # The plan reads the context its dataset was created with (a copy), so the checkpoint goes there; every
@@ -135,10 +150,13 @@ def run_caption_job(input_path: str, output: str | Path, config: CaptionJobConfi
                         batch_format="numpy", num_cpus=config.decode_num_cpus,
                         compute=ray.data.TaskPoolStrategy(size=config.decode_tasks))
     pool = config.actors
+    if config.serve_app:  # light callers; the engines are the app's replicas
+        compute, num_cpus, num_gpus = ray.data.ActorPoolStrategy(size=config.serve_callers), 0.1, 0
+    else:
+        compute = ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size)
+        num_cpus, num_gpus = pool.num_cpus, pool.num_gpus
     ds = ds.map_batches(generate.udf, fn_constructor_kwargs=generate.kwargs, batch_size=config.batch_size,
-                        batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=pool.min_size,
-                                                                                max_size=pool.max_size),
-                        num_cpus=pool.num_cpus, num_gpus=pool.num_gpus)
+                        batch_format="numpy", compute=compute, num_cpus=num_cpus, num_gpus=num_gpus)
     # Ray Data's actor pools restart a dead actor and retry its batch by default (max_restarts=-1,
     # max_task_retries=-1); the job relies on that and tests it.
     before = _output_files(output)

@@ -21,7 +21,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
         config = CaptionJobConfig()
     config = config.with_overrides(model=args.model, prompt=args.prompt, vision_keep=args.vision_keep,
                                    text_keep=args.text_keep, vision_scorer=args.vision_scorer,
-                                   text_scorer=args.text_scorer, batch_size=args.batch_size)
+                                   text_scorer=args.text_scorer, batch_size=args.batch_size,
+                                   serve_app=args.serve_app)
     summary = run_caption_job(args.input, args.output, config, address=args.address, limit=args.limit)
     print(summary.table())
     if summary.error_examples:
@@ -64,6 +65,10 @@ def register(sub) -> None:
     c.add_argument("--prompt", default=None, help="prompt for rows without their own (default from config)")
     c.add_argument("--batch-size", type=int, default=None, help="rows per engine call (default from config)")
     c.add_argument("--limit", type=int, default=None, help="process at most N rows in this run")
+    c.add_argument("--serve-app", default=None,
+                   help="send rows through the replicas of this running `dynllava serve` app (shared with online "
+                        "traffic) instead of starting engine actors; connects to the running cluster (--address "
+                        "auto unless given). --model must name the model the app serves (its image geometry)")
     c.set_defaults(func=cmd_caption)
     g = sub.add_parser("grade", help="grade a caption job's output against the references in its input",
                        description="For inputs made by `dynllava data shapes` (columns reference, task): caption "

@@ -60,9 +60,12 @@ class CaptionJobConfig:
     device: str | None = None  # cuda or cpu (default: cuda when the actor has a GPU)
     dtype: str | None = None  # default: bf16 on GPU, fp32 on CPU
     rows_per_file: int = 1000  # at least this many rows per output Parquet file (fewer only at the end)
+    serve_app: str | None = None  # send rows through this running Serve app's replicas instead of own actors
+    serve_callers: int = 2  # with serve_app: batches in flight to the app at once (light caller actors)
 
     def __post_init__(self) -> None:
-        for name in ("max_new_tokens", "batch_size", "decode_batch_size", "max_image_pixels", "rows_per_file"):
+        for name in ("max_new_tokens", "batch_size", "decode_batch_size", "max_image_pixels", "rows_per_file",
+                     "serve_callers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

@@ -148,6 +148,12 @@ class GenerateStage:
         self.sparsity_json = json.dumps(self.sparsity.to_dict(), sort_keys=True)
         self.max_new_tokens = max_new_tokens
         self.extra_columns = extra_columns
+        self.model_name = self.model.name
+
+    def generate_rows(self, pixels: np.ndarray, prompts: list[str]) -> list[Any]:
+        """Rows' uint8 pixels [N, 3, H, W] and raw prompts -> GenerationOutput or an error string per row."""
+        images = normalise(self.model.processor, pixels)
+        return self._generate(images, [self.model.format_prompt(p) for p in prompts])
 
     def _generate(self, images: list, prompts: list[str]) -> list[Any]:
         """Generate for rows; a ValueError or out-of-memory on the batch is retried row by row (rows are
@@ -170,10 +176,8 @@ class GenerateStage:
         results: dict[int, Any] = {}
         started = time.perf_counter()
         if ok:
-            images = normalise(self.model.processor, batch["pixels"][ok])
-            prompts = [self.model.format_prompt(str(batch["prompt"][i])) for i in ok]
-            results = dict(zip(ok, self._generate(images, prompts)))
-        latency = time.perf_counter() - started  # every row of a static batch waits for the whole batch
+            results = dict(zip(ok, self.generate_rows(batch["pixels"][ok], [str(batch["prompt"][i]) for i in ok])))
+        latency = time.perf_counter() - started  # every row of a batch waits for the whole batch
         out: dict[str, list] = {c: [] for c in OUTPUT_COLUMNS}
         for i in range(n):
             res = results.get(i, batch["error"][i])
@@ -187,8 +191,8 @@ class GenerateStage:
             out["n_text_admitted"].append(s.n_text_admitted if good else 0)
             out["kv_bytes_peak"].append(s.kv_bytes_peak if good else 0)
             out["latency_s"].append(latency if good else 0.0)
-            out["model"].append(self.model.name)
-            out["sparsity"].append(self.sparsity_json)
+            out["model"].append(self.model_name)
+            out["sparsity"].append(json.dumps(res.sparsity.to_dict(), sort_keys=True) if good else self.sparsity_json)
             out["n_image_tokens"].append(s.n_image_tokens if good else 0)
             out["n_text_generated"].append(s.n_text_generated if good else 0)
             out["kv_bytes_dense"].append(s.kv_bytes_dense_equivalent if good else 0)
@@ -197,3 +201,24 @@ class GenerateStage:
         for c in self.extra_columns:
             columns[c] = batch[c]
         return columns
+
+
+class ServeGenerateStage(GenerateStage):
+    """The generate stage sent through a running Serve app's replicas (`dynllava caption --serve-app NAME`):
+    rows join the replicas' continuous batches beside online traffic, so both share one pool of engines. The
+    actors of this stage only wait on the handle; they hold no model."""
+
+    def __init__(self, app_name: str, sparsity: dict, max_new_tokens: int, extra_columns: tuple[str, ...] = ()):
+        from ray import serve
+
+        from dynllava.config import SparsityConfig
+
+        self.handle = serve.get_deployment_handle("LlavaServer", app_name=app_name)
+        self.sparsity = SparsityConfig.from_dict(sparsity)
+        self.sparsity_json = json.dumps(self.sparsity.to_dict(), sort_keys=True)
+        self.max_new_tokens = max_new_tokens
+        self.extra_columns = extra_columns
+        self.model_name = self.handle.model_name.remote().result()
+
+    def generate_rows(self, pixels: np.ndarray, prompts: list[str]) -> list[Any]:
+        return self.handle.generate_rows.remote(pixels, prompts, self.max_new_tokens, self.sparsity.to_dict()).result()

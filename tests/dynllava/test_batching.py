@@ -159,3 +159,16 @@ def test_threaded_loop_serves_concurrent_submitters(tiny_model):
         engine.stop()
     for req, (image, prompt, events) in made:
         assert _final(events).output.token_ids == _alone(tiny_model, image, prompt, req).token_ids
+
+
+def test_static_mode_starts_a_batch_only_when_the_last_one_finished(tiny_model):
+    engine = ContinuousEngine(tiny_model, max_batch=2, max_prefill_batch=2, join_running=False)
+    made = [_request(tiny_model, i, SPARSE, max_new=4 + 4 * i) for i in range(3)]
+    engine.submit_many([req for req, _ in made])
+    running = []
+    while engine.step():
+        running.append((engine.counters.running, engine.counters.waiting))
+    assert running[0] == (2, 1)
+    assert (1, 1) in running, "the shorter row left and nobody joined its slot"
+    for req, (image, prompt, events) in made:
+        assert _final(events).output.token_ids == _alone(tiny_model, image, prompt, req).token_ids

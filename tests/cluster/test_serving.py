@@ -1,6 +1,7 @@
-"""The OpenAI-compatible endpoint, driven by the real `openai` client against a live local deployment: answers
-equal DynamicLlava.generate for the same greedy request; streaming, multi-turn, text-only, sparsity overrides;
-32 concurrent streams; a dropped stream frees its slot; every bad input gets its status and error shape."""
+"""A live local deployment. The OpenAI-compatible endpoint, driven by the real `openai` client: answers equal
+DynamicLlava.generate for the same greedy request; streaming, multi-turn, text-only, sparsity overrides;
+32 concurrent streams; a dropped stream frees its slot; every bad input gets its status and error shape.
+And the offline caption job sent through the same replicas (`--serve-app`)."""
 
 from __future__ import annotations
 
@@ -220,3 +221,29 @@ def test_full_queue_answers_429_with_retry_after(serve_urls):
     busy = [r for r in responses if r.status == 429]
     assert busy and all(r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "rate_limit_error"
                         for r in busy)
+
+
+def test_caption_job_through_the_serve_app(serve_urls, tiny, tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipelines.caption import run_caption_job
+    from pipelines.config import CaptionJobConfig
+
+    source = tmp_path / "rows.parquet"
+    shapes.write_parquet(str(source), 12, shapes.SPLIT_SEEDS["test"], task="caption", progress=False)
+    rows = [shapes.make_row(shapes.SPLIT_SEEDS["test"], i, "caption") for i in range(12)]
+    finished_before = _health(serve_urls["open"])["finished"]
+    config = CaptionJobConfig(model="tiny", serve_app="open", max_new_tokens=24, batch_size=4, decode_batch_size=4,
+                              decode_tasks=1, rows_per_file=100)
+    summary = run_caption_job(str(source), tmp_path / "out", config)
+    assert (summary.rows, summary.errors) == (12, 0)
+    table = pq.read_table(tmp_path / "out").to_pydict()
+    captions = dict(zip(table["id"], table["caption"]))
+    expected = tiny.generate([Image.open(io.BytesIO(r.image)) for r in rows],
+                             [tiny.format_prompt(r.prompt) for r in rows], sparsity=config.sparsity,
+                             max_new_tokens=24)
+    assert [captions[r.id] for r in rows] == [e.text.strip() for e in expected]
+    assert set(table["model"]) == {"tiny"}
+    assert _health(serve_urls["open"])["finished"] - finished_before == 12, "rows ran on the app's replica"
+    with pytest.raises(ValueError, match="no such `dynllava serve` app"):
+        run_caption_job(str(source), tmp_path / "out2", CaptionJobConfig(serve_app="nope"))

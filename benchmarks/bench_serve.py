@@ -1,0 +1,203 @@
+"""Claim: on the online endpoint, sparsity and continuous batching each raise goodput under a latency SLO.
+
+Four arms, each a fresh local deployment of one replica (model load excluded from the measurement):
+continuous or static batching (`@serve.batch`) x dense or sparse (the configured vision/text keep). Each arm
+gets the same open-loop load: Poisson arrivals at --rate req/s with a fixed seed for --duration s (at most
+--max-requests), loopback HTTP only, streamed chat requests with a held-out synthetic scene and a caption,
+detailed-description or VQA prompt (mixed output lengths), greedy.
+Per arm: throughput, TTFT and end-to-end latency p50/p95/p99, and goodput = requests per second that finished
+within --slo-s. sparse_over_dense_goodput = continuous sparse / continuous dense;
+continuous_over_static_goodput = continuous sparse / static sparse. Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import random
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.provenance import commit, hardware  # noqa: E402
+from dynllava.data import shapes  # noqa: E402
+
+TASKS = ("caption", "describe", "vqa")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", help="model source (default: the embedded tiny)")
+    p.add_argument("--rate", type=float, default=6.0, help="mean arrivals per second (default 6)")
+    p.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals per arm (default 40)")
+    p.add_argument("--max-requests", type=int, default=400, help="most requests per arm (default 400)")
+    p.add_argument("--max-tokens", type=int, default=128, help="max_tokens per request (default 128)")
+    p.add_argument("--slo-s", type=float, default=3.0, help="end-to-end latency SLO for goodput (default 3 s)")
+    p.add_argument("--max-batch", type=int, default=16, help="rows per replica batch, both modes (default 16)")
+    p.add_argument("--batch-wait-s", type=float, default=0.05, help="static: @serve.batch wait (default 0.05)")
+    p.add_argument("--vision-keep", type=float, default=0.2)
+    p.add_argument("--text-keep", type=float, default=0.5)
+    p.add_argument("--replica-cpus", type=float, default=2, help="CPUs (torch threads) of the replica")
+    p.add_argument("--num-gpus", type=float, default=0, help="GPUs of the replica")
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when the replica has a GPU)")
+    p.add_argument("--arms", default="continuous-dense,continuous-sparse,static-dense,static-sparse",
+                   help="comma-separated subset of the four arms")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=None, help="also write the JSON result to this file")
+    return p.parse_args(argv)
+
+
+def workload(args: argparse.Namespace) -> list[tuple[float, dict]]:
+    """(arrival offset s, request body) for one arm: the same for every arm (fixed seed)."""
+    rng = random.Random(args.seed)
+    t, out = 0.0, []
+    while len(out) < args.max_requests:
+        t += rng.expovariate(args.rate)
+        if t > args.duration:
+            break
+        row = shapes.make_row(shapes.SPLIT_SEEDS["test"], len(out), rng.choice(TASKS))
+        url = "data:image/png;base64," + base64.b64encode(row.image).decode()
+        body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                          {"type": "text", "text": row.prompt}]}],
+                "max_tokens": args.max_tokens, "temperature": 0, "stream": True}
+        out.append((t, body))
+    return out
+
+
+async def one_request(session, url: str, body: dict, start: float, offset: float) -> dict:
+    """Send at start + offset; returns arrival-relative TTFT and latency (s), tokens and the status."""
+    import aiohttp
+
+    await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
+    sent = time.perf_counter()
+    ttft, tokens, status = None, 0, 0
+    try:
+        async with session.post(url, json=body) as response:
+            status = response.status
+            async for line in response.content:
+                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    status = 500
+                    break
+                for choice in chunk.get("choices", []):
+                    if choice["delta"].get("content"):
+                        ttft = ttft if ttft is not None else time.perf_counter() - sent
+                        tokens += 1
+    except aiohttp.ClientError:
+        status = -1
+    return {"ok": status == 200 and ttft is not None, "status": status, "ttft": ttft,
+            "latency": time.perf_counter() - sent, "chunks": tokens, "sent": sent - start}
+
+
+async def drive(url: str, load: list[tuple[float, dict]]) -> tuple[list[dict], float]:
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one_request(session, url, body, start, t) for t, body in load))
+        return results, time.perf_counter() - start
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def summarise(results: list[dict], wall: float, slo_s: float) -> dict:
+    ok = [r for r in results if r["ok"]]
+    lat, ttft = [r["latency"] for r in ok], [r["ttft"] for r in ok]
+    good = sum(r["latency"] <= slo_s for r in ok)
+    return {"requests": len(results), "ok": len(ok), "errors": len(results) - len(ok), "wall_s": round(wall, 2),
+            "throughput_rps": round(len(ok) / wall, 3), "output_chunks_per_s": round(sum(r["chunks"] for r in ok) / wall, 1),
+            "ttft_p50": round(percentile(ttft, 50), 3), "ttft_p95": round(percentile(ttft, 95), 3),
+            "ttft_p99": round(percentile(ttft, 99), 3), "latency_p50": round(percentile(lat, 50), 3),
+            "latency_p95": round(percentile(lat, 95), 3), "latency_p99": round(percentile(lat, 99), 3),
+            "mean_latency": round(statistics.fmean(lat), 3) if lat else None,
+            "slo_attainment": round(good / len(results), 4) if results else 0.0,
+            "goodput_rps": round(good / wall, 3)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_arm(name: str, args: argparse.Namespace, base: str, load) -> dict:
+    from ray import serve
+
+    from cluster.app import build
+    from cluster.serve_config import ServeConfig
+    from dynllava.config import SparsityConfig
+
+    batching, density = name.split("-")
+    sparsity = SparsityConfig(vision_keep=args.vision_keep, text_keep=args.text_keep) if density == "sparse" \
+        else SparsityConfig(vision_keep=1.0, text_keep=1.0)
+    config = ServeConfig(model=args.model, device=args.device, sparsity=sparsity, batching=batching,
+                         max_batch=args.max_batch, batch_wait_s=args.batch_wait_s,
+                         max_waiting=args.max_requests, threads=int(args.replica_cpus))
+    options = {"ray_actor_options": {"num_cpus": args.replica_cpus, "num_gpus": args.num_gpus},
+               "max_ongoing_requests": args.max_requests + args.max_batch + 8}
+    serve.run(build(config, options), name="bench", route_prefix="/")
+    url = f"{base}/v1/chat/completions"
+    asyncio.run(drive(url, load[:4]))  # warm-up: first-call costs (allocator, lazy inits) off the clock
+    results, wall = asyncio.run(drive(url, load))
+    serve.delete("bench")
+    return summarise(results, wall, args.slo_s)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import ray
+    from ray import serve
+
+    args = parse_args(argv)
+    load = workload(args)
+    ray.init(num_cpus=max(4, int(args.replica_cpus) + 2), num_gpus=int(args.num_gpus) or None,
+             include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    arms = {}
+    try:
+        for name in args.arms.split(","):
+            arms[name] = run_arm(name, args, f"http://127.0.0.1:{port}", load)
+            print(f"{name}: {arms[name]}", file=sys.stderr)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    cols = ("ok", "throughput_rps", "ttft_p50", "ttft_p95", "ttft_p99", "latency_p50", "latency_p95",
+            "latency_p99", "slo_attainment", "goodput_rps")
+    print(f"{len(load)} requests per arm, Poisson {args.rate}/s over {args.duration}s, SLO {args.slo_s}s")
+    print(f"{'arm':<20}" + "".join(f"{c:>15}" for c in cols))
+    for name, row in arms.items():
+        print(f"{name:<20}" + "".join(f"{row[c]:>15}" for c in cols))
+
+    def ratio(a: str, b: str) -> float | None:
+        if a in arms and b in arms and arms[b]["goodput_rps"]:
+            return round(arms[a]["goodput_rps"] / arms[b]["goodput_rps"], 3)
+        return None
+
+    result = {"bench": "serve", "model": args.model, "hardware": hardware("cuda" if args.num_gpus else "cpu"),
+              "commit": commit(), "rate": args.rate, "duration_s": args.duration, "requests": len(load),
+              "max_tokens": args.max_tokens, "max_batch": args.max_batch, "slo_s": args.slo_s,
+              "sparsity": {"vision_keep": args.vision_keep, "text_keep": args.text_keep}, "arms": arms,
+              "sparse_over_dense_goodput": ratio("continuous-sparse", "continuous-dense"),
+              "continuous_over_static_goodput": ratio("continuous-sparse", "static-sparse")}
+    line = json.dumps(result)
+    print(line)
+    if args.output:
+        Path(args.output).write_text(line + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
