@@ -24,7 +24,8 @@ SMALL = dict(vocab_size=320, tokenizer_rows=200,
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("base")
-    train_base(BaseTrainConfig(steps=12, lr=3e-3, vision_steps=2, vision_batch_size=4, vision_lr_scale=0.5, **SMALL),
+    train_base(BaseTrainConfig(steps=12, lr=3e-3, vision_steps=2, vision_batch_size=4, vision_lr_scale=0.5,
+                               vision_cell_index=True, **SMALL),
                out, progress=False)
     return out
 

@@ -1,0 +1,96 @@
+"""What every engine reports: a TelemetrySnapshot over a sliding window of finished requests, plus the engine's
+current queue, batch, KV bytes, device memory and sparsity. Pure Python (the control plane ships it around).
+
+Device memory comes from NVML (the `pynvml` module of nvidia-ml-py) on a GPU, else from the process's
+resident memory against the machine's physical memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TelemetrySnapshot:
+    """One engine's state at `timestamp`. Rates and percentiles are over the last `window_s` seconds of finished
+    requests (None when none finished); counts and bytes are current."""
+
+    actor_id: str  # who reports (a Serve replica id or a Ray Data actor id)
+    kind: str  # "serve" or "data"
+    timestamp: float  # unix seconds
+    window_s: float  # length of the sliding window the rates and percentiles cover
+    requests_per_s: float  # finished requests per second
+    output_tokens_per_s: float  # generated tokens per second
+    ttft_p50_s: float | None  # arrival to first token, median
+    ttft_p95_s: float | None
+    token_latency_p50_s: float | None  # per output token after the first, median over requests
+    token_latency_p95_s: float | None
+    latency_p95_s: float | None  # arrival to last token, p95
+    queue_depth: int  # requests waiting for admission
+    running: int  # rows in the running batch
+    kv_bytes_in_use: int  # K/V bytes the running rows hold
+    kv_bytes_allocated: int  # bytes of the cache tensors
+    device_memory_used: int  # bytes (GPU via NVML, else this process's resident memory)
+    device_memory_total: int  # bytes (GPU total, else physical memory)
+    sparsity: dict = field(default_factory=dict)  # the engine's current SparsityConfig as a dict
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in [0, 100]); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+class RequestWindow:
+    """Finished requests of the last `window_s` seconds (thread-safe; the clock is injectable for tests)."""
+
+    def __init__(self, window_s: float = 30.0, clock=time.time):
+        self.window_s, self.clock = window_s, clock
+        self._items: collections.deque[tuple[float, float, float | None, float, int]] = collections.deque()
+        self._lock = threading.Lock()
+
+    def add(self, ttft_s: float, latency_s: float, n_tokens: int) -> None:
+        """One finished request: time to first token, end-to-end latency (s), generated tokens."""
+        per_token = (latency_s - ttft_s) / (n_tokens - 1) if n_tokens > 1 else None
+        with self._lock:
+            self._items.append((self.clock(), ttft_s, per_token, latency_s, n_tokens))
+
+    def stats(self) -> dict[str, float | None]:
+        now = self.clock()
+        with self._lock:
+            while self._items and self._items[0][0] < now - self.window_s:
+                self._items.popleft()
+            items = list(self._items)
+        ttft = [i[1] for i in items]
+        per_token = [i[2] for i in items if i[2] is not None]
+        latency = [i[3] for i in items]
+        return {"requests_per_s": len(items) / self.window_s,
+                "output_tokens_per_s": sum(i[4] for i in items) / self.window_s,
+                "ttft_p50_s": percentile(ttft, 50), "ttft_p95_s": percentile(ttft, 95),
+                "token_latency_p50_s": percentile(per_token, 50), "token_latency_p95_s": percentile(per_token, 95),
+                "latency_p95_s": percentile(latency, 95)}
+
+
+def device_memory(device_index: int | None) -> tuple[int, int]:
+    """(used, total) bytes: the GPU's through NVML when device_index is given, else this process's resident
+    memory and the machine's physical memory."""
+    if device_index is not None:
+        import pynvml
+
+        pynvml.nvmlInit()
+        info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(device_index))
+        return int(info.used), int(info.total)
+    page = os.sysconf("SC_PAGE_SIZE")
+    with open("/proc/self/statm") as f:
+        resident = int(f.read().split()[1]) * page
+    return resident, os.sysconf("SC_PHYS_PAGES") * page
