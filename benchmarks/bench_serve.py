@@ -33,7 +33,7 @@ TASKS = ("caption", "describe", "vqa")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="model source (default: the embedded tiny)")
-    p.add_argument("--rate", type=float, default=10.0, help="mean arrivals per second (default 10: near a 2-core
+    p.add_argument("--rate", type=float, default=10.0, help="mean arrivals per second (default 10: near a 2-core "
                    "CPU replica's capacity with tiny)")
     p.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals per arm (default 40)")
     p.add_argument("--max-requests", type=int, default=400, help="most requests per arm (default 400)")
