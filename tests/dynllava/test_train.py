@@ -24,8 +24,7 @@ SMALL = dict(vocab_size=320, tokenizer_rows=200,
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("base")
-    train_base(BaseTrainConfig(steps=12, lr=3e-3, vision_steps=2, vision_batch_size=4, vision_lr_scale=0.5,
-                               vision_cell_index=True, **SMALL),
+    train_base(BaseTrainConfig(steps=12, lr=3e-3, vision_steps=2, vision_batch_size=4, vision_lr_scale=0.5, **SMALL),
                out, progress=False)
     return out
 
@@ -53,3 +52,26 @@ def test_predictor_steps_lower_loss_and_move_keep_rates_to_budget(base_dir, tmp_
     model = DynamicLlava.from_pretrained(out, device="cpu")
     assert model.predictors is not None and model.predictors.layer == 2
     assert next(model.predictors.parameters()).dtype == torch.float32
+
+
+def test_cell_index_head_adds_a_position_target():
+    """With cell_index, every patch also predicts its own 3x3 cell: the loss is the mean of four terms, the
+    fourth being cross-entropy against each patch's cell."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from dynllava.train.vision import CellHeads, cell_loss
+
+    torch.manual_seed(0)
+    tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=48, patch_size=16))
+    pixels, targets = torch.randn(2, 3, 48, 48), [torch.zeros(2, 9, dtype=torch.long)] * 3
+    heads = CellHeads(32, cell_index=True)
+    with_cells, _ = cell_loss(tower, heads, pixels, targets)
+    cell_head, heads.cell = heads.cell, None
+    plain, _ = cell_loss(tower, heads, pixels, targets)
+    patches = tower(pixels).last_hidden_state[:, 1:]
+    cells = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8])  # a 3x3 patch grid: one patch per cell
+    own_cell = torch.nn.functional.cross_entropy(cell_head(patches).flatten(0, 1), cells.repeat(2))
+    assert cell_head.out_features == 9
+    assert torch.allclose(with_cells * 4, plain * 3 + own_cell, atol=1e-5)
