@@ -1,5 +1,6 @@
 """A live local Serve deployment of the shipped `tiny` model, shared by the module's tests: an open app at `/`
-and a locked-down one at `/secure` (API key, one slot, a one-request queue) for auth and back-pressure."""
+and a locked-down one at `/secure` (API key, one slot, a one-request queue, remote image URLs allowed) for auth,
+back-pressure and image fetching."""
 
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def serve_urls(ray_local):
     actor = {"num_cpus": 2, "runtime_env": {"env_vars": {API_KEY_ENV: API_KEY}}}
     open_cfg = ServeConfig(model="tiny", max_batch=16, max_waiting=48, limits=LIMITS, threads=2)
     secure_cfg = ServeConfig(model="tiny", max_batch=1, max_prefill_batch=1, max_waiting=1, limits=LIMITS,
-                             api_key_env=API_KEY_ENV, threads=1)
+                             api_key_env=API_KEY_ENV, allow_remote_images=True, threads=1)
     serve.run(build(open_cfg, {"ray_actor_options": actor}), name="open", route_prefix="/")
     serve.run(build(secure_cfg, {"ray_actor_options": {**actor, "num_cpus": 1}}), name="secure",
               route_prefix="/secure")

@@ -247,3 +247,48 @@ def test_caption_job_through_the_serve_app(serve_urls, tiny, tmp_path):
     assert _health(serve_urls["open"])["finished"] - finished_before == 12, "rows ran on the app's replica"
     with pytest.raises(ValueError, match="no such `dynllava serve` app"):
         run_caption_job(str(source), tmp_path / "out2", CaptionJobConfig(serve_app="nope"))
+
+
+def test_prometheus_metrics_are_exported_through_ray(serve_urls):
+    """Ray's metrics export (the node's metrics port) carries the replica's metrics, prefixed `ray_`."""
+    import ray
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    wanted = ("ray_dynllava_requests_total", "ray_dynllava_ttft_seconds_bucket", "ray_dynllava_kv_bytes_in_use",
+              "ray_dynllava_vision_keep_ratio_bucket")
+    deadline, seen = time.monotonic() + 60, set()
+    while time.monotonic() < deadline and len(seen) < len(wanted):
+        text = request("GET", f"http://127.0.0.1:{port}/metrics").body.decode()
+        seen = {name for name in wanted if any(line.startswith(name + "{") for line in text.splitlines())}
+        time.sleep(2)
+    assert seen == set(wanted)
+    assert 'status="ok"' in text and 'model="tiny"' in text
+
+
+def test_remote_image_urls_when_the_operator_allows_them(serve_urls, tiny, tmp_path):
+    """The secure app fetches http(s) image URLs (here from a local file server); a missing one is a 400."""
+    import functools
+    import http.server
+    import threading
+
+    image, png, text = scene(11)
+    (tmp_path / "scene.png").write_bytes(png)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    url = f"{serve_urls['secure']}/v1/chat/completions"
+    try:
+        def ask(image_url: str):
+            body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                                              {"type": "text", "text": text}]}],
+                    "max_tokens": 8, "temperature": 0}
+            return _post(url, body, key=API_KEY)
+
+        fetched = ask(f"{base}/scene.png")
+        assert fetched.status == 200, fetched.body
+        assert fetched.json()["choices"][0]["message"]["content"] == expected(tiny, image, text, 8)
+        missing = ask(f"{base}/nothing.png")
+        assert missing.status == 400 and "could not fetch" in missing.json()["error"]["message"]
+    finally:
+        server.shutdown()
