@@ -35,6 +35,7 @@ from dynllava.engine import (CACHE_BLOCK_TOKENS, CachedDecoding, GenerationOutpu
                              row_step_flops)
 from dynllava.inputs import PreparedBatch, concat_prepared
 from dynllava.scorers import RATE_SLACK_TOKENS
+from dynllava.telemetry import RequestWindow, TelemetrySnapshot, device_memory
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ class ContinuousEngine:
     """
 
     def __init__(self, model, max_batch: int = 32, max_prefill_batch: int = 8, kv_budget_bytes: int | None = None,
-                 max_waiting: int = 256, join_running: bool = True):
+                 max_waiting: int = 256, join_running: bool = True, telemetry_window_s: float = 30.0):
         if max_batch < 1 or max_prefill_batch < 1 or max_waiting < 1:
             raise ValueError("max_batch, max_prefill_batch and max_waiting must be >= 1")
         self.model = model
@@ -157,6 +158,7 @@ class ContinuousEngine:
         self._decoding: CachedDecoding | None = None
         self._tokens: list[int] = []  # each running row's last sampled token (fed at the next step)
         self.counters = EngineCounters()
+        self.window = RequestWindow(telemetry_window_s)  # finished requests, for telemetry snapshots
         self._thread: threading.Thread | None = None
         self._stopping = False
 
@@ -247,6 +249,17 @@ class ContinuousEngine:
                 if self._stopping:
                     return
             self.step()
+
+    def snapshot(self, actor_id: str, kind: str, sparsity: SparsityConfig) -> TelemetrySnapshot:
+        """This engine's TelemetrySnapshot (any thread): window rates and percentiles, queue, batch, KV, memory."""
+        c = self.counters
+        device = self.model.device
+        used, total = device_memory(device.index or 0 if device.type == "cuda" else None)
+        return TelemetrySnapshot(actor_id=actor_id, kind=kind, timestamp=time.time(),
+                                 window_s=self.window.window_s, **self.window.stats(), queue_depth=c.waiting,
+                                 running=c.running, kv_bytes_in_use=c.kv_bytes_in_use,
+                                 kv_bytes_allocated=c.kv_bytes_allocated, device_memory_used=used,
+                                 device_memory_total=total, sparsity=sparsity.to_dict())
 
     def has_work(self) -> bool:
         return bool(self._waiting or self._running)
@@ -393,6 +406,8 @@ class ContinuousEngine:
                 self._send(live, output.text, output)
                 self.counters.finished += 1
                 self.counters.tokens_generated += len(row.tokens)
+                self.window.add(live.first_token_at - live.submitted_at, row.finished_at - live.submitted_at,
+                                len(row.tokens))
                 done.append(i)
             else:
                 self._send(live, self._streamable_text(row), None)

@@ -8,6 +8,7 @@ resident memory against the machine's physical memory.
 from __future__ import annotations
 
 import collections
+import math
 import os
 import threading
 import time
@@ -48,7 +49,7 @@ def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
 class RequestWindow:

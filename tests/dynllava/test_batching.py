@@ -172,3 +172,19 @@ def test_static_mode_starts_a_batch_only_when_the_last_one_finished(tiny_model):
     assert (1, 1) in running, "the shorter row left and nobody joined its slot"
     for req, (image, prompt, events) in made:
         assert _final(events).output.token_ids == _alone(tiny_model, image, prompt, req).token_ids
+
+
+def test_snapshot_reports_the_window_and_current_state(tiny_model):
+    engine = ContinuousEngine(tiny_model, max_batch=4, telemetry_window_s=60)
+    made = [_request(tiny_model, i, SPARSE, max_new=6) for i in range(5)]
+    for req, _ in made:
+        engine.submit(req)
+    engine.step()
+    live = engine.snapshot("e0", "serve", SPARSE)
+    assert (live.running, live.queue_depth, live.requests_per_s) == (4, 1, 0.0) and live.kv_bytes_in_use > 0
+    engine.run_until_idle()
+    done = engine.snapshot("e0", "serve", SPARSE)
+    assert done.requests_per_s == pytest.approx(5 / 60) and done.output_tokens_per_s == pytest.approx(30 / 60)
+    assert 0 < done.ttft_p50_s <= done.ttft_p95_s <= done.latency_p95_s
+    assert done.token_latency_p50_s > 0 and done.running == 0 and done.kv_bytes_in_use == 0
+    assert 0 < done.device_memory_used < done.device_memory_total and done.sparsity["vision_keep"] == 0.25

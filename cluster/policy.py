@@ -1,0 +1,178 @@
+"""The control policy as a pure function: `decide(ctx, state) -> (decisions, state)`, with the clock injected
+through `ctx.now`, so it is tested as a simulated loop without Ray.
+
+Per actor, sparsity moves on the SLA's ladder (level 0 = preferred, `levels` = the floor): tighten when a
+target is at risk or memory is near its ceiling, relax one level after a stretch of slack, with a cooldown
+between moves. Per kind (online replicas, offline actors), ask for one more when an actor sits at the floor
+and still misses, and one fewer when every actor is back at the preferred setting and idle for a while.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from cluster.sla import SLA, KeepSetting
+from dynllava.telemetry import TelemetrySnapshot
+
+
+@dataclass(frozen=True)
+class OfflineProgress:
+    """A batch job's progress, for a deadline target: rows done of rows total, job start (same clock as now)."""
+
+    rows_done: int
+    rows_total: int
+    started_at: float
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    """What the controller observed: the time, the SLA, every live actor's latest snapshot, the current actor
+    count per kind ("serve", "data"), and the offline job's progress when there is one."""
+
+    now: float
+    sla: SLA
+    snapshots: tuple[TelemetrySnapshot, ...]
+    counts: dict[str, int] = field(default_factory=dict)
+    offline: OfflineProgress | None = None
+
+
+@dataclass(frozen=True)
+class ActorState:
+    """One actor's place on the ladder. `unsafe` = (level, requests/s) where it last missed: the policy does not
+    relax back to that level (or a denser one) until the actor's load falls below `relax_load` of that rate.
+    That is the hysteresis: without it, slack at a sparse level invites a relax that misses again."""
+
+    level: int = 0
+    changed_at: float = -math.inf
+    slack_since: float | None = None
+    unsafe: tuple[int, float] | None = None
+
+
+@dataclass(frozen=True)
+class PolicyState:
+    """What the policy remembers between calls (rebuilt from the actors' reported sparsity after a restart)."""
+
+    actors: dict[str, ActorState] = field(default_factory=dict)
+    scaled_at: dict[str, float] = field(default_factory=dict)
+    idle_since: dict[str, float] = field(default_factory=dict)
+    peak_rate: dict[str, float] = field(default_factory=dict)  # highest per-actor requests/s seen, per kind
+
+
+@dataclass(frozen=True)
+class Decision:
+    """set_sparsity: target = actor id, value = KeepSetting. scale: target = "serve" | "data", value = count."""
+
+    action: Literal["set_sparsity", "scale"]
+    target: str
+    value: Any
+    reason: str
+
+
+def level_of(sla: SLA, sparsity: dict) -> int:
+    """The ladder level nearest to a reported sparsity (how state is recovered after a controller restart)."""
+    vision, text = sparsity.get("vision_keep", 1.0), sparsity.get("text_keep") or 1.0
+    return min(range(sla.pacing.levels + 1), key=lambda lv: abs(math.log(sla.keep_at(lv).vision_keep / vision)) +
+               abs(math.log(sla.keep_at(lv).text_keep / text)))
+
+
+def pressure(snap: TelemetrySnapshot, sla: SLA, ctx: PolicyContext) -> float | None:
+    """How close the actor is to missing its target: max over targets of measured / target (offline: the
+    needed rate / the achieved rate of all offline actors). None when nothing was measured in the window."""
+    if snap.kind == "serve":
+        pairs = [(snap.ttft_p95_s, sla.online.ttft_p95_s), (snap.token_latency_p95_s, sla.online.token_latency_p95_s),
+                 (snap.latency_p95_s, sla.online.latency_p95_s)]
+        ratios = [m / t for m, t in pairs if m is not None and t is not None]
+        return max(ratios) if ratios else None
+    achieved = sum(s.requests_per_s for s in ctx.snapshots if s.kind == "data")
+    needed = sla.offline.rows_per_s
+    if sla.offline.deadline_s is not None and ctx.offline is not None:
+        left = ctx.offline.started_at + sla.offline.deadline_s - ctx.now
+        remaining = ctx.offline.rows_total - ctx.offline.rows_done
+        needed = max(needed or 0.0, remaining / max(left, 1e-3)) if remaining > 0 else needed
+    if needed is None:
+        return None
+    return needed / achieved if achieved > 0 else (math.inf if snap.running or snap.queue_depth else None)
+
+
+def memory_use(snap: TelemetrySnapshot, sla: SLA) -> float:
+    """Device memory used as a fraction of the SLA's ceiling (1.0 = at the ceiling)."""
+    return snap.device_memory_used / (snap.device_memory_total * sla.memory_ceiling) if snap.device_memory_total else 0.0
+
+
+def _step_actor(snap: TelemetrySnapshot, st: ActorState, load: float | None, memory: float, sla: SLA,
+                now: float) -> tuple[ActorState, Decision | None]:
+    p = sla.pacing
+    ready = now - st.changed_at >= p.cooldown_s
+    at_risk = (load is not None and load >= p.risk) or memory >= 1.0
+    if at_risk:  # remember the sparsest level that missed and the highest load it missed at
+        unsafe = (max(st.level, st.unsafe[0]) if st.unsafe else st.level,
+                  max(snap.requests_per_s, st.unsafe[1] if st.unsafe else 0.0))
+        if st.level < p.levels and ready:
+            worst = max(load or 0.0, memory)
+            level = min(p.levels, st.level + (p.max_step if worst >= 1.5 else 1))
+            why = f"pressure {load:.2f}" if load is not None and load >= p.risk else f"memory {memory:.2f} of ceiling"
+            return ActorState(level, now, None, unsafe), Decision("set_sparsity", snap.actor_id, sla.keep_at(level),
+                                                                  f"tighten to level {level}: {why}")
+        return replace(st, slack_since=None, unsafe=unsafe), None
+    unsafe = st.unsafe
+    if unsafe is not None and snap.requests_per_s < p.relax_load * unsafe[1]:
+        unsafe = None  # the load that made that level miss has gone
+    slack = (load is None or load <= p.slack) and memory <= p.slack
+    blocked = unsafe is not None and st.level - 1 <= unsafe[0]
+    if not slack or st.level == 0 or blocked:
+        return replace(st, slack_since=(st.slack_since or now) if slack else None, unsafe=unsafe), None
+    since = st.slack_since if st.slack_since is not None else now
+    if now - since >= p.relax_after_s and ready:
+        level = st.level - 1
+        return ActorState(level, now, now, unsafe), Decision("set_sparsity", snap.actor_id, sla.keep_at(level),
+                                                             f"relax to level {level}: slack for {now - since:.0f}s")
+    return replace(st, slack_since=since, unsafe=unsafe), None
+
+
+def decide(ctx: PolicyContext, state: PolicyState) -> tuple[list[Decision], PolicyState]:
+    """One control step (see the module docstring). Actors missing from ctx.snapshots are forgotten."""
+    sla, now, p = ctx.sla, ctx.now, ctx.sla.pacing
+    decisions: list[Decision] = []
+    actors: dict[str, ActorState] = {}
+    loads: dict[str, float | None] = {}
+    for snap in ctx.snapshots:
+        st = state.actors.get(snap.actor_id) or ActorState(level=level_of(sla, snap.sparsity))
+        load = loads[snap.actor_id] = pressure(snap, sla, ctx)
+        actors[snap.actor_id], decision = _step_actor(snap, st, load, memory_use(snap, sla), sla, now)
+        if decision:
+            decisions.append(decision)
+    scaled_at, idle_since, peak = dict(state.scaled_at), dict(state.idle_since), dict(state.peak_rate)
+    for kind in ("serve", "data"):
+        snaps = [s for s in ctx.snapshots if s.kind == kind]
+        if not snaps:
+            idle_since.pop(kind, None)
+            continue
+        count = ctx.counts.get(kind, len(snaps))
+        peak[kind] = max([peak.get(kind, 0.0)] + [s.requests_per_s for s in snaps])
+        ready = now - scaled_at.get(kind, -math.inf) >= p.scale_cooldown_s
+        missing_at_floor = [s for s in snaps if state.actors.get(s.actor_id, actors[s.actor_id]).level >= p.levels
+                            and loads[s.actor_id] is not None and loads[s.actor_id] >= 1.0]
+        relaxed_idle = all(actors[s.actor_id].level == 0 and (loads[s.actor_id] or 0.0) <= p.slack
+                           and s.requests_per_s <= p.idle_fraction * peak[kind] for s in snaps)
+        if missing_at_floor:
+            idle_since.pop(kind, None)
+            if ready and count < sla.replicas.max:
+                decisions.append(Decision("scale", kind, count + 1,
+                                          f"{len(missing_at_floor)} {kind} actor(s) at the floor still miss"))
+                scaled_at[kind] = now
+        elif relaxed_idle and count > sla.replicas.min:
+            since = idle_since.setdefault(kind, now)
+            if now - since >= p.release_after_s and ready:
+                decisions.append(Decision("scale", kind, count - 1, f"all {kind} actors relaxed and idle for "
+                                                                    f"{now - since:.0f}s"))
+                scaled_at[kind] = now
+                idle_since[kind] = now
+        else:
+            idle_since.pop(kind, None)
+    return decisions, PolicyState(actors, scaled_at, idle_since, peak)
+
+
+__all__ = ["PolicyContext", "PolicyState", "ActorState", "Decision", "OfflineProgress", "KeepSetting", "decide",
+           "level_of", "pressure", "memory_use"]

@@ -1,0 +1,134 @@
+"""The control policy, pure: the ladder, recovery after a restart, single decisions, and a simulated loop (a
+fluid-queue model of replicas under a 1x -> 4x -> 1x load step) in which the policy keeps TTFT within target,
+scales out only when sparsity is exhausted, and gives both back when the load drops."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.policy import OfflineProgress, PolicyContext, PolicyState, decide, level_of
+from cluster.sla import SLA, KeepSetting, OfflineTargets, OnlineTargets, Pacing
+from dynllava.telemetry import TelemetrySnapshot
+
+SLA_ = SLA(online=OnlineTargets(ttft_p95_s=1.0), floor=KeepSetting(0.1, 0.3),
+           pacing=Pacing(levels=6, cooldown_s=2, relax_after_s=10, scale_cooldown_s=15, release_after_s=30))
+
+
+def snap(actor: str = "r0", kind: str = "serve", ttft: float | None = 0.2, rate: float = 5.0,
+         keep: KeepSetting = KeepSetting(), used: int = 10, total: int = 100) -> TelemetrySnapshot:
+    return TelemetrySnapshot(actor, kind, 0.0, 30.0, rate, rate * 30, ttft, ttft, None, None, None, 0, 1, 0, 0,
+                             used, total, {"vision_keep": keep.vision_keep, "text_keep": keep.text_keep})
+
+
+def test_ladder_runs_from_preferred_to_floor_and_state_recovers_from_reports():
+    assert SLA_.keep_at(0) == KeepSetting(1.0, 1.0) and SLA_.keep_at(6) == KeepSetting(0.1, 0.3)
+    visions = [SLA_.keep_at(lv).vision_keep for lv in range(7)]
+    assert visions == sorted(visions, reverse=True)
+    for level in range(7):
+        assert level_of(SLA_, {"vision_keep": SLA_.keep_at(level).vision_keep,
+                               "text_keep": SLA_.keep_at(level).text_keep}) == level
+
+
+def test_single_decisions():
+    ctx = lambda now, *snaps, counts=None: PolicyContext(now, SLA_, snaps, counts or {"serve": 1})  # noqa: E731
+    decisions, state = decide(ctx(0, snap(ttft=0.95)), PolicyState())
+    assert [(d.action, d.value) for d in decisions] == [("set_sparsity", SLA_.keep_at(1))]
+    decisions, state = decide(ctx(1, snap(ttft=3.0, keep=SLA_.keep_at(1))), state)
+    assert decisions == [], "within the cooldown nothing moves"
+    decisions, state = decide(ctx(2, snap(ttft=3.0, keep=SLA_.keep_at(1))), state)
+    assert decisions[0].value == SLA_.keep_at(3), "far over target: max_step levels at once"
+    decisions, _ = decide(ctx(3, snap(ttft=0.1, used=95)), PolicyState())
+    assert decisions and "memory" in decisions[0].reason
+    _, state = decide(ctx(4, snap("a"), snap("b")), PolicyState())
+    _, state = decide(ctx(5, snap("b")), state)
+    assert set(state.actors) == {"b"}, "a dead actor is dropped"
+
+
+def test_offline_deadline_pressure_tightens_data_actors():
+    sla = SLA(offline=OfflineTargets(deadline_s=100.0), pacing=SLA_.pacing)
+    ctx = PolicyContext(50.0, sla, (snap("d0", "data", ttft=None, rate=5.0),), {"data": 1},
+                        OfflineProgress(rows_done=100, rows_total=600, started_at=0.0))
+    decisions, _ = decide(ctx, PolicyState())  # 500 rows in 50 s needs 10 rows/s, 5 achieved
+    assert decisions[0].action == "set_sparsity" and "pressure 2.00" in decisions[0].reason
+
+
+class FluidCluster:
+    """Replicas as fluid queues. A replica serves `base_rate / cost(keep)` requests/s, cost = 0.25 + 0.75 *
+    vision_keep; TTFT = service time + backlog / capacity. A new replica starts after `start_s`."""
+
+    def __init__(self, base_rate: float = 10.0, start_s: float = 5.0):
+        self.base_rate, self.start_s = base_rate, start_s
+        self.replicas = {"r0": (KeepSetting(), 0.0)}  # id -> (keep, ready at)
+        self.backlog: dict[str, float] = {"r0": 0.0}
+        self.next_id = 1
+
+    def capacity(self, rid: str) -> float:
+        keep = self.replicas[rid][0]
+        return self.base_rate / (0.25 + 0.75 * keep.vision_keep)
+
+    def tick(self, now: float, arrivals_per_s: float, dt: float) -> list[TelemetrySnapshot]:
+        ready = [r for r, (_, at) in self.replicas.items() if at <= now]
+        out = []
+        for rid in ready:
+            cap = self.capacity(rid)
+            self.backlog[rid] = max(0.0, self.backlog[rid] + (arrivals_per_s / len(ready) - cap) * dt)
+            ttft = 1 / cap + self.backlog[rid] / cap
+            keep = self.replicas[rid][0]
+            out.append(snap(rid, ttft=ttft, rate=min(arrivals_per_s / len(ready), cap), keep=keep))
+        return out
+
+    def apply(self, decisions, now: float) -> None:
+        for d in decisions:
+            if d.action == "set_sparsity":
+                self.replicas[d.target] = (d.value, self.replicas[d.target][1])
+            elif d.value > len(self.replicas):
+                rid = f"r{self.next_id}"
+                self.next_id += 1
+                self.replicas[rid], self.backlog[rid] = (SLA_.keep_at(0), now + self.start_s), 0.0
+            else:
+                rid = max(self.replicas)  # release the newest
+                del self.replicas[rid], self.backlog[rid]
+
+
+def test_simulated_load_step_meets_the_slo_then_gives_back():
+    cluster, state, dt = FluidCluster(), PolicyState(), 1.0
+    phases = [(0, 60, 8.0), (60, 180, 32.0), (180, 420, 8.0)]  # 1x -> 4x -> 1x
+    log = []
+    for t in range(420):
+        rate = next(r for a, b, r in phases if a <= t < b)
+        snaps = cluster.tick(t, rate, dt)
+        decisions, state = decide(PolicyContext(float(t), SLA_, tuple(snaps), {"serve": len(cluster.replicas)}),
+                                  state)
+        cluster.apply(decisions, t)
+        log.append((t, max(s.ttft_p95_s for s in snaps), len(cluster.replicas),
+                    min(s.sparsity["vision_keep"] for s in snaps), decisions))
+        for s in snaps:
+            assert SLA_.floor.vision_keep <= s.sparsity["vision_keep"] <= 1.0
+    before = [ttft for t, ttft, *_ in log if t < 60]
+    during = [ttft for t, ttft, *_ in log if 90 <= t < 180]
+    assert max(before) < 1.0 and all(n == 1 for t, _, n, *_ in log if t < 60), "1x needs nothing"
+    assert max(n for _, _, n, *_ in log) == 2, "4x exceeds one replica even at the floor: exactly one more"
+    assert sum(x <= 1.0 for x in during) / len(during) >= 0.99, "within 30 s of the step the SLO holds"
+    first_tighten = next(t for t, *_, d in log if any(x.action == "set_sparsity" for x in d) and t >= 60)
+    first_scale = next(t for t, *_, d in log if any(x.action == "scale" for x in d))
+    assert first_tighten < first_scale, "sparsity moves first, replicas only when it is exhausted"
+    end = log[-1]
+    assert end[2] == 1 and end[3] == 1.0, "after the load drops, both the replica and the quality come back"
+    for rid in ("r0", "r1"):
+        moves = [t for t, *_, d in log for x in d if x.action == "set_sparsity" and x.target == rid]
+        assert all(b - a >= SLA_.pacing.cooldown_s for a, b in zip(moves, moves[1:])), "one move per cooldown"
+
+
+def test_bad_sla_values_are_rejected():
+    with pytest.raises(ValueError, match="floor"):
+        SLA(floor=KeepSetting(0.5, 0.5), preferred=KeepSetting(0.4, 1.0))
+    with pytest.raises(ValueError, match="slack"):
+        Pacing(slack=0.95, risk=0.9)
+    with pytest.raises(ValueError, match="unknown"):
+        SLA.from_dict({"online": {"ttft": 1}})
+
+
+def test_sla_yaml_mirrors_the_defaults():
+    from tests.conftest import REPO_ROOT
+
+    assert SLA.from_yaml(REPO_ROOT / "configs" / "sla.yaml") == SLA()

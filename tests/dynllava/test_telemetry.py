@@ -1,0 +1,34 @@
+"""The telemetry window: rates over the window, nearest-rank percentiles, old requests age out; memory."""
+
+from __future__ import annotations
+
+from dynllava.telemetry import RequestWindow, device_memory, percentile
+
+
+def test_window_rates_percentiles_and_ageing():
+    now = [100.0]
+    window = RequestWindow(window_s=10.0, clock=lambda: now[0])
+    for i in range(10):
+        window.add(ttft_s=0.1 * (i + 1), latency_s=1.0 + 0.1 * (i + 1), n_tokens=11)
+    stats = window.stats()
+    assert stats["requests_per_s"] == 1.0 and stats["output_tokens_per_s"] == 11.0
+    assert stats["ttft_p50_s"] == 0.5 and stats["ttft_p95_s"] == 1.0
+    assert abs(stats["token_latency_p50_s"] - 0.1) < 1e-9
+    now[0] = 105.0
+    window.add(ttft_s=5.0, latency_s=5.0, n_tokens=1)  # one token: no per-token latency
+    now[0] = 110.5
+    stats = window.stats()
+    assert stats["requests_per_s"] == 0.1 and stats["ttft_p95_s"] == 5.0 and stats["token_latency_p50_s"] is None
+    now[0] = 200.0
+    assert window.stats()["ttft_p50_s"] is None and window.stats()["requests_per_s"] == 0.0
+
+
+def test_percentile_is_nearest_rank():
+    assert percentile([], 50) is None
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0 and percentile([1.0, 2.0, 3.0, 4.0], 95) == 4.0
+    assert percentile([5.0], 0) == 5.0
+
+
+def test_process_memory_without_a_gpu():
+    used, total = device_memory(None)
+    assert 0 < used < total
