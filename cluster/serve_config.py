@@ -90,6 +90,8 @@ class ServeConfig:
     limits: Limits = field(default_factory=Limits)
     allow_remote_images: bool = False  # fetch http(s) image_url parts (off: only data: URLs)
     api_key_env: str | None = None  # name of an env var holding the API key; requests then need `Bearer <key>`
+    controller: bool = False  # report telemetry to the cluster controller and follow its sparsity orders
+    report_period_s: float = 1.0  # how often a replica reports to the controller
 
     def __post_init__(self) -> None:
         if self.batching not in ("continuous", "static"):

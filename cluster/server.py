@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import json
 import logging
+import threading
 import time
 from typing import Any, AsyncIterator
 
@@ -69,6 +70,10 @@ class LlavaServer:
         self.metrics = ServerMetrics(self.served_name)
         self._stop_sampling = self.metrics.start_sampling(self.engine.counters)
         self.api_key = cfg.api_key
+        self.replica_id = self._replica_id()
+        self.desired_replicas = 0  # what the controller last asked for (read by record_autoscaling_stats)
+        if cfg.controller:
+            threading.Thread(target=self._report_loop, name="dynllava-report", daemon=True).start()
         log.info("serving %s (%s batching, default sparsity %s)", self.served_name, cfg.batching, cfg.sparsity)
 
     # ------------------------------------------------------------------ routes
@@ -116,6 +121,47 @@ class LlavaServer:
             return StreamingResponse(self._stream(ticket, events, prompt_tokens, include_usage),
                                      media_type="text/event-stream")
         return await self._complete(ticket, events, prompt_tokens)
+
+    # ------------------------------------------------------------------ control plane
+    @staticmethod
+    def _replica_id() -> str:
+        try:
+            return f"serve:{serve.get_replica_context().replica_id.unique_id}"
+        except Exception:  # outside a replica (direct construction in tests)
+            return f"serve:{id(object())}"
+
+    def telemetry(self) -> dict[str, Any]:
+        """This replica's TelemetrySnapshot as a dict (deployment-handle method)."""
+        return self.engine.snapshot(self.replica_id, "serve", self.default_sparsity).to_dict()
+
+    def _report_loop(self) -> None:
+        """Push telemetry to the controller; follow its keep setting; remember its replica count."""
+        import ray
+
+        from cluster.controller import find_controller
+
+        controller = None
+        while self.engine.alive:
+            time.sleep(self.config.report_period_s)
+            try:
+                controller = controller or find_controller()
+                if controller is None:
+                    continue
+                orders = ray.get(controller.report.remote(self.telemetry()), timeout=10)
+            except Exception as e:  # the controller may be restarting: look it up again next time
+                log.debug("report to the controller failed: %s", e)
+                controller = None
+                continue
+            keep = orders.get("keep")
+            if keep and (keep["vision_keep"], keep["text_keep"]) != (self.default_sparsity.vision_keep,
+                                                                     self.default_sparsity.text_keep):
+                self.default_sparsity = self.default_sparsity.replace(**keep)
+                log.info("controller: sparsity -> %s", keep)
+            self.desired_replicas = orders.get("replicas") or 0
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Custom autoscaling metrics for cluster.autoscaling.controller_policy."""
+        return {"desired_replicas": float(self.desired_replicas)}
 
     # ------------------------------------------------------------------ in-cluster calls (offline jobs)
     def model_name(self) -> str:

@@ -1,0 +1,156 @@
+"""The cluster controller: observe -> decide -> apply, as a named, detached Ray actor.
+
+Engine actors push their TelemetrySnapshot to it (`report`) every second or so, and the reply carries what the
+controller wants from them: a keep setting, and for Serve replicas the replica count the custom autoscaling
+policy should ask for (cluster/autoscaling.py reads it from the replicas' autoscaling stats). The controller
+never calls into an engine, so a dead engine costs it nothing: its snapshots stop and it is dropped after
+`stale_s`. After a controller restart, its state is rebuilt from the actors' next reports (the policy maps each
+reported sparsity back onto the SLA's ladder).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import asdict
+from typing import Any, Callable
+
+from cluster.policy import Decision, OfflineProgress, PolicyContext, PolicyState, decide
+from cluster.sla import SLA
+from dynllava.telemetry import TelemetrySnapshot
+
+log = logging.getLogger(__name__)
+CONTROLLER_NAME = "dynllava-controller"
+NAMESPACE = "dynllava"
+
+
+class ControllerCore:
+    """The controller's logic without Ray (the actor below wraps it; tests drive it directly)."""
+
+    def __init__(self, sla: SLA, stale_s: float = 5.0, clock: Callable[[], float] = time.time,
+                 request_nodes: Callable[[int], None] | None = None):
+        self.sla, self.stale_s, self.clock = sla, stale_s, clock
+        self.request_nodes = request_nodes
+        self.snapshots: dict[str, TelemetrySnapshot] = {}
+        self.seen_at: dict[str, float] = {}
+        self.assigned: dict[str, dict] = {}  # actor id -> keep setting it should run at
+        self.desired: dict[str, int] = {}  # kind -> actor count wanted
+        self.state = PolicyState()
+        self.offline: OfflineProgress | None = None
+        self.history: collections.deque[dict] = collections.deque(maxlen=500)
+        self.lock = threading.Lock()
+
+    def report(self, snapshot: dict | TelemetrySnapshot) -> dict[str, Any]:
+        """An engine's snapshot in; its orders out: {"keep": {vision_keep, text_keep} | None, "replicas": int |
+        None}."""
+        snap = snapshot if isinstance(snapshot, TelemetrySnapshot) else TelemetrySnapshot(**snapshot)
+        with self.lock:
+            self.snapshots[snap.actor_id] = snap
+            self.seen_at[snap.actor_id] = self.clock()
+            return {"keep": self.assigned.get(snap.actor_id), "replicas": self.desired.get(snap.kind)}
+
+    def set_offline_progress(self, rows_done: int, rows_total: int, started_at: float) -> None:
+        with self.lock:
+            self.offline = OfflineProgress(rows_done, rows_total, started_at)
+
+    def step(self) -> list[Decision]:
+        """Observe the fresh snapshots, decide, and record the orders the next reports will carry."""
+        with self.lock:
+            now = self.clock()
+            for actor in [a for a, t in self.seen_at.items() if now - t > self.stale_s]:
+                log.info("actor %s stopped reporting; dropped", actor)
+                for table in (self.snapshots, self.seen_at, self.assigned):
+                    table.pop(actor, None)
+            snaps = tuple(self.snapshots.values())
+            counts = {kind: sum(s.kind == kind for s in snaps) for kind in ("serve", "data")}
+            decisions, self.state = decide(PolicyContext(now, self.sla, snaps, counts, self.offline), self.state)
+            for d in decisions:
+                if d.action == "set_sparsity":
+                    self.assigned[d.target] = asdict(d.value)
+                else:
+                    self.desired[d.target] = d.value
+                self.history.append({"at": now, "action": d.action, "target": d.target,
+                                     "value": asdict(d.value) if d.action == "set_sparsity" else d.value,
+                                     "reason": d.reason})
+                log.info("%s %s -> %s (%s)", d.action, d.target, d.value, d.reason)
+            data_wanted = self.desired.get("data")
+        if data_wanted is not None and self.request_nodes is not None and \
+                any(d.action == "scale" and d.target == "data" for d in decisions):
+            self.request_nodes(data_wanted)
+        return decisions
+
+    def status(self) -> dict[str, Any]:
+        """Every live actor's latest snapshot and order, the desired counts, and the recent decisions."""
+        with self.lock:
+            return {"actors": {a: {"snapshot": s.to_dict(), "assigned": self.assigned.get(a),
+                                   "level": self.state.actors.get(a).level if a in self.state.actors else None}
+                               for a, s in self.snapshots.items()},
+                    "desired": dict(self.desired), "decisions": list(self.history)[-50:],
+                    "sla": asdict(self.sla)}
+
+
+def _request_engine_bundles(bundle: dict[str, float]) -> Callable[[int], None]:
+    """Ask Ray's autoscaler for room for `n` offline engine actors (one bundle each)."""
+
+    def request(n: int) -> None:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[dict(bundle)] * n)
+
+    return request
+
+
+def controller_actor_class():
+    """The Ray actor class (built lazily so importing this module does not need Ray initialised)."""
+    import ray
+
+    @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+    class Controller:
+        """Named, detached: `ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)`."""
+
+        def __init__(self, sla: dict, period_s: float = 1.0, stale_s: float = 5.0,
+                     engine_bundle: dict | None = None):
+            bundle = engine_bundle or {"CPU": 2}
+            self.core = ControllerCore(SLA.from_dict(sla), stale_s, request_nodes=_request_engine_bundles(bundle))
+            self.period_s = period_s
+            threading.Thread(target=self._loop, name="dynllava-controller", daemon=True).start()
+
+        def _loop(self) -> None:
+            while True:
+                time.sleep(self.period_s)
+                try:
+                    self.core.step()
+                except Exception:  # keep controlling; a bad step is logged
+                    log.exception("controller step failed")
+
+        def report(self, snapshot: dict) -> dict:
+            return self.core.report(snapshot)
+
+        def set_offline_progress(self, rows_done: int, rows_total: int, started_at: float) -> None:
+            self.core.set_offline_progress(rows_done, rows_total, started_at)
+
+        def status(self) -> dict:
+            return self.core.status()
+
+    return Controller
+
+
+def start_controller(sla: SLA, period_s: float = 1.0, stale_s: float = 5.0, engine_bundle: dict | None = None):
+    """Get the running controller, or start it (named, detached: it outlives the process that started it)."""
+    import ray
+
+    return controller_actor_class().options(name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached",
+                                            get_if_exists=True).remote(asdict(sla), period_s, stale_s,
+                                                                       engine_bundle)
+
+
+def find_controller():
+    """The running controller's handle, or None."""
+    import ray
+
+    try:
+        return ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+    except ValueError:
+        return None

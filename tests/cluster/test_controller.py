@@ -1,0 +1,130 @@
+"""The controller: its core without Ray (orders ride on report replies, dead actors drop out, state comes back
+after a restart), then live: replicas report, tighten to the floor under a target they cannot meet, and the
+custom Serve autoscaling policy adds a replica; the controller survives being killed."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from cluster.controller import ControllerCore
+from cluster.sla import SLA, KeepSetting, OnlineTargets, Pacing
+from tests.cluster.conftest import free_port
+from tests.cluster.test_policy import snap
+
+STRICT = SLA(online=OnlineTargets(ttft_p95_s=1e-4), floor=KeepSetting(0.2, 0.5), replicas={"min": 1, "max": 2},
+             pacing=Pacing(levels=2, max_step=2, cooldown_s=0.5, scale_cooldown_s=2.0))
+
+
+def test_core_orders_ride_on_reports_and_dead_actors_drop_out():
+    now = [0.0]
+    core = ControllerCore(SLA(pacing=Pacing(cooldown_s=0)), stale_s=5, clock=lambda: now[0])
+    assert core.report(snap("a", ttft=2.0)) == {"keep": None, "replicas": None}
+    core.report(snap("b", ttft=0.1))
+    decisions = core.step()
+    assert [(d.action, d.target) for d in decisions] == [("set_sparsity", "a")]
+    orders = core.report(snap("a", ttft=2.0))
+    assert orders["keep"] == {"vision_keep": core.sla.keep_at(2).vision_keep,
+                              "text_keep": core.sla.keep_at(2).text_keep}
+    now[0] = 4.0
+    core.report(snap("b", ttft=0.1))
+    now[0] = 8.0  # a last reported at 0: stale
+    core.step()
+    assert set(core.status()["actors"]) == {"b"} and core.status()["decisions"][0]["target"] == "a"
+
+
+def test_a_restarted_core_rebuilds_levels_from_reports():
+    sla = SLA()
+    core = ControllerCore(sla)
+    core.report(snap("a", ttft=0.7, keep=sla.keep_at(3)))  # between slack and risk: hold
+    assert core.step() == [] and core.status()["actors"]["a"]["level"] == 3
+
+
+@pytest.fixture(scope="module")
+def controlled_app(ray_local):
+    from ray import serve
+
+    from cluster.app import build
+    from cluster.controller import start_controller
+    from cluster.serve_config import ServeConfig
+    from dynllava.config import SparsityConfig
+
+    controller = start_controller(STRICT, period_s=0.5, stale_s=5.0)
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    options = {"ray_actor_options": {"num_cpus": 2},
+               "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "initial_replicas": 1,
+                                      "upscale_delay_s": 0, "metrics_interval_s": 0.5,
+                                      "policy": {"policy_function": "cluster.autoscaling:controller_policy"}}}
+    config = ServeConfig(model="tiny", controller=True, report_period_s=0.5, threads=1,
+                         sparsity=SparsityConfig(vision_keep=1.0, text_keep=1.0))  # starts at the preferred
+    handle = serve.run(build(config, options), name="controlled", route_prefix=None)
+    yield handle, controller
+    serve.delete("controlled")
+    import ray
+
+    ray.kill(controller)
+
+
+def _running_replicas() -> int:
+    from ray import serve
+
+    deployment = serve.status().applications["controlled"].deployments["LlavaServer"]
+    return deployment.replica_states.get("RUNNING", 0)
+
+
+@pytest.mark.ray
+def test_floor_then_a_second_replica_and_a_controller_restart(controlled_app):
+    import numpy as np
+
+    handle, controller = controlled_app
+    pixels = np.zeros((1, 3, 192, 192), dtype=np.uint8)
+    stop = threading.Event()
+
+    def load() -> None:  # steady traffic for the whole test: every request misses the 0.1 ms TTFT target
+        while not stop.is_set():
+            handle.generate_rows.remote(pixels, ["Describe the image briefly."], 4,
+                                        {"vision_keep": 1.0, "text_keep": 1.0}).result()
+            time.sleep(0.1)
+
+    threading.Thread(target=load, daemon=True).start()
+    try:
+        _check_floor_scale_and_restart(controller)
+    finally:
+        stop.set()
+
+
+def _check_floor_scale_and_restart(controller) -> None:
+    import ray
+
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline and _running_replicas() < 2:
+        time.sleep(0.5)
+    assert _running_replicas() == 2, "the custom autoscaling policy should have added the replica"
+    status = ray.get(controller.status.remote())
+    actions = [(d["action"], d["target"]) for d in status["decisions"]]
+    assert ("scale", "serve") in actions and status["desired"]["serve"] == 2
+    tightened = [i for i, d in enumerate(status["decisions"]) if d["action"] == "set_sparsity"]
+    scaled = actions.index(("scale", "serve"))
+    assert tightened and tightened[0] < scaled, "sparsity moves before replicas"
+    assert status["decisions"][tightened[0]]["value"] == {"vision_keep": 0.2, "text_keep": 0.5}
+
+    def levels() -> dict:
+        try:
+            return {a: v["level"] for a, v in ray.get(controller.status.remote(), timeout=10)["actors"].items()}
+        except Exception:  # restarting
+            return {}
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and list(levels().values()) != [2, 2]:
+        time.sleep(0.5)  # the new replica starts at the preferred setting and is tightened too
+    before = levels()
+    assert list(before.values()) == [2, 2]
+    ray.kill(controller, no_restart=False)  # it restarts (max_restarts=-1) and hears from the replicas again
+    deadline = time.monotonic() + 60
+    after = {}
+    while time.monotonic() < deadline and (len(after) < 2 or None in after.values()):
+        time.sleep(1)
+        after = levels()
+    assert after == before, "levels rebuilt from the replicas' reports, not reset"
