@@ -41,6 +41,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ray.init(address=args.address)
     else:
         ray.init(include_dashboard=False)
+    if config.controller:
+        from cluster.controller import start_controller
+
+        start_controller(_load_sla(args.sla))
     serve.start(http_options=http)
     name, prefix = app.get("name", "dynllava"), app.get("route_prefix", "/")
     serve.run(build(config, options), name=name, route_prefix=prefix, blocking=False)
@@ -54,6 +58,58 @@ def cmd_serve(args: argparse.Namespace) -> int:
             time.sleep(3600)
     except KeyboardInterrupt:
         serve.delete(name)
+    return 0
+
+
+DEFAULT_SLA = "configs/sla.yaml"
+
+
+def _load_sla(path: str | None):
+    from cluster.sla import SLA
+
+    path = path or (DEFAULT_SLA if Path(DEFAULT_SLA).is_file() else None)
+    return SLA.from_yaml(path) if path else SLA()
+
+
+def status_table(status: dict) -> str:
+    """The controller's view as text: one row per engine actor, then the desired counts and recent decisions."""
+    head = ("actor", "kind", "level", "vision", "text", "req/s", "tok/s", "ttft p95", "queue", "running",
+            "KV MiB", "memory")
+    rows = []
+    for actor, entry in sorted(status["actors"].items()):
+        s = entry["snapshot"]
+        ttft = f"{s['ttft_p95_s']:.3f}" if s["ttft_p95_s"] is not None else "-"
+        memory = f"{s['device_memory_used'] / s['device_memory_total']:.0%}" if s["device_memory_total"] else "-"
+        rows.append((actor, s["kind"], "-" if entry["level"] is None else str(entry["level"]),
+                     f"{s['sparsity'].get('vision_keep', 1.0):g}", f"{s['sparsity'].get('text_keep') or 1.0:g}",
+                     f"{s['requests_per_s']:.2f}", f"{s['output_tokens_per_s']:.1f}", ttft, str(s["queue_depth"]),
+                     str(s["running"]), f"{s['kv_bytes_in_use'] / 2**20:.1f}", memory))
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [head, *rows]]
+    if not rows:
+        lines.append("(no engine actor has reported yet)")
+    lines.append(f"desired counts: {status['desired'] or 'none yet'}")
+    for d in status["decisions"][-10:]:
+        lines.append(f"  {time.strftime('%H:%M:%S', time.localtime(d['at']))} {d['action']} {d['target']} -> "
+                     f"{d['value']} ({d['reason']})")
+    return "\n".join(lines)
+
+
+def cmd_controller(args: argparse.Namespace) -> int:
+    import ray
+
+    from cluster.controller import find_controller, start_controller
+
+    ray.init(address=args.address, namespace="dynllava")
+    if args.action == "start":
+        start_controller(_load_sla(args.sla))
+        print(f"controller running (SLA: {args.sla or DEFAULT_SLA}); `dynllava controller status` shows it")
+        return 0
+    controller = find_controller()
+    if controller is None:
+        print("no controller on this cluster (start one with `dynllava controller start`)")
+        return 1
+    print(status_table(ray.get(controller.status.remote())))
     return 0
 
 
@@ -74,4 +130,14 @@ def register(sub) -> None:
     s.add_argument("--port", type=int, default=None, help="HTTP port (default from the config: 8000)")
     s.add_argument("--detach", action="store_true",
                    help="return once deployed (with --address the app keeps running on the cluster)")
+    s.add_argument("--sla", default=None, help=f"SLA YAML for the controller when the config has `controller: "
+                                               f"true` (default: {DEFAULT_SLA} when present)")
     s.set_defaults(func=cmd_serve)
+    c = sub.add_parser("controller", help="start the cluster controller or show its view",
+                       description="The controller reads every engine actor's telemetry and tunes its sparsity "
+                                   "within the SLA, and asks for more replicas when sparsity alone cannot meet "
+                                   "it. It is a detached actor: start it on a running cluster.")
+    c.add_argument("action", choices=("start", "status"), help="start (idempotent) or status (a table)")
+    c.add_argument("--sla", default=None, help=f"SLA YAML (default: {DEFAULT_SLA} when present)")
+    c.add_argument("--address", default="auto", help="the Ray cluster (default: auto)")
+    c.set_defaults(func=cmd_controller)

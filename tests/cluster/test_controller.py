@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from cluster.cli import status_table
 from cluster.controller import ControllerCore
 from cluster.sla import SLA, KeepSetting, OnlineTargets, Pacing
 from tests.cluster.conftest import free_port
@@ -33,6 +34,8 @@ def test_core_orders_ride_on_reports_and_dead_actors_drop_out():
     now[0] = 8.0  # a last reported at 0: stale
     core.step()
     assert set(core.status()["actors"]) == {"b"} and core.status()["decisions"][0]["target"] == "a"
+    table = status_table(core.status())
+    assert "b  " in table and "set_sparsity a" in table and "tighten to level 2" in table
 
 
 def test_a_restarted_core_rebuilds_levels_from_reports():
