@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_pipeline_"))
     data = work / "rows.parquet"
     make_rows(data, args.rows)
-    ray.init(num_cpus=int(args.actor_cpus) + 2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=int(args.actor_cpus) + 2, include_dashboard=False, log_to_driver=False)
     results = {"loop sparse": loop_rows_per_s(data, args, sparse)}
     for name, sparsity in (("pipeline dense", dense), ("pipeline sparse", sparse)):
         config = CaptionJobConfig(model=args.model, sparsity=sparsity, max_new_tokens=args.max_new_tokens,

@@ -119,7 +119,8 @@ def summarise(results: list[dict], wall: float, slo_s: float) -> dict:
     lat, ttft = [r["latency"] for r in ok], [r["ttft"] for r in ok]
     good = sum(r["latency"] <= slo_s for r in ok)
     return {"requests": len(results), "ok": len(ok), "errors": len(results) - len(ok), "wall_s": round(wall, 2),
-            "throughput_rps": round(len(ok) / wall, 3), "output_chunks_per_s": round(sum(r["chunks"] for r in ok) / wall, 1),
+            "throughput_rps": round(len(ok) / wall, 3),
+            "output_chunks_per_s": round(sum(r["chunks"] for r in ok) / wall, 1),
             "ttft_p50": round(percentile(ttft, 50), 3), "ttft_p95": round(percentile(ttft, 95), 3),
             "ttft_p99": round(percentile(ttft, 99), 3), "latency_p50": round(percentile(lat, 50), 3),
             "latency_p95": round(percentile(lat, 95), 3), "latency_p99": round(percentile(lat, 99), 3),
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     args = parse_args(argv)
     load = workload(args)
-    ray.init(num_cpus=max(4, int(args.replica_cpus) + 2), num_gpus=int(args.num_gpus) or None,
+    ray.init(address="local", num_cpus=max(4, int(args.replica_cpus) + 2), num_gpus=int(args.num_gpus) or None,
              include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -40,7 +40,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.address:
         ray.init(address=args.address)
     else:
-        ray.init(include_dashboard=False)
+        ray.init(address="local", include_dashboard=False)  # a new local cluster, as --help says
     if config.controller:
         from cluster.controller import start_controller
 

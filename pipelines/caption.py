@@ -108,7 +108,7 @@ def _init_ray(address: str | None, config: CaptionJobConfig) -> None:
         return
     # Local: logical CPUs for the engine actors plus room for the decode tasks, so neither starves the other.
     need = config.actors.max_size * max(1.0, config.actors.num_cpus) + 2
-    ray.init(num_cpus=int(max(need, os.cpu_count() or 1)), include_dashboard=False)
+    ray.init(address="local", num_cpus=int(max(need, os.cpu_count() or 1)), include_dashboard=False)
 
 
 def _check_serve_app(name: str) -> None:

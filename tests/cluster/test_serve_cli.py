@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,7 +55,8 @@ def test_the_yaml_starts_a_working_endpoint(how, tmp_path):
     path.write_text(yaml.safe_dump(config))
     command = [str(BIN / "dynllava"), "serve", "--config", str(path)] if how == "dynllava serve" else \
         [str(BIN / "serve"), "run", str(path)]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+    ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # its own Ray temp dir: nothing left in /tmp/ray
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": ray_tmp}
     log = tmp_path / "server.log"
     with log.open("wb") as out:
         process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
