@@ -79,4 +79,8 @@ def ray_local():
     ray.init(address="local", num_cpus=6, include_dashboard=False, object_store_memory=400 * 2**20,
              log_to_driver=False)
     yield ray
+    if ray.is_initialized():
+        from ray import serve
+
+        serve.shutdown()  # stops the driver's handle metrics pushers too: they would re-init Ray after shutdown
     ray.shutdown()

@@ -64,7 +64,6 @@ def controlled_app(ray_local):
                          sparsity=SparsityConfig(vision_keep=1.0, text_keep=1.0))  # starts at the preferred
     handle = serve.run(build(config, options), name="controlled", route_prefix=None)
     yield handle, controller
-    serve.delete("controlled")
     import ray
 
     ray.kill(controller)
