@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -22,6 +24,7 @@ import numpy as np
 from dynllava.inputs import load_image
 from pipelines.sources import InputSpec
 
+log = logging.getLogger(__name__)
 # Columns between decode and generate; the id column of the input also travels through unchanged.
 DECODED_COLUMNS = ("id", "prompt", "pixels", "error")
 OUTPUT_COLUMNS = ("id", "caption", "error", "finish_reason", "n_image_kept", "n_text_admitted", "kv_bytes_peak",
@@ -139,16 +142,51 @@ class GenerateStage:
     without failing its batch. `loader(model, device=, dtype=)` builds the model (injected by tests)."""
 
     def __init__(self, model: str, sparsity: dict, max_new_tokens: int, device: str | None = None,
-                 dtype: str | None = None, loader: Callable | None = None, extra_columns: tuple[str, ...] = ()):
-        from dynllava.config import SparsityConfig
+                 dtype: str | None = None, loader: Callable | None = None, extra_columns: tuple[str, ...] = (),
+                 controller: bool = False, reporter: Callable[[dict], dict] | None = None):
         from dynllava.model import DynamicLlava
+        from dynllava.telemetry import RequestWindow
 
         self.model = (loader or DynamicLlava.from_pretrained)(model, device=device, dtype=dtype)
-        self.sparsity = SparsityConfig.from_dict(sparsity)
-        self.sparsity_json = json.dumps(self.sparsity.to_dict(), sort_keys=True)
+        self._set_sparsity(sparsity)
         self.max_new_tokens = max_new_tokens
         self.extra_columns = extra_columns
         self.model_name = self.model.name
+        self.window = RequestWindow()
+        self.actor_id = f"data:{uuid.uuid4().hex[:12]}"
+        # reporter(snapshot dict) -> orders: the controller actor's `report` when controller=True
+        self.reporter = reporter or (_controller_reporter() if controller else None)
+
+    def _set_sparsity(self, sparsity: dict) -> None:
+        from dynllava.config import SparsityConfig
+
+        self.sparsity = SparsityConfig.from_dict(sparsity)
+        self.sparsity_json = json.dumps(self.sparsity.to_dict(), sort_keys=True)
+
+    def report(self) -> None:
+        """Send this actor's telemetry to the controller and follow its keep setting (errors only logged: the
+        job never waits on the controller)."""
+        if self.reporter is None:
+            return
+        import time as clock
+
+        from dynllava.telemetry import TelemetrySnapshot, device_memory
+
+        device = self.model.device
+        used, total = device_memory(device.index or 0 if device.type == "cuda" else None)
+        snapshot = TelemetrySnapshot(actor_id=self.actor_id, kind="data", timestamp=clock.time(),
+                                     window_s=self.window.window_s, **self.window.stats(), queue_depth=0,
+                                     running=0, kv_bytes_in_use=0, kv_bytes_allocated=0, device_memory_used=used,
+                                     device_memory_total=total, sparsity=self.sparsity.to_dict())
+        try:
+            orders = self.reporter(snapshot.to_dict())
+        except Exception as e:  # the controller may be restarting
+            log.debug("report to the controller failed: %s", e)
+            return
+        keep = (orders or {}).get("keep")
+        if keep and (keep["vision_keep"], keep["text_keep"]) != (self.sparsity.vision_keep, self.sparsity.text_keep):
+            self._set_sparsity({**self.sparsity.to_dict(), **keep})
+            log.info("controller: sparsity -> %s", keep)
 
     def generate_rows(self, pixels: np.ndarray, prompts: list[str]) -> list[Any]:
         """Rows' uint8 pixels [N, 3, H, W] and raw prompts -> GenerationOutput or an error string per row."""
@@ -178,6 +216,10 @@ class GenerateStage:
         if ok:
             results = dict(zip(ok, self.generate_rows(batch["pixels"][ok], [str(batch["prompt"][i]) for i in ok])))
         latency = time.perf_counter() - started  # every row of a batch waits for the whole batch
+        for res in results.values():
+            if not isinstance(res, str):
+                self.window.add(res.stats.ttft_s, latency, res.stats.n_text_generated)
+        self.report()
         out: dict[str, list] = {c: [] for c in OUTPUT_COLUMNS}
         for i in range(n):
             res = results.get(i, batch["error"][i])
@@ -203,6 +245,19 @@ class GenerateStage:
         return columns
 
 
+def _controller_reporter() -> Callable[[dict], dict] | None:
+    """The running controller's `report` as a blocking call, or None when there is no controller."""
+    import ray
+
+    from cluster.controller import find_controller
+
+    controller = find_controller()
+    if controller is None:
+        log.warning("controller: true, but no controller runs on this cluster; reporting is off")
+        return None
+    return lambda snapshot: ray.get(controller.report.remote(snapshot), timeout=10)
+
+
 class ServeGenerateStage(GenerateStage):
     """The generate stage sent through a running Serve app's replicas (`dynllava caption --serve-app NAME`):
     rows join the replicas' continuous batches beside online traffic, so both share one pool of engines. The
@@ -211,14 +266,15 @@ class ServeGenerateStage(GenerateStage):
     def __init__(self, app_name: str, sparsity: dict, max_new_tokens: int, extra_columns: tuple[str, ...] = ()):
         from ray import serve
 
-        from dynllava.config import SparsityConfig
+        from dynllava.telemetry import RequestWindow
 
         self.handle = serve.get_deployment_handle("LlavaServer", app_name=app_name)
-        self.sparsity = SparsityConfig.from_dict(sparsity)
-        self.sparsity_json = json.dumps(self.sparsity.to_dict(), sort_keys=True)
+        self._set_sparsity(sparsity)
         self.max_new_tokens = max_new_tokens
         self.extra_columns = extra_columns
         self.model_name = self.handle.model_name.remote().result()
+        self.window = RequestWindow()
+        self.reporter = None  # the replicas report for themselves
 
     def generate_rows(self, pixels: np.ndarray, prompts: list[str]) -> list[Any]:
         return self.handle.generate_rows.remote(pixels, prompts, self.max_new_tokens, self.sparsity.to_dict()).result()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import base64
 
 import numpy as np
@@ -56,3 +58,28 @@ def test_generate_passes_errors_through_and_isolates_a_rejected_row(tiny_yaml):
     assert "context" in out["error"][2]
     with pytest.raises(KeyError, match="generate"):
         require_columns({"id": 1}, ("id", "prompt"), "generate")
+
+
+def test_generate_reports_to_the_controller_and_follows_its_orders(tiny_yaml):
+    """An engine actor's telemetry reaches the controller after each batch; a keep setting in the reply
+    applies from the next batch (here: a rows/s target it cannot meet)."""
+    from cluster.controller import ControllerCore
+    from cluster.sla import SLA, OfflineTargets, Pacing
+
+    core = ControllerCore(SLA(offline=OfflineTargets(rows_per_s=1e6), pacing=Pacing(cooldown_s=0)))
+    stage = GenerateStage(tiny_yaml, {"vision_keep": 1.0, "vision_scorer": "stride", "text_keep": 1.0,
+                                      "text_scorer": "recent"}, max_new_tokens=3, reporter=core.report)
+    decoded = decode_batch({"id": np.array(["a", "b"], dtype=object),
+                            "image": np.array([png_bytes(i) for i in range(2)], dtype=object)},
+                           spec=spec(prompt_column=None, image_path_column=None), model=tiny_yaml,
+                           default_prompt="Q?", max_pixels=10**6)
+    first = stage(decoded)
+    (snapshot,) = core.status()["actors"].values()
+    assert snapshot["snapshot"]["kind"] == "data" and snapshot["snapshot"]["requests_per_s"] > 0
+    decisions = core.step()
+    assert decisions and decisions[0].target == stage.actor_id
+    stage(decoded)  # this batch's report carries the order back
+    second = stage(decoded)
+    assert json.loads(first["sparsity"][0])["vision_keep"] == 1.0
+    assert json.loads(second["sparsity"][0])["vision_keep"] == decisions[0].value.vision_keep < 1.0
+    assert second["n_image_kept"][0] < first["n_image_kept"][0]
