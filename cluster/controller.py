@@ -91,6 +91,14 @@ class ControllerCore:
                     "sla": asdict(self.sla)}
 
 
+def follow_orders(current, orders: dict | None):
+    """The SparsityConfig an engine should switch to after a report's reply, or None to keep `current`."""
+    keep = (orders or {}).get("keep")
+    if not keep or (keep["vision_keep"], keep["text_keep"]) == (current.vision_keep, current.text_keep):
+        return None
+    return current.replace(**keep)
+
+
 def _request_engine_bundles(bundle: dict[str, float]) -> Callable[[int], None]:
     """Ask Ray's autoscaler for room for `n` offline engine actors (one bundle each)."""
 
@@ -139,8 +147,6 @@ def controller_actor_class():
 
 def start_controller(sla: SLA, period_s: float = 1.0, stale_s: float = 5.0, engine_bundle: dict | None = None):
     """Get the running controller, or start it (named, detached: it outlives the process that started it)."""
-    import ray
-
     return controller_actor_class().options(name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached",
                                             get_if_exists=True).remote(asdict(sla), period_s, stale_s,
                                                                        engine_bundle)

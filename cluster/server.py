@@ -108,9 +108,7 @@ class LlavaServer:
                                     f"{self.served_name!r})", param="model", code="model_not_found")
             engine_request = await asyncio.to_thread(self._engine_request, chat)
             engine_request.arrived_at = arrived  # TTFT counts validation and image decoding too
-            events: asyncio.Queue[StreamEvent] = asyncio.Queue()
-            loop = asyncio.get_running_loop()
-            engine_request.on_event = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+            events = self._listen(engine_request)
             ticket = await self._submit(engine_request)
         except ApiError as e:
             self.metrics.outcome("busy" if e.status in (429, 503) else "rejected")
@@ -138,7 +136,7 @@ class LlavaServer:
         """Push telemetry to the controller; follow its keep setting; remember its replica count."""
         import ray
 
-        from cluster.controller import find_controller
+        from cluster.controller import find_controller, follow_orders
 
         controller = None
         while self.engine.alive:
@@ -152,11 +150,10 @@ class LlavaServer:
                 log.debug("report to the controller failed: %s", e)
                 controller = None
                 continue
-            keep = orders.get("keep")
-            if keep and (keep["vision_keep"], keep["text_keep"]) != (self.default_sparsity.vision_keep,
-                                                                     self.default_sparsity.text_keep):
-                self.default_sparsity = self.default_sparsity.replace(**keep)
-                log.info("controller: sparsity -> %s", keep)
+            changed = follow_orders(self.default_sparsity, orders)
+            if changed is not None:
+                self.default_sparsity = changed
+                log.info("controller: sparsity -> %s", changed)
             self.desired_replicas = orders.get("replicas") or 0
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
@@ -174,14 +171,20 @@ class LlavaServer:
         [N, 3, H, W] and raw prompts join the continuous batch beside online requests. Returns a
         GenerationOutput or an error string per row. A full queue makes these rows wait, never fail."""
         try:
-            applied = SparsityConfig.from_dict(sparsity)
-            self.config.sparsity_bounds.check(applied)
-            self.model.check_scorers(applied)
+            applied = self._allowed(SparsityConfig.from_dict(sparsity))
         except ValueError as e:
             return [f"sparsity: {e}"] * len(prompts)
         images = await asyncio.to_thread(normalise, self.model.processor, pixels)
         return list(await asyncio.gather(*(self._offline_row(image, prompt, max_new_tokens, applied)
                                            for image, prompt in zip(images, prompts))))
+
+    @staticmethod
+    def _listen(request: EngineRequest) -> "asyncio.Queue[StreamEvent]":
+        """The request's stream events, moved from the engine thread into this event loop's queue."""
+        events: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        request.on_event = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+        return events
 
     async def _offline_row(self, image, prompt: str, max_new_tokens: int, sparsity: SparsityConfig) -> Any:
         try:
@@ -189,10 +192,8 @@ class LlavaServer:
                                                max_new_tokens)
         except ValueError as e:
             return str(e)
-        events: asyncio.Queue[StreamEvent] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        request = EngineRequest(prepared, sparsity, max_new_tokens,
-                                on_event=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        request = EngineRequest(prepared, sparsity, max_new_tokens)
+        events = self._listen(request)
         while True:
             result = self.engine.submit_many([request])[0]
             if not isinstance(result, QueueFull):
@@ -232,15 +233,19 @@ class LlavaServer:
             raise ApiError(413, f"request body of {len(body)} bytes is over the {limit}-byte limit")
         return body
 
+    def _allowed(self, sparsity: SparsityConfig) -> SparsityConfig:
+        """`sparsity` if the operator's bounds allow it and the model can run it, else ValueError."""
+        self.config.sparsity_bounds.check(sparsity)
+        self.model.check_scorers(sparsity)
+        return sparsity
+
     def _sparsity(self, chat: proto.ChatCompletionRequest) -> SparsityConfig:
         base = self.default_sparsity
         if chat.dynllava is None:
             return base
         asked = {k: v for k, v in chat.dynllava.model_dump().items() if v is not None}
         try:
-            sparsity = base.replace(**asked)
-            self.config.sparsity_bounds.check(sparsity)
-            self.model.check_scorers(sparsity)
+            sparsity = self._allowed(base.replace(**asked))
         except ValueError as e:
             raise ApiError(400, str(e) if str(e).startswith("dynllava.") else f"dynllava: {e}",
                            param="dynllava") from None

@@ -35,7 +35,7 @@ from dynllava.engine import (CACHE_BLOCK_TOKENS, CachedDecoding, GenerationOutpu
                              row_step_flops)
 from dynllava.inputs import PreparedBatch, concat_prepared
 from dynllava.scorers import RATE_SLACK_TOKENS
-from dynllava.telemetry import RequestWindow, TelemetrySnapshot, device_memory
+from dynllava.telemetry import RequestWindow, TelemetrySnapshot, take_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -253,13 +253,8 @@ class ContinuousEngine:
     def snapshot(self, actor_id: str, kind: str, sparsity: SparsityConfig) -> TelemetrySnapshot:
         """This engine's TelemetrySnapshot (any thread): window rates and percentiles, queue, batch, KV, memory."""
         c = self.counters
-        device = self.model.device
-        used, total = device_memory(device.index or 0 if device.type == "cuda" else None)
-        return TelemetrySnapshot(actor_id=actor_id, kind=kind, timestamp=time.time(),
-                                 window_s=self.window.window_s, **self.window.stats(), queue_depth=c.waiting,
-                                 running=c.running, kv_bytes_in_use=c.kv_bytes_in_use,
-                                 kv_bytes_allocated=c.kv_bytes_allocated, device_memory_used=used,
-                                 device_memory_total=total, sparsity=sparsity.to_dict())
+        return take_snapshot(actor_id, kind, self.window, self.model.device, sparsity.to_dict(), c.waiting,
+                             c.running, c.kv_bytes_in_use, c.kv_bytes_allocated)
 
     def has_work(self) -> bool:
         return bool(self._waiting or self._running)
@@ -409,7 +404,7 @@ class ContinuousEngine:
                 self.window.add(live.first_token_at - live.submitted_at, row.finished_at - live.submitted_at,
                                 len(row.tokens))
                 done.append(i)
-            else:
+            elif live.request.on_event is not None:  # decoding text costs; only for a listener
                 self._send(live, self._streamable_text(row), None)
         if done:
             self._drop(done)

@@ -95,3 +95,14 @@ def device_memory(device_index: int | None) -> tuple[int, int]:
     with open("/proc/self/statm") as f:
         resident = int(f.read().split()[1]) * page
     return resident, os.sysconf("SC_PHYS_PAGES") * page
+
+
+def take_snapshot(actor_id: str, kind: str, window: RequestWindow, device, sparsity: dict, queue_depth: int = 0,
+                  running: int = 0, kv_bytes_in_use: int = 0, kv_bytes_allocated: int = 0) -> TelemetrySnapshot:
+    """A snapshot now: the window's figures, the given current counts, and `device`'s memory (a torch.device:
+    NVML for CUDA, else this process)."""
+    used, total = device_memory((device.index or 0) if device.type == "cuda" else None)
+    return TelemetrySnapshot(actor_id=actor_id, kind=kind, timestamp=time.time(), window_s=window.window_s,
+                             **window.stats(), queue_depth=queue_depth, running=running,
+                             kv_bytes_in_use=kv_bytes_in_use, kv_bytes_allocated=kv_bytes_allocated,
+                             device_memory_used=used, device_memory_total=total, sparsity=sparsity)

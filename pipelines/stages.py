@@ -168,25 +168,19 @@ class GenerateStage:
         job never waits on the controller)."""
         if self.reporter is None:
             return
-        import time as clock
+        from cluster.controller import follow_orders
+        from dynllava.telemetry import take_snapshot
 
-        from dynllava.telemetry import TelemetrySnapshot, device_memory
-
-        device = self.model.device
-        used, total = device_memory(device.index or 0 if device.type == "cuda" else None)
-        snapshot = TelemetrySnapshot(actor_id=self.actor_id, kind="data", timestamp=clock.time(),
-                                     window_s=self.window.window_s, **self.window.stats(), queue_depth=0,
-                                     running=0, kv_bytes_in_use=0, kv_bytes_allocated=0, device_memory_used=used,
-                                     device_memory_total=total, sparsity=self.sparsity.to_dict())
+        snapshot = take_snapshot(self.actor_id, "data", self.window, self.model.device, self.sparsity.to_dict())
         try:
             orders = self.reporter(snapshot.to_dict())
         except Exception as e:  # the controller may be restarting
             log.debug("report to the controller failed: %s", e)
             return
-        keep = (orders or {}).get("keep")
-        if keep and (keep["vision_keep"], keep["text_keep"]) != (self.sparsity.vision_keep, self.sparsity.text_keep):
-            self._set_sparsity({**self.sparsity.to_dict(), **keep})
-            log.info("controller: sparsity -> %s", keep)
+        changed = follow_orders(self.sparsity, orders)
+        if changed is not None:
+            self._set_sparsity(changed.to_dict())
+            log.info("controller: sparsity -> %s", changed)
 
     def generate_rows(self, pixels: np.ndarray, prompts: list[str]) -> list[Any]:
         """Rows' uint8 pixels [N, 3, H, W] and raw prompts -> GenerationOutput or an error string per row."""

@@ -49,6 +49,19 @@ def request(method: str, url: str, body=None, raw: bytes | None = None, key: str
         conn.close()
 
 
+def wait_healthy(base: str, timeout_s: float = 120, alive=lambda: True) -> None:
+    """Poll GET base/health until it answers 200; `alive()` is asserted on every try (a server process)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert alive(), "the server exited"
+        try:
+            if request("GET", f"{base}/health").status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -77,13 +90,6 @@ def serve_urls(ray_local):
     serve.run(build(secure_cfg, {"ray_actor_options": {**actor, "num_cpus": 1}}), name="secure",
               route_prefix="/secure")
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if request("GET", f"{base}/health").status == 200:
-                break
-        except OSError:
-            pass
-        time.sleep(0.5)
+    wait_healthy(base)
     yield {"open": base, "secure": f"{base}/secure"}
     serve.shutdown()

@@ -8,13 +8,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.cluster.conftest import free_port, request
+from tests.cluster.conftest import free_port, request, wait_healthy
 from tests.conftest import REPO_ROOT
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -23,15 +22,7 @@ HELLO = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temp
 
 
 def _answers(base: str, process: subprocess.Popen, timeout_s: float = 240) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"the server exited with {process.returncode}"
-        try:
-            if request("GET", f"{base}/health").status == 200:
-                break
-        except OSError:
-            pass
-        time.sleep(1)
+    wait_healthy(base, timeout_s, alive=lambda: process.poll() is None)
     reply = request("POST", f"{base}/v1/chat/completions", HELLO)
     assert reply.status == 200, reply.body
     return reply.json()
