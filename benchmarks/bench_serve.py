@@ -61,22 +61,28 @@ def workload(args: argparse.Namespace) -> list[tuple[float, dict]]:
         t += rng.expovariate(args.rate)
         if t > args.duration:
             break
-        row = shapes.make_row(shapes.SPLIT_SEEDS["test"], len(out), rng.choice(TASKS))
-        url = "data:image/png;base64," + base64.b64encode(row.image).decode()
-        body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                          {"type": "text", "text": row.prompt}]}],
-                "max_tokens": args.max_tokens, "temperature": 0, "stream": True}
-        out.append((t, body))
+        out.append((t, request_body(rng, len(out), args.max_tokens)))
     return out
 
 
+def request_body(rng: random.Random, index: int, max_tokens: int) -> dict:
+    """A streamed, greedy chat request: held-out synthetic scene `index` with a caption, description or VQA
+    prompt drawn from `rng`."""
+    row = shapes.make_row(shapes.SPLIT_SEEDS["test"], index, rng.choice(TASKS))
+    url = "data:image/png;base64," + base64.b64encode(row.image).decode()
+    return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": row.prompt}]}],
+            "max_tokens": max_tokens, "temperature": 0, "stream": True}
+
+
 async def one_request(session, url: str, body: dict, start: float, offset: float) -> dict:
-    """Send at start + offset; returns arrival-relative TTFT and latency (s), tokens and the status."""
+    """Send at start + offset; returns arrival-relative TTFT and latency (s), tokens, the status, and the
+    sparsity the server applied (`dynllava.applied` on the last chunk)."""
     import aiohttp
 
     await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
     sent = time.perf_counter()
-    ttft, tokens, status = None, 0, 0
+    ttft, tokens, status, applied = None, 0, 0, None
     try:
         async with session.post(url, json=body) as response:
             status = response.status
@@ -87,6 +93,7 @@ async def one_request(session, url: str, body: dict, start: float, offset: float
                 if "error" in chunk:
                     status = 500
                     break
+                applied = chunk.get("dynllava", {}).get("applied", applied)
                 for choice in chunk.get("choices", []):
                     if choice["delta"].get("content"):
                         ttft = ttft if ttft is not None else time.perf_counter() - sent
@@ -94,7 +101,7 @@ async def one_request(session, url: str, body: dict, start: float, offset: float
     except aiohttp.ClientError:
         status = -1
     return {"ok": status == 200 and ttft is not None, "status": status, "ttft": ttft,
-            "latency": time.perf_counter() - sent, "chunks": tokens, "sent": sent - start}
+            "latency": time.perf_counter() - sent, "chunks": tokens, "sent": sent - start, "applied": applied}
 
 
 async def drive(url: str, load: list[tuple[float, dict]]) -> tuple[list[dict], float]:

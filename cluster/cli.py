@@ -7,6 +7,8 @@ import logging
 import time
 from pathlib import Path
 
+from cluster.sla import DEFAULT_SLA, load_sla
+
 log = logging.getLogger(__name__)
 DEFAULT_CONFIG = "configs/serve.yaml"
 
@@ -44,7 +46,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if config.controller:
         from cluster.controller import start_controller
 
-        start_controller(_load_sla(args.sla))
+        start_controller(load_sla(args.sla))
     serve.start(http_options=http)
     name, prefix = app.get("name", "dynllava"), app.get("route_prefix", "/")
     serve.run(build(config, options), name=name, route_prefix=prefix, blocking=False)
@@ -59,16 +61,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         serve.delete(name)
     return 0
-
-
-DEFAULT_SLA = "configs/sla.yaml"
-
-
-def _load_sla(path: str | None):
-    from cluster.sla import SLA
-
-    path = path or (DEFAULT_SLA if Path(DEFAULT_SLA).is_file() else None)
-    return SLA.from_yaml(path) if path else SLA()
 
 
 def status_table(status: dict) -> str:
@@ -89,6 +81,9 @@ def status_table(status: dict) -> str:
     if not rows:
         lines.append("(no engine actor has reported yet)")
     lines.append(f"desired counts: {status['desired'] or 'none yet'}")
+    if status.get("offline"):
+        o = status["offline"]
+        lines.append(f"offline job: {o['rows_done']} of {o['rows_total']} rows")
     for d in status["decisions"][-10:]:
         lines.append(f"  {time.strftime('%H:%M:%S', time.localtime(d['at']))} {d['action']} {d['target']} -> "
                      f"{d['value']} ({d['reason']})")
@@ -102,7 +97,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
 
     ray.init(address=args.address, namespace="dynllava")
     if args.action == "start":
-        start_controller(_load_sla(args.sla))
+        start_controller(load_sla(args.sla))
         print(f"controller running (SLA: {args.sla or DEFAULT_SLA}); `dynllava controller status` shows it")
         return 0
     controller = find_controller()

@@ -38,7 +38,8 @@ class ControllerCore:
         self.assigned: dict[str, dict] = {}  # actor id -> keep setting it should run at
         self.desired: dict[str, int] = {}  # kind -> actor count wanted
         self.state = PolicyState()
-        self.offline: OfflineProgress | None = None
+        self.job: tuple[int | None, float] | None = None  # the running offline job: (rows to do, start time)
+        self.job_rows: dict[str, int] = {}  # offline actor id -> rows it finished for the job (dead ones too)
         self.history: collections.deque[dict] = collections.deque(maxlen=500)
         self.lock = threading.Lock()
 
@@ -49,11 +50,30 @@ class ControllerCore:
         with self.lock:
             self.snapshots[snap.actor_id] = snap
             self.seen_at[snap.actor_id] = self.clock()
+            if snap.kind == "data" and self.job is not None:
+                self.job_rows[snap.actor_id] = snap.finished
             return {"keep": self.assigned.get(snap.actor_id), "replicas": self.desired.get(snap.kind)}
 
-    def set_offline_progress(self, rows_done: int, rows_total: int, started_at: float) -> None:
+    def start_offline_job(self, rows_total: int | None, started_at: float) -> None:
+        """An offline job begins: its rows to do (None: unknown, then a deadline target cannot be judged) and
+        its start on this controller's clock. Progress is the sum of the rows its engine actors report."""
         with self.lock:
-            self.offline = OfflineProgress(rows_done, rows_total, started_at)
+            self.job, self.job_rows = (rows_total, started_at), {}
+
+    def end_offline_job(self) -> dict[str, Any]:
+        """The job is done: stop judging its deadline, withdraw its resource request; returns its progress."""
+        with self.lock:
+            progress = self._offline_progress()
+            self.job, self.job_rows = None, {}
+            self.desired.pop("data", None)
+        if self.request_nodes is not None:
+            self.request_nodes(0)
+        return {"rows_done": progress.rows_done if progress else 0}
+
+    def _offline_progress(self) -> OfflineProgress | None:
+        if self.job is None or self.job[0] is None:
+            return None
+        return OfflineProgress(sum(self.job_rows.values()), self.job[0], self.job[1])
 
     def step(self) -> list[Decision]:
         """Observe the fresh snapshots, decide, and record the orders the next reports will carry."""
@@ -65,7 +85,8 @@ class ControllerCore:
                     table.pop(actor, None)
             snaps = tuple(self.snapshots.values())
             counts = {kind: sum(s.kind == kind for s in snaps) for kind in ("serve", "data")}
-            decisions, self.state = decide(PolicyContext(now, self.sla, snaps, counts, self.offline), self.state)
+            decisions, self.state = decide(PolicyContext(now, self.sla, snaps, counts, self._offline_progress()),
+                                           self.state)
             for d in decisions:
                 if d.action == "set_sparsity":
                     self.assigned[d.target] = asdict(d.value)
@@ -88,7 +109,7 @@ class ControllerCore:
                                    "level": self.state.actors.get(a).level if a in self.state.actors else None}
                                for a, s in self.snapshots.items()},
                     "desired": dict(self.desired), "decisions": list(self.history)[-50:],
-                    "sla": asdict(self.sla)}
+                    "offline": asdict(p) if (p := self._offline_progress()) else None, "sla": asdict(self.sla)}
 
 
 def follow_orders(current, orders: dict | None):
@@ -136,8 +157,11 @@ def controller_actor_class():
         def report(self, snapshot: dict) -> dict:
             return self.core.report(snapshot)
 
-        def set_offline_progress(self, rows_done: int, rows_total: int, started_at: float) -> None:
-            self.core.set_offline_progress(rows_done, rows_total, started_at)
+        def start_offline_job(self, rows_total: int | None, started_at: float) -> None:
+            self.core.start_offline_job(rows_total, started_at)
+
+        def end_offline_job(self) -> dict:
+            return self.core.end_offline_job()
 
         def status(self) -> dict:
             return self.core.status()

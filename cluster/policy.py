@@ -137,8 +137,10 @@ def decide(ctx: PolicyContext, state: PolicyState) -> tuple[list[Decision], Poli
     decisions: list[Decision] = []
     actors: dict[str, ActorState] = {}
     loads: dict[str, float | None] = {}
+    before: dict[str, int] = {}  # each actor's level coming into this step
     for snap in ctx.snapshots:
         st = state.actors.get(snap.actor_id) or ActorState(level=level_of(sla, snap.sparsity))
+        before[snap.actor_id] = st.level
         load = loads[snap.actor_id] = pressure(snap, sla, ctx)
         actors[snap.actor_id], decision = _step_actor(snap, st, load, memory_use(snap, sla), sla, now)
         if decision:
@@ -152,7 +154,7 @@ def decide(ctx: PolicyContext, state: PolicyState) -> tuple[list[Decision], Poli
         count = ctx.counts.get(kind, len(snaps))
         peak[kind] = max([peak.get(kind, 0.0)] + [s.requests_per_s for s in snaps])
         ready = now - scaled_at.get(kind, -math.inf) >= p.scale_cooldown_s
-        missing_at_floor = [s for s in snaps if state.actors.get(s.actor_id, actors[s.actor_id]).level >= p.levels
+        missing_at_floor = [s for s in snaps if before[s.actor_id] >= p.levels  # at the floor before this step
                             and loads[s.actor_id] is not None and loads[s.actor_id] >= 1.0]
         relaxed_idle = all(actors[s.actor_id].level == 0 and (loads[s.actor_id] or 0.0) <= p.slack
                            and s.requests_per_s <= p.idle_fraction * peak[kind] for s in snaps)

@@ -92,6 +92,7 @@ class ServeConfig:
     api_key_env: str | None = None  # name of an env var holding the API key; requests then need `Bearer <key>`
     controller: bool = False  # report telemetry to the cluster controller and follow its sparsity orders
     report_period_s: float = 1.0  # how often a replica reports to the controller
+    telemetry_window_s: float = 30.0  # the sliding window of finished requests behind the reported p95s
 
     def __post_init__(self) -> None:
         if self.batching not in ("continuous", "static"):
@@ -102,6 +103,8 @@ class ServeConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.sparsity.mode != "kv_cache":
             raise ValueError("sparsity.mode must be kv_cache for serving (continuous batching decodes with the cache)")
+        if not self.report_period_s > 0 or not self.telemetry_window_s > 0:
+            raise ValueError("report_period_s and telemetry_window_s must be positive")
         if self.kv_budget_mib is not None and self.kv_budget_mib <= 0:
             raise ValueError(f"kv_budget_mib must be positive or null, got {self.kv_budget_mib!r}")
         if not 0 <= self.batch_wait_s <= 10:

@@ -62,7 +62,7 @@ class LlavaServer:
         self.engine = ContinuousEngine(self.model, max_batch=cfg.max_batch,
                                        max_prefill_batch=cfg.max_batch if static else cfg.max_prefill_batch,
                                        kv_budget_bytes=cfg.kv_budget_bytes, max_waiting=cfg.max_waiting,
-                                       join_running=not static)
+                                       join_running=not static, telemetry_window_s=cfg.telemetry_window_s)
         self.engine.start()
         if static:
             self._static_submit.set_max_batch_size(cfg.max_batch)

@@ -146,3 +146,13 @@ class SLA:
         if not Path(path).is_file():
             raise ValueError(f"sla {path}: no such file")
         return cls.from_dict(yaml.safe_load(Path(path).read_text()), where=str(path))
+
+
+DEFAULT_SLA = "configs/sla.yaml"
+
+
+def load_sla(path: str | Path | None) -> SLA:
+    """The SLA in `path`; with no path, configs/sla.yaml when it exists (relative to the working directory),
+    else the defaults."""
+    path = path or (DEFAULT_SLA if Path(DEFAULT_SLA).is_file() else None)
+    return SLA.from_yaml(path) if path else SLA()

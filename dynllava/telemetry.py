@@ -39,6 +39,7 @@ class TelemetrySnapshot:
     device_memory_used: int  # bytes (GPU via NVML, else this process's resident memory)
     device_memory_total: int  # bytes (GPU total, else physical memory)
     sparsity: dict = field(default_factory=dict)  # the engine's current SparsityConfig as a dict
+    finished: int = 0  # requests (rows) this engine finished since it started
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,14 +58,17 @@ class RequestWindow:
 
     def __init__(self, window_s: float = 30.0, clock=time.time):
         self.window_s, self.clock = window_s, clock
+        self.started = clock()  # a window younger than window_s divides by its age, not by window_s
         self._items: collections.deque[tuple[float, float, float | None, float, int]] = collections.deque()
         self._lock = threading.Lock()
+        self.total = 0  # requests added since the window was made
 
     def add(self, ttft_s: float, latency_s: float, n_tokens: int) -> None:
         """One finished request: time to first token, end-to-end latency (s), generated tokens."""
         per_token = (latency_s - ttft_s) / (n_tokens - 1) if n_tokens > 1 else None
         with self._lock:
             self._items.append((self.clock(), ttft_s, per_token, latency_s, n_tokens))
+            self.total += 1
 
     def stats(self) -> dict[str, float | None]:
         now = self.clock()
@@ -75,11 +79,11 @@ class RequestWindow:
         ttft = [i[1] for i in items]
         per_token = [i[2] for i in items if i[2] is not None]
         latency = [i[3] for i in items]
-        return {"requests_per_s": len(items) / self.window_s,
-                "output_tokens_per_s": sum(i[4] for i in items) / self.window_s,
+        span = min(self.window_s, max(now - self.started, 1.0))
+        return {"requests_per_s": len(items) / span, "output_tokens_per_s": sum(i[4] for i in items) / span,
                 "ttft_p50_s": percentile(ttft, 50), "ttft_p95_s": percentile(ttft, 95),
                 "token_latency_p50_s": percentile(per_token, 50), "token_latency_p95_s": percentile(per_token, 95),
-                "latency_p95_s": percentile(latency, 95)}
+                "latency_p95_s": percentile(latency, 95), "finished": self.total}
 
 
 def device_memory(device_index: int | None) -> tuple[int, int]:

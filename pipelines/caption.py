@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -40,6 +40,7 @@ class RunSummary:
     text_keep: float
     kv_bytes_saved: float
     error_examples: list[str]
+    sparsity_over_time: list[dict] = field(default_factory=list)  # see sparsity_timeline
 
     def table(self) -> str:
         rows = [("rows written", f"{self.rows}"), ("errors", f"{self.errors}"),
@@ -47,8 +48,27 @@ class RunSummary:
                 ("rows/s", f"{self.rows_per_s:.2f}"), ("output tokens/s", f"{self.output_tokens_per_s:.1f}"),
                 ("mean image keep", f"{self.image_keep:.3f}"), ("mean text keep", f"{self.text_keep:.3f}"),
                 ("KV bytes saved vs dense", f"{self.kv_bytes_saved:+.1%}")]
+        if len({(b["vision_keep"], b["text_keep"]) for b in self.sparsity_over_time}) > 1:  # it changed
+            rows.append(("sparsity over time", "  ".join(
+                f"+{b['from_s']:.0f}s {b['vision_keep']:.2f}/{b['text_keep']:.2f}" for b in self.sparsity_over_time)))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def sparsity_timeline(generated_at: list[float], sparsity: list[str], buckets: int = 10) -> list[dict]:
+    """The keep setting rows ran at over the run: the span from the first to the last row cut into `buckets`
+    equal parts; per part with rows, its start (s from the first row), rows, and the mean configured
+    vision_keep and text_keep (text_keep None = 1). Shows the controller's moves in the job summary."""
+    if not generated_at:
+        return []
+    t0, span = min(generated_at), max(max(generated_at) - min(generated_at), 1e-9)
+    parts: dict[int, list[dict]] = {}
+    for t, config in zip(generated_at, sparsity):
+        parts.setdefault(min(buckets - 1, int((t - t0) / span * buckets)), []).append(json.loads(config))
+    return [{"from_s": round(i * span / buckets, 1), "rows": len(cs),
+             "vision_keep": round(sum(c["vision_keep"] for c in cs) / len(cs), 3),
+             "text_keep": round(sum(c.get("text_keep") or 1.0 for c in cs) / len(cs), 3)}
+            for i, cs in sorted(parts.items())]
 
 
 def build_stages(config: CaptionJobConfig, spec: InputSpec, loader: Callable | None = None) -> list[Stage]:
@@ -78,7 +98,7 @@ def summarize(output: Path, new_files: set[str], wall_s: float) -> RunSummary:
     import pyarrow.parquet as pq
 
     cols = ["error", "n_image_kept", "n_image_tokens", "n_text_admitted", "n_text_generated", "kv_bytes_peak",
-            "kv_bytes_dense"]
+            "kv_bytes_dense", "generated_at", "sparsity"]
     tables = [pq.read_table(output / f, columns=cols) for f in sorted(new_files)]
     data = {c: [v for t in tables for v in t.column(c).to_pylist()] for c in cols}
     total = sum(pq.ParquetFile(p).metadata.num_rows for p in output.glob("*.parquet"))
@@ -96,7 +116,9 @@ def summarize(output: Path, new_files: set[str], wall_s: float) -> RunSummary:
                       image_keep=ratio("n_image_kept", "n_image_tokens"),
                       text_keep=ratio("n_text_admitted", "n_text_generated"),
                       kv_bytes_saved=1.0 - ratio("kv_bytes_peak", "kv_bytes_dense"),
-                      error_examples=sorted(set(errors))[:5])
+                      error_examples=sorted(set(errors))[:5],
+                      sparsity_over_time=sparsity_timeline([data["generated_at"][i] for i in good],
+                                                           [data["sparsity"][i] for i in good]))
 
 
 def _init_ray(address: str | None, config: CaptionJobConfig) -> None:
@@ -121,10 +143,38 @@ def _check_serve_app(name: str) -> None:
                          f"(running apps: {sorted(apps) or 'none'})")
 
 
+def _job_controller(config: CaptionJobConfig):
+    """The cluster controller this job's engine actors report to: the running one, else one started with the
+    job's SLA (it then asks the autoscaler for engine-actor bundles of the job's size). None without
+    `controller: true`, and with serve_app (the app's replicas report for themselves)."""
+    if not config.controller or config.serve_app:
+        return None
+    from cluster.controller import find_controller, start_controller
+    from cluster.sla import load_sla
+
+    controller = find_controller()
+    if controller is None:
+        pool = config.actors
+        bundle = {"CPU": pool.num_cpus, **({"GPU": pool.num_gpus} if pool.num_gpus else {})}
+        controller = start_controller(load_sla(config.sla), engine_bundle=bundle)
+        log.info("started the cluster controller (SLA: %s)", config.sla or "configs/sla.yaml or defaults")
+    return controller
+
+
+def _rows_to_do(ds, output: Path, limit: int | None) -> int:
+    """Rows this run will process: the input's rows less those already in the output, capped at `limit`."""
+    import pyarrow.parquet as pq
+
+    done = sum(pq.ParquetFile(p).metadata.num_rows for p in output.glob("*.parquet"))
+    todo = max(0, ds.count() - done)
+    return todo if limit is None else min(todo, limit)
+
+
 def run_caption_job(input_path: str, output: str | Path, config: CaptionJobConfig, address: str | None = None,
                     limit: int | None = None, loader: Callable | None = None) -> RunSummary:
     """Run (or resume) a caption job; returns this run's summary and appends it to `output/_job.json`.
     `loader` replaces DynamicLlava.from_pretrained in the engine actors (tests inject failures with it)."""
+    import ray
     import ray.data
     from ray.data.checkpoint import CheckpointConfig
 
@@ -137,6 +187,11 @@ def run_caption_job(input_path: str, output: str | Path, config: CaptionJobConfi
         _check_serve_app(config.serve_app)
     ds, spec = open_input(input_path, config.columns)  # fails fast on a bad input, before any work
     output.mkdir(parents=True, exist_ok=True)
+    controller = _job_controller(config)
+    rows_total = None
+    if controller is not None and ray.get(controller.status.remote())["sla"]["offline"]["deadline_s"]:
+        rows_total = _rows_to_do(ds, output, limit)  # the deadline target needs it (counts the input once)
+        log.info("deadline target: %d rows to do", rows_total)
     # The plan reads the context its dataset was created with (a copy), so the checkpoint goes there; every
     # dataset derived below inherits it. Kept after success: a rerun must still see which ids are done.
     ds.context.checkpoint_config = CheckpointConfig(
@@ -162,7 +217,13 @@ def run_caption_job(input_path: str, output: str | Path, config: CaptionJobConfi
     # max_task_retries=-1); the job relies on that and tests it.
     before = _output_files(output)
     started = time.perf_counter()
-    ds.write_parquet(str(output), min_rows_per_file=config.rows_per_file)
+    if controller is not None:
+        ray.get(controller.start_offline_job.remote(rows_total, time.time()))
+    try:
+        ds.write_parquet(str(output), min_rows_per_file=config.rows_per_file)
+    finally:
+        if controller is not None:
+            ray.get(controller.end_offline_job.remote())
     wall = time.perf_counter() - started
     summary = summarize(output, _output_files(output) - before, wall)
     _record_run(output, config, spec, input_path, limit, summary)

@@ -22,7 +22,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
     config = config.with_overrides(model=args.model, prompt=args.prompt, vision_keep=args.vision_keep,
                                    text_keep=args.text_keep, vision_scorer=args.vision_scorer,
                                    text_scorer=args.text_scorer, batch_size=args.batch_size,
-                                   serve_app=args.serve_app)
+                                   serve_app=args.serve_app, sla=args.sla,
+                                   controller=True if args.controller else None)
     summary = run_caption_job(args.input, args.output, config, address=args.address, limit=args.limit)
     print(summary.table())
     if summary.error_examples:
@@ -69,6 +70,11 @@ def register(sub) -> None:
                    help="send rows through the replicas of this running `dynllava serve` app (shared with online "
                         "traffic) instead of starting engine actors; connects to the running cluster (--address "
                         "auto unless given). --model must name the model the app serves (its image geometry)")
+    c.add_argument("--controller", action="store_true",
+                   help="engine actors report to the cluster controller and follow its sparsity orders (starts "
+                        "one with --sla when none runs); the summary then shows the sparsity over time")
+    c.add_argument("--sla", default=None, help="SLA YAML for that controller: rows/s or deadline target, memory "
+                                               "ceiling, quality floor (default: configs/sla.yaml when present)")
     c.set_defaults(func=cmd_caption)
     g = sub.add_parser("grade", help="grade a caption job's output against the references in its input",
                        description="For inputs made by `dynllava data shapes` (columns reference, task): caption "

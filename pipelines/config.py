@@ -63,6 +63,7 @@ class CaptionJobConfig:
     serve_app: str | None = None  # send rows through this running Serve app's replicas instead of own actors
     serve_callers: int = 2  # with serve_app: batches in flight to the app at once (light caller actors)
     controller: bool = False  # engine actors report to the cluster controller and follow its sparsity orders
+    sla: str | None = None  # SLA YAML for the controller the job starts when none runs (default configs/sla.yaml)
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "batch_size", "decode_batch_size", "max_image_pixels", "rows_per_file",

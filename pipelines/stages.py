@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 # Columns between decode and generate; the id column of the input also travels through unchanged.
 DECODED_COLUMNS = ("id", "prompt", "pixels", "error")
 OUTPUT_COLUMNS = ("id", "caption", "error", "finish_reason", "n_image_kept", "n_text_admitted", "kv_bytes_peak",
-                  "latency_s", "model", "sparsity", "n_image_tokens", "n_text_generated", "kv_bytes_dense")
+                  "latency_s", "model", "sparsity", "n_image_tokens", "n_text_generated", "kv_bytes_dense",
+                  "generated_at")
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,7 @@ class GenerateStage:
         if ok:
             results = dict(zip(ok, self.generate_rows(batch["pixels"][ok], [str(batch["prompt"][i]) for i in ok])))
         latency = time.perf_counter() - started  # every row of a batch waits for the whole batch
+        generated_at = time.time()
         for res in results.values():
             if not isinstance(res, str):
                 self.window.add(res.stats.ttft_s, latency, res.stats.n_text_generated)
@@ -232,6 +234,7 @@ class GenerateStage:
             out["n_image_tokens"].append(s.n_image_tokens if good else 0)
             out["n_text_generated"].append(s.n_text_generated if good else 0)
             out["kv_bytes_dense"].append(s.kv_bytes_dense_equivalent if good else 0)
+            out["generated_at"].append(generated_at)
         columns = {c: np.array(v, dtype=object if c in ("id", "caption", "error", "finish_reason", "model",
                                                         "sparsity") else None) for c, v in out.items()}
         for c in self.extra_columns:

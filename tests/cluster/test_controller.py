@@ -11,11 +11,11 @@ import pytest
 
 from cluster.cli import status_table
 from cluster.controller import ControllerCore
-from cluster.sla import SLA, KeepSetting, OnlineTargets, Pacing
+from cluster.sla import SLA, Bounds, KeepSetting, OfflineTargets, OnlineTargets, Pacing
 from tests.cluster.conftest import free_port
 from tests.cluster.test_policy import snap
 
-STRICT = SLA(online=OnlineTargets(ttft_p95_s=1e-4), floor=KeepSetting(0.2, 0.5), replicas={"min": 1, "max": 2},
+STRICT = SLA(online=OnlineTargets(ttft_p95_s=1e-4), floor=KeepSetting(0.2, 0.5), replicas=Bounds(1, 2),
              pacing=Pacing(levels=2, max_step=2, cooldown_s=0.5, scale_cooldown_s=2.0))
 
 
@@ -43,6 +43,28 @@ def test_a_restarted_core_rebuilds_levels_from_reports():
     core = ControllerCore(sla)
     core.report(snap("a", ttft=0.7, keep=sla.keep_at(3)))  # between slack and risk: hold
     assert core.step() == [] and core.status()["actors"]["a"]["level"] == 3
+
+
+def test_core_judges_an_offline_deadline_from_reported_rows_and_withdraws_its_request():
+    """The job registers its rows and start; actors report the rows they finished; a deadline the achieved rate
+    cannot meet tightens, then (at the floor) asks for another actor's bundle; the job's end withdraws it."""
+    now, asked = [0.0], []
+    sla = SLA(offline=OfflineTargets(deadline_s=100.0), replicas=Bounds(1, 3),
+              pacing=Pacing(levels=2, cooldown_s=0, scale_cooldown_s=0))
+    core = ControllerCore(sla, clock=lambda: now[0], request_nodes=asked.append)
+    core.start_offline_job(rows_total=1000, started_at=0.0)
+    now[0] = 50.0  # 800 rows left in 50 s: 16 rows/s needed, 5 achieved
+    core.report(snap("data:a", kind="data", ttft=None, rate=5.0, finished=150))
+    core.report(snap("data:old", kind="data", ttft=None, rate=0.0, finished=50))  # dies below; its rows count
+    assert [(d.action, d.value) for d in core.step()] == [("set_sparsity", sla.keep_at(2))] * 2
+    assert core.status()["offline"] == {"rows_done": 200, "rows_total": 1000, "started_at": 0.0}
+    now[0] = 56.0
+    core.report(snap("data:a", kind="data", ttft=None, rate=5.0, finished=180, keep=sla.keep_at(2)))
+    decisions = core.step()  # data:old is stale and dropped; data:a at the floor still misses
+    assert [(d.action, d.target, d.value) for d in decisions] == [("scale", "data", 2)] and asked == [2]
+    assert core.status()["offline"]["rows_done"] == 230
+    assert core.end_offline_job() == {"rows_done": 230} and asked == [2, 0]
+    assert core.status()["offline"] is None and "data" not in core.status()["desired"]
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ SLA_ = SLA(online=OnlineTargets(ttft_p95_s=1.0), floor=KeepSetting(0.1, 0.3),
 
 
 def snap(actor: str = "r0", kind: str = "serve", ttft: float | None = 0.2, rate: float = 5.0,
-         keep: KeepSetting = KeepSetting(), used: int = 10, total: int = 100) -> TelemetrySnapshot:
+         keep: KeepSetting = KeepSetting(), used: int = 10, total: int = 100, finished: int = 0) -> TelemetrySnapshot:
     return TelemetrySnapshot(actor, kind, 0.0, 30.0, rate, rate * 30, ttft, ttft, None, None, None, 0, 1, 0, 0,
-                             used, total, {"vision_keep": keep.vision_keep, "text_keep": keep.text_keep})
+                             used, total, {"vision_keep": keep.vision_keep, "text_keep": keep.text_keep}, finished)
 
 
 def test_ladder_runs_from_preferred_to_floor_and_state_recovers_from_reports():

@@ -6,8 +6,15 @@ from dynllava.telemetry import RequestWindow, device_memory, percentile
 
 
 def test_window_rates_percentiles_and_ageing():
-    now = [100.0]
+    now = [90.0]
     window = RequestWindow(window_s=10.0, clock=lambda: now[0])
+    now[0] = 92.0  # 2 s old: rates are over its age, not the full window (a new engine is not slow)
+    for _ in range(4):
+        window.add(ttft_s=0.1, latency_s=0.2, n_tokens=2)
+    assert window.stats()["requests_per_s"] == 2.0 and window.stats()["finished"] == 4
+    now[0] = 90.0
+    window = RequestWindow(window_s=10.0, clock=lambda: now[0])
+    now[0] = 100.0
     for i in range(10):
         window.add(ttft_s=0.1 * (i + 1), latency_s=1.0 + 0.1 * (i + 1), n_tokens=11)
     stats = window.stats()

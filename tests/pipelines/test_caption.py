@@ -184,3 +184,44 @@ def test_unusable_inputs_fail_fast_with_one_message(ray_local, tmp_path, job_con
     with pytest.raises(ValueError, match="mounted folder"):
         run_caption_job(str(tmp_path / "wrong.parquet"), "s3://bucket/out", job_config)
     assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()
+
+
+def test_a_job_under_a_memory_ceiling_starts_the_controller_and_runs_sparser(ray_local, tmp_path, job_config):
+    """controller: true with no controller running: the job starts one with its SLA. The actor's memory is
+    over that SLA's ceiling, so after the first reports the rows run at the floor; the rows/s target holds,
+    and the summary's sparsity over time shows the move."""
+    import dataclasses
+
+    import ray
+    import yaml
+
+    from cluster.controller import find_controller
+    from dynllava.config import SparsityConfig
+
+    sla = tmp_path / "sla.yaml"
+    sla.write_text(yaml.safe_dump({"offline": {"rows_per_s": 0.5}, "memory_ceiling": 0.001,
+                                   "floor": {"vision_keep": 0.25, "text_keep": 0.5},
+                                   "pacing": {"levels": 2, "cooldown_s": 0}}))
+    write_parquet_input(tmp_path / "in.parquet", 120)
+    config = dataclasses.replace(job_config, controller=True, sla=str(sla), max_new_tokens=24,
+                                 sparsity=SparsityConfig(vision_keep=1.0, text_keep=1.0, vision_scorer="stride",
+                                                         text_scorer="recent"))
+    assert find_controller() is None
+    summary = run_caption_job(str(tmp_path / "in.parquet"), tmp_path / "out", config)
+    controller = find_controller()
+    try:
+        assert controller is not None, "the job did not start the controller"
+        status = ray.get(controller.status.remote())
+        rows = output_rows(tmp_path / "out")
+        assert len(rows) == 120 and summary.errors == 0
+        keeps = [json.loads(r["sparsity"])["vision_keep"] for r in sorted(rows, key=lambda r: r["generated_at"])]
+        assert keeps[0] == 1.0 and keeps[-1] == 0.25, keeps
+        timeline = summary.sparsity_over_time
+        assert timeline[0]["vision_keep"] == 1.0 and timeline[-1]["vision_keep"] == 0.25
+        assert sum(b["rows"] for b in timeline) == 120 and "sparsity over time" in summary.table()
+        assert summary.rows_per_s >= 0.5
+        assert any("memory" in d["reason"] for d in status["decisions"]), status["decisions"]
+        assert status["offline"] is None  # the job ended: nothing left to judge
+    finally:
+        if controller is not None:
+            ray.kill(controller)
