@@ -53,10 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sla", default="configs/sla.yaml", help="SLA file: TTFT target, floor, preferred setting, "
                    "replica bounds, pacing (default configs/sla.yaml)")
     p.add_argument("--ttft-s", type=float, default=None, help="override the SLA's online.ttft_p95_s")
-    p.add_argument("--base-rate", type=float, default=2.0, help="arrivals per second outside the step (default 2)")
+    p.add_argument("--base-rate", type=float, default=3.0, help="arrivals per second outside the step (default 3: "
+                   "4x that is over one dense 1-CPU replica of tiny and under one at the floor)")
     p.add_argument("--step-factor", type=float, default=4.0, help="the step's rate as a multiple (default 4)")
-    p.add_argument("--phases", default="30,40,60", help="seconds at base, step, base rate (default 30,40,60)")
-    p.add_argument("--max-tokens", type=int, default=64, help="max_tokens per request (default 64)")
+    p.add_argument("--phases", default="30,40,90", help="seconds at base, step, base rate (default 30,40,90)")
+    p.add_argument("--max-tokens", type=int, default=24, help="max_tokens per request (default 24: short answers "
+                   "and captions, so TTFT is mostly prefill and queueing)")
     p.add_argument("--max-batch", type=int, default=16, help="rows per replica batch (default 16)")
     p.add_argument("--replica-cpus", type=float, default=1, help="CPUs (torch threads) per replica (default 1)")
     p.add_argument("--num-gpus", type=float, default=0, help="GPUs per replica (default 0)")

@@ -79,10 +79,13 @@ def level_of(sla: SLA, sparsity: dict) -> int:
 
 def pressure(snap: TelemetrySnapshot, sla: SLA, ctx: PolicyContext) -> float | None:
     """How close the actor is to missing its target: max over targets of measured / target (offline: the
-    needed rate / the achieved rate of all offline actors). None when nothing was measured in the window."""
+    needed rate / the achieved rate of all offline actors). Online, the head of the queue counts too: its TTFT
+    and latency are already at least its wait, so an overload shows before the slow requests finish and reach
+    the window's p95. None when nothing was measured in the window and nothing waits."""
     if snap.kind == "serve":
         pairs = [(snap.ttft_p95_s, sla.online.ttft_p95_s), (snap.token_latency_p95_s, sla.online.token_latency_p95_s),
-                 (snap.latency_p95_s, sla.online.latency_p95_s)]
+                 (snap.latency_p95_s, sla.online.latency_p95_s), (snap.oldest_wait_s, sla.online.ttft_p95_s),
+                 (snap.oldest_wait_s, sla.online.latency_p95_s)]
         ratios = [m / t for m, t in pairs if m is not None and t is not None]
         return max(ratios) if ratios else None
     achieved = sum(s.requests_per_s for s in ctx.snapshots if s.kind == "data")

@@ -153,6 +153,7 @@ class LlavaServer:
             changed = follow_orders(self.default_sparsity, orders)
             if changed is not None:
                 self.default_sparsity = changed
+                self.engine.set_keep(changed.vision_keep, changed.text_keep)  # queued requests follow too
                 log.info("controller: sparsity -> %s", changed)
             self.desired_replicas = orders.get("replicas") or 0
 
@@ -266,8 +267,10 @@ class LlavaServer:
         except ValueError as e:
             raise ApiError(400, str(e).replace("prompts[0]: ", "messages: ").replace("images[0]", "image"),
                            param="messages") from None
+        asked = chat.dynllava.model_dump() if chat.dynllava is not None else {}
+        follows = asked.get("vision_keep") is None and asked.get("text_keep") is None  # controller's orders apply
         return EngineRequest(prepared, sparsity, max_tokens, temperature=chat.temperature, top_p=chat.top_p,
-                             seed=chat.seed, stop=proto.stop_list(chat))
+                             seed=chat.seed, stop=proto.stop_list(chat), follows_engine=follows)
 
     async def _submit(self, engine_request: EngineRequest) -> int:
         if self.config.batching == "static":

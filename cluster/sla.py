@@ -85,7 +85,7 @@ class Pacing:
 
     levels: int = 6
     max_step: int = 2
-    cooldown_s: float = 2.0
+    cooldown_s: float = 1.0
     risk: float = 0.9
     slack: float = 0.6
     relax_after_s: float = 10.0

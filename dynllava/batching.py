@@ -18,6 +18,7 @@ has to preempt: sparser requests reserve fewer slots and more of them run at onc
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import logging
 import math
@@ -59,6 +60,8 @@ class EngineRequest:
     ignore_eos: bool = False
     on_event: Callable[["StreamEvent"], None] | None = None  # called on the engine thread: keep it cheap
     arrived_at: float | None = None  # time.perf_counter() when the request arrived (TTFT's start; default: submit)
+    follows_engine: bool = False  # the caller did not choose the keep ratios: run at the engine's keep setting
+    #                               as of admission (set_keep), so a controller's order reaches the queue too
 
 
 @dataclass
@@ -89,6 +92,7 @@ class EngineCounters:
     kv_bytes_in_use: int = 0  # K/V bytes the running rows hold (valid slots)
     kv_bytes_allocated: int = 0  # bytes the cache tensors occupy (padding and headroom included)
     kv_bytes_reserved: int = 0  # worst-case bytes admission has reserved for the running rows
+    oldest_waiting_since: float | None = None  # perf_counter arrival of the longest-waiting queued request
 
 
 @dataclass
@@ -161,6 +165,7 @@ class ContinuousEngine:
         self.window = RequestWindow(telemetry_window_s)  # finished requests, for telemetry snapshots
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._keep: tuple[float, float | None] | None = None  # set_keep's (vision_keep, text_keep)
 
     # ------------------------------------------------------------------ any thread
     def submit(self, request: EngineRequest) -> int:
@@ -212,6 +217,11 @@ class ContinuousEngine:
                              f"{self.kv_budget_bytes} bytes")
         return _Live(-1, request, 0.0, reserve=reserve)
 
+    def set_keep(self, vision_keep: float, text_keep: float | None) -> None:
+        """The keep ratios for requests that follow the engine (`follows_engine`) and are not admitted yet,
+        queued ones included. Any thread; takes effect at the next admission."""
+        self._keep = (vision_keep, text_keep)
+
     def cancel(self, ticket: int) -> None:
         """Drop a request (e.g. its client disconnected); its slot and K/V are freed at the next step boundary.
         Cancelling a finished or unknown ticket does nothing."""
@@ -253,8 +263,10 @@ class ContinuousEngine:
     def snapshot(self, actor_id: str, kind: str, sparsity: SparsityConfig) -> TelemetrySnapshot:
         """This engine's TelemetrySnapshot (any thread): window rates and percentiles, queue, batch, KV, memory."""
         c = self.counters
+        since = c.oldest_waiting_since
         return take_snapshot(actor_id, kind, self.window, self.model.device, sparsity.to_dict(), c.waiting,
-                             c.running, c.kv_bytes_in_use, c.kv_bytes_allocated)
+                             c.running, c.kv_bytes_in_use, c.kv_bytes_allocated,
+                             None if since is None else time.perf_counter() - since)
 
     def has_work(self) -> bool:
         return bool(self._waiting or self._running)
@@ -314,6 +326,7 @@ class ContinuousEngine:
         while self._waiting and len(group) < self.max_prefill_batch and \
                 len(self._running) + len(group) < self.max_batch:
             head = self._waiting[0]
+            self._follow_keep(head)
             sig = _decoding_signature(head.request.sparsity)
             if signature is not None and sig != signature:
                 break
@@ -324,6 +337,18 @@ class ContinuousEngine:
             reserves.append(head.reserve)
             group.append(self._waiting.popleft())
         return group
+
+    def _follow_keep(self, live: _Live) -> None:
+        """Move a following request to the engine's current keep ratios (and re-reserve its slots), unless the
+        new setting alone would not fit the KV budget."""
+        keep = self._keep
+        s = live.request.sparsity
+        if not live.request.follows_engine or keep is None or keep == (s.vision_keep, s.text_keep):
+            return
+        request = dataclasses.replace(live.request, sparsity=s.replace(vision_keep=keep[0], text_keep=keep[1]))
+        reserve = reserved_slots(self.model, request)
+        if self.kv_budget_bytes is None or self._allocation([reserve], s.layer) <= self.kv_budget_bytes:
+            live.request, live.reserve = request, reserve
 
     def _prefill(self, group: list[_Live]) -> None:
         """Prefill the joining requests (one pass per vision scorer), emit their first tokens, merge their caches."""
@@ -454,6 +479,7 @@ class ContinuousEngine:
     def _update_counters(self) -> None:
         c = self.counters
         c.waiting, c.running = len(self._waiting), len(self._running)
+        c.oldest_waiting_since = self._waiting[0].submitted_at if self._waiting else None
         cache = self._decoding.cache if self._decoding is not None else None
         c.kv_bytes_in_use = sum(cache.bytes_in_use(i) for i in range(cache.batch)) if cache else 0
         c.kv_bytes_allocated = cache.bytes_allocated() if cache else 0

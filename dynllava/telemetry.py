@@ -40,6 +40,8 @@ class TelemetrySnapshot:
     device_memory_total: int  # bytes (GPU total, else physical memory)
     sparsity: dict = field(default_factory=dict)  # the engine's current SparsityConfig as a dict
     finished: int = 0  # requests (rows) this engine finished since it started
+    oldest_wait_s: float | None = None  # how long the head of the queue has waited (None: nothing waits). A
+    #                                     leading signal: that request's TTFT is already at least this.
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,11 +104,13 @@ def device_memory(device_index: int | None) -> tuple[int, int]:
 
 
 def take_snapshot(actor_id: str, kind: str, window: RequestWindow, device, sparsity: dict, queue_depth: int = 0,
-                  running: int = 0, kv_bytes_in_use: int = 0, kv_bytes_allocated: int = 0) -> TelemetrySnapshot:
+                  running: int = 0, kv_bytes_in_use: int = 0, kv_bytes_allocated: int = 0,
+                  oldest_wait_s: float | None = None) -> TelemetrySnapshot:
     """A snapshot now: the window's figures, the given current counts, and `device`'s memory (a torch.device:
     NVML for CUDA, else this process)."""
     used, total = device_memory((device.index or 0) if device.type == "cuda" else None)
     return TelemetrySnapshot(actor_id=actor_id, kind=kind, timestamp=time.time(), window_s=window.window_s,
                              **window.stats(), queue_depth=queue_depth, running=running,
                              kv_bytes_in_use=kv_bytes_in_use, kv_bytes_allocated=kv_bytes_allocated,
-                             device_memory_used=used, device_memory_total=total, sparsity=sparsity)
+                             device_memory_used=used, device_memory_total=total, sparsity=sparsity,
+                             oldest_wait_s=oldest_wait_s)

@@ -71,7 +71,8 @@ def _autoscaling_cluster_class():
     start/shutdown that are safe on a shared machine: the shipped ones run `ray stop --force`, which kills every
     Ray process of this user (other tests, benchmarks), and start the head on fixed ports (6379, 10001, the
     dashboard's). Here the head gets free ports and its own temp dir, and shutdown ends only the processes this
-    cluster started, found by a marker in their environment. (A function, so collection does not import Ray.)"""
+    cluster started: those with a marker in their environment, and their children. (A function, so that
+    collecting the tests does not import Ray.)"""
     import ray
     from ray.cluster_utils import AutoscalingCluster
 
@@ -111,15 +112,15 @@ def _autoscaling_cluster_class():
         def shutdown(self) -> None:
             import psutil  # vendored by Ray (ray/thirdparty_files, which `import ray` puts on sys.path)
 
-            def ours() -> list:
-                found = []
+            def ours() -> list:  # marked, or started by a marked one (Ray's agents overwrite their environ)
+                found = {}
                 for proc in psutil.process_iter():
                     try:
                         if proc.environ().get(MARKER_ENV) == self.token:
-                            found.append(proc)
+                            found.update({p.pid: p for p in [proc, *proc.children(recursive=True)]})
                     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                         pass
-                return found
+                return list(found.values())
 
             for _ in range(3):  # the autoscaler may launch a node between a scan and the kills
                 procs = ours()
@@ -161,14 +162,16 @@ def fake_nodes_app():
         cluster.start()
         ray.init(address=cluster.address, log_to_driver=False)
         controller = start_controller(STRICT, period_s=0.5, stale_s=5.0)
-        # proxy only on the head: a proxy actor on the worker would outlive the replica there
-        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": free_port()})
+        # no HTTP proxy (the test talks through the handle): one actor less to start on a busy machine, and none
+        # on the worker node to outlive the replica there
+        serve.start(proxy_location="Disabled")
         options = {"ray_actor_options": {"num_cpus": 1, "resources": {"engine": 1}},
                    "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "initial_replicas": 1,
                                           "upscale_delay_s": 0, "downscale_delay_s": 0, "metrics_interval_s": 0.5,
                                           "look_back_period_s": 2,  # the controller's wish, not a 30 s mean
                                           "policy": {"policy_function": "cluster.autoscaling:controller_policy"}}}
-        config = ServeConfig(model="tiny", controller=True, report_period_s=0.5, threads=1,
+        # a 5 s telemetry window: finished requests stop counting 5 s after the load ends (30 s by default)
+        config = ServeConfig(model="tiny", controller=True, report_period_s=0.5, threads=1, telemetry_window_s=5.0,
                              sparsity=SparsityConfig(vision_keep=1.0, text_keep=1.0))  # starts at the preferred
         handle = serve.run(build(config, options), name=APP, route_prefix=None)
         yield handle, controller
@@ -271,7 +274,7 @@ def test_a_node_joins_for_the_second_replica_and_leaves_with_it(fake_nodes_app):
     scales = _scale_decisions(controller)
     assert scales and {v for _, v, _ in scales} == {2}, f"scale decisions under load: {scales}"
 
-    # no load: the 30 s telemetry window empties, both replicas relax to level 0, the controller releases one
+    # no load: the telemetry window empties, both replicas relax to level 0, the controller releases one
     _wait("back to one replica on the head and no worker node",
           lambda: _worker_nodes() == [] and _running_replicas() == 1
           and list(_replica_nodes().values()) == [head_node], _state)

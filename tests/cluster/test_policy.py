@@ -15,9 +15,11 @@ SLA_ = SLA(online=OnlineTargets(ttft_p95_s=1.0), floor=KeepSetting(0.1, 0.3),
 
 
 def snap(actor: str = "r0", kind: str = "serve", ttft: float | None = 0.2, rate: float = 5.0,
-         keep: KeepSetting = KeepSetting(), used: int = 10, total: int = 100, finished: int = 0) -> TelemetrySnapshot:
-    return TelemetrySnapshot(actor, kind, 0.0, 30.0, rate, rate * 30, ttft, ttft, None, None, None, 0, 1, 0, 0,
-                             used, total, {"vision_keep": keep.vision_keep, "text_keep": keep.text_keep}, finished)
+         keep: KeepSetting = KeepSetting(), used: int = 10, total: int = 100, finished: int = 0,
+         oldest_wait: float | None = None) -> TelemetrySnapshot:
+    return TelemetrySnapshot(actor, kind, 0.0, 30.0, rate, rate * 30, ttft, ttft, None, None, None,
+                             0 if oldest_wait is None else 3, 1, 0, 0, used, total,
+                             {"vision_keep": keep.vision_keep, "text_keep": keep.text_keep}, finished, oldest_wait)
 
 
 def test_ladder_runs_from_preferred_to_floor_and_state_recovers_from_reports():
@@ -132,3 +134,13 @@ def test_sla_yaml_mirrors_the_defaults():
     from tests.conftest import REPO_ROOT
 
     assert SLA.from_yaml(REPO_ROOT / "configs" / "sla.yaml") == SLA()
+
+
+def test_the_head_of_the_queue_is_a_leading_signal():
+    """Finished requests still look fast, but the oldest waiting one has waited past the target: tighten now
+    (its TTFT is already over), not after the slow requests reach the window's p95."""
+    ctx = PolicyContext(0.0, SLA_, (snap(ttft=0.3, oldest_wait=1.6),), {"serve": 1})
+    decisions, _ = decide(ctx, PolicyState())
+    assert [(d.action, d.value) for d in decisions] == [("set_sparsity", SLA_.keep_at(2))]
+    assert "pressure 1.60" in decisions[0].reason
+    assert decide(PolicyContext(0.0, SLA_, (snap(ttft=0.3, oldest_wait=0.2),), {"serve": 1}), PolicyState())[0] == []

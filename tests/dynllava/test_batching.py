@@ -182,9 +182,32 @@ def test_snapshot_reports_the_window_and_current_state(tiny_model):
     engine.step()
     live = engine.snapshot("e0", "serve", SPARSE)
     assert (live.running, live.queue_depth, live.requests_per_s) == (4, 1, 0.0) and live.kv_bytes_in_use > 0
+    assert live.oldest_wait_s > 0  # the fifth request waits for a slot
     engine.run_until_idle()
     done = engine.snapshot("e0", "serve", SPARSE)
-    assert done.requests_per_s == pytest.approx(5 / 60) and done.output_tokens_per_s == pytest.approx(30 / 60)
+    span = min(60.0, max(1.0, time.time() - engine.window.started))  # a new engine rates over its age
+    assert done.requests_per_s == pytest.approx(5 / span, rel=0.05)
+    assert done.output_tokens_per_s == pytest.approx(30 / span, rel=0.05)
+    assert done.finished == 5 and done.oldest_wait_s is None
     assert 0 < done.ttft_p50_s <= done.ttft_p95_s <= done.latency_p95_s
     assert done.token_latency_p50_s > 0 and done.running == 0 and done.kv_bytes_in_use == 0
     assert 0 < done.device_memory_used < done.device_memory_total and done.sparsity["vision_keep"] == 0.25
+
+
+def test_queued_requests_that_follow_the_engine_take_its_new_keep_setting(tiny_model):
+    """A keep order (set_keep) reaches requests already queued that did not choose their ratios; a request
+    that chose them keeps its own. Each runs exactly as it would alone at the setting it ran at."""
+    engine = ContinuousEngine(tiny_model, max_batch=1)
+    first, _ = _request(tiny_model, 0, DENSE, max_new=4, follows_engine=True)
+    following, (image, prompt, events) = _request(tiny_model, 1, DENSE, max_new=4, follows_engine=True)
+    chosen, (_, _, chosen_events) = _request(tiny_model, 2, DENSE, max_new=4)
+    for req in (first, following, chosen):
+        engine.submit(req)
+    engine.step()  # the first is admitted dense; the others wait for the slot
+    engine.set_keep(SPARSE.vision_keep, SPARSE.text_keep)
+    engine.run_until_idle()
+    ran = _final(events).output
+    assert (ran.sparsity.vision_keep, ran.sparsity.text_keep) == (0.25, 0.5)
+    assert _final(chosen_events).output.sparsity.vision_keep == 1.0
+    alone = _alone(tiny_model, image, prompt, EngineRequest(following.prepared, ran.sparsity, 4))
+    assert ran.token_ids == alone.token_ids and ran.stats.n_image_kept == alone.stats.n_image_kept < 16
