@@ -134,17 +134,39 @@ def _step_actor(snap: TelemetrySnapshot, st: ActorState, load: float | None, mem
     return replace(st, slack_since=since, unsafe=unsafe), None
 
 
+def _first_report(snap: TelemetrySnapshot, state: PolicyState, ctx: PolicyContext) -> tuple[ActorState,
+                                                                                          Decision | None]:
+    """An actor the policy has not seen. With no known peer of its kind (e.g. after a controller restart) it
+    stays at the level its reported sparsity maps to. Joining known peers (a replica added under load) it
+    starts at the sparsest peer's level: it was added because they needed that level, and starting at the
+    preferred setting would send its share of the load back to a setting that missed."""
+    reported = level_of(ctx.sla, snap.sparsity)
+    peers = [state.actors[s.actor_id].level for s in ctx.snapshots
+             if s.kind == snap.kind and s.actor_id in state.actors]
+    level = max([reported, *peers])
+    if level == reported:
+        return ActorState(level=reported), None
+    return ActorState(level, ctx.now), Decision("set_sparsity", snap.actor_id, ctx.sla.keep_at(level),
+                                                f"join at the peers' level {level}")
+
+
 def decide(ctx: PolicyContext, state: PolicyState) -> tuple[list[Decision], PolicyState]:
     """One control step (see the module docstring). Actors missing from ctx.snapshots are forgotten."""
     sla, now, p = ctx.sla, ctx.now, ctx.sla.pacing
     decisions: list[Decision] = []
     actors: dict[str, ActorState] = {}
     loads: dict[str, float | None] = {}
-    before: dict[str, int] = {}  # each actor's level coming into this step
+    before: dict[str, ActorState] = {}  # each actor's state coming into this step
     for snap in ctx.snapshots:
-        st = state.actors.get(snap.actor_id) or ActorState(level=level_of(sla, snap.sparsity))
-        before[snap.actor_id] = st.level
         load = loads[snap.actor_id] = pressure(snap, sla, ctx)
+        st = state.actors.get(snap.actor_id)
+        if st is None:
+            st, decision = _first_report(snap, state, ctx)
+            if decision:  # a new actor moved to its peers' level: judge it from its next reports
+                before[snap.actor_id] = actors[snap.actor_id] = st
+                decisions.append(decision)
+                continue
+        before[snap.actor_id] = st
         actors[snap.actor_id], decision = _step_actor(snap, st, load, memory_use(snap, sla), sla, now)
         if decision:
             decisions.append(decision)
@@ -157,7 +179,10 @@ def decide(ctx: PolicyContext, state: PolicyState) -> tuple[list[Decision], Poli
         count = ctx.counts.get(kind, len(snaps))
         peak[kind] = max([peak.get(kind, 0.0)] + [s.requests_per_s for s in snaps])
         ready = now - scaled_at.get(kind, -math.inf) >= p.scale_cooldown_s
-        missing_at_floor = [s for s in snaps if before[s.actor_id] >= p.levels  # at the floor before this step
+        # at the floor for floor_settle_s (so the queue the denser levels left has had time to drain) and still
+        # missing
+        missing_at_floor = [s for s in snaps if before[s.actor_id].level >= p.levels
+                            and now - before[s.actor_id].changed_at >= p.floor_settle_s
                             and loads[s.actor_id] is not None and loads[s.actor_id] >= 1.0]
         relaxed_idle = all(actors[s.actor_id].level == 0 and (loads[s.actor_id] or 0.0) <= p.slack
                            and s.requests_per_s <= p.idle_fraction * peak[kind] for s in snaps)

@@ -79,7 +79,8 @@ class Pacing:
     the ceiling) and relaxes one level after `relax_after_s` with every figure below `slack` x target, but never
     back to a level that missed until the actor's request rate is under `relax_load` x the rate it missed at.
     Replicas
-    are added when actors sit at the floor and still miss, at most one per `scale_cooldown_s`; removed when
+    are added when actors have sat at the floor for `floor_settle_s` and still miss, at most one per
+    `scale_cooldown_s` (a replica joining under load starts at its peers' level); removed when
     every actor is at level 0 and uses under `idle_fraction` of one replica's recent peak rate for
     `release_after_s`."""
 
@@ -90,6 +91,7 @@ class Pacing:
     slack: float = 0.6
     relax_after_s: float = 10.0
     scale_cooldown_s: float = 15.0
+    floor_settle_s: float = 5.0
     release_after_s: float = 30.0
     idle_fraction: float = 0.3
     relax_load: float = 0.8
@@ -100,7 +102,7 @@ class Pacing:
             raise ValueError("pacing.levels and pacing.max_step must be integers >= 1")
         if not 0 < self.slack < self.risk <= 1.5:
             raise ValueError(f"pacing needs 0 < slack < risk <= 1.5, got {self.slack}, {self.risk}")
-        for name in ("cooldown_s", "relax_after_s", "scale_cooldown_s", "release_after_s"):
+        for name in ("cooldown_s", "relax_after_s", "scale_cooldown_s", "floor_settle_s", "release_after_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"pacing.{name} must be >= 0")
         if not 0 <= self.idle_fraction < 1 or not 0 < self.relax_load <= 1:

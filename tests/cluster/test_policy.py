@@ -144,3 +144,20 @@ def test_the_head_of_the_queue_is_a_leading_signal():
     assert [(d.action, d.value) for d in decisions] == [("set_sparsity", SLA_.keep_at(2))]
     assert "pressure 1.60" in decisions[0].reason
     assert decide(PolicyContext(0.0, SLA_, (snap(ttft=0.3, oldest_wait=0.2),), {"serve": 1}), PolicyState())[0] == []
+
+
+def test_a_joining_replica_starts_at_its_peers_level_and_the_floor_settles_before_scaling():
+    """A replica added under load starts at the sparsest peer's level, not the preferred setting; a replica
+    that just reached the floor gets floor_settle_s for the queue to drain before its misses add a replica."""
+    ctx = lambda now, *snaps: PolicyContext(now, SLA_, snaps, {"serve": len(snaps)})  # noqa: E731
+    floor = SLA_.keep_at(6)
+    _, state = decide(ctx(0, snap("r0", ttft=0.5, keep=SLA_.keep_at(4))), PolicyState())
+    decisions, state = decide(ctx(1, snap("r0", ttft=0.5, keep=SLA_.keep_at(4)), snap("r1", ttft=None)), state)
+    assert [(d.target, d.value) for d in decisions] == [("r1", SLA_.keep_at(4))] and "join" in decisions[0].reason
+    state = PolicyState()
+    decisions, state = decide(ctx(10, snap("r0", ttft=2.0, keep=SLA_.keep_at(4))), state)
+    assert decisions[0].value == floor  # two levels at once: now at the floor
+    decisions, state = decide(ctx(12, snap("r0", ttft=2.0, keep=floor)), state)
+    assert decisions == [], "the old queue is still draining"
+    decisions, state = decide(ctx(10 + SLA_.pacing.floor_settle_s, snap("r0", ttft=2.0, keep=floor)), state)
+    assert [(d.action, d.value) for d in decisions] == [("scale", 2)]
