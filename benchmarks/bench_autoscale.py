@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sla", default="configs/sla.yaml", help="SLA file: TTFT target, floor, preferred setting, "
                    "replica bounds, pacing (default configs/sla.yaml)")
     p.add_argument("--ttft-s", type=float, default=None, help="override the SLA's online.ttft_p95_s")
-    p.add_argument("--base-rate", type=float, default=4.0, help="arrivals per second outside the step (default 4: "
+    p.add_argument("--base-rate", type=float, default=3.5, help="arrivals per second outside the step (default 3.5: "
                    "4x that is over one dense 1-CPU replica of tiny and under one at the floor)")
     p.add_argument("--step-factor", type=float, default=4.0, help="the step's rate as a multiple (default 4)")
     p.add_argument("--phases", default="30,40,90", help="seconds at base, step, base rate (default 30,40,90)")
