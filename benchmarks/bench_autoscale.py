@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import statistics
 import sys
@@ -38,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.bench_serve import drive, free_port, percentile, request_body  # noqa: E402
 from benchmarks.plot import Panel, save_panels  # noqa: E402
-from benchmarks.provenance import commit, hardware  # noqa: E402
+from benchmarks.provenance import commit, emit, hardware  # noqa: E402
 from cluster.sla import SLA, KeepSetting, OnlineTargets  # noqa: E402
 
 ARMS = ("dense-default", "fixed-default", "controller")
@@ -300,10 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
               "sla": asdict(sla), "autoscaling": {n: r["autoscaling"] for n, r in raw.items()}, "arms": arms,
               "slo_attainment": {n: a["slo_attainment"] for n, a in arms.items()},
               "replica_seconds": {n: a["replica_seconds"] for n, a in arms.items()}, "plot": plot_path}
-    line = json.dumps(result)
-    print(line)
-    if args.output:
-        Path(args.output).write_text(line + "\n")
+    emit(result, args.output)
     return result
 
 

@@ -15,7 +15,6 @@ Prints a table, target checks, then one JSON line (hardware and commit included)
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ from dynllava import costs  # noqa: E402
 from dynllava.config import SparsityConfig  # noqa: E402
 from dynllava.engine import StaticBatch  # noqa: E402
 from dynllava.model import DynamicLlava  # noqa: E402
-from benchmarks.provenance import commit, hardware  # noqa: E402
+from benchmarks.provenance import commit, emit, hardware  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "Describe the image in detail."
@@ -214,11 +213,7 @@ def main(argv: list[str] | None = None) -> None:
                                "kv_bytes_ratio_analytic", "no_cache_decode_speedup", "decode_tokens_per_s")},
         "stride_recent": rel["stride_recent"], "fastv": rel["fastv"],
     }
-    line = json.dumps(result)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(line + "\n")
-    print(line)
+    emit(result, args.output)
 
 
 if __name__ == "__main__":

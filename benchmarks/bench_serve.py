@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.provenance import commit, hardware  # noqa: E402
+from benchmarks.provenance import commit, emit, hardware  # noqa: E402
 from dynllava.data import shapes  # noqa: E402
 
 TASKS = ("caption", "describe", "vqa")
@@ -201,10 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
               "sparsity": {"vision_keep": args.vision_keep, "text_keep": args.text_keep}, "arms": arms,
               "sparse_over_dense_goodput": ratio("continuous-sparse", "continuous-dense"),
               "continuous_over_static_goodput": ratio("continuous-sparse", "static-sparse")}
-    line = json.dumps(result)
-    print(line)
-    if args.output:
-        Path(args.output).write_text(line + "\n")
+    emit(result, args.output)
     return result
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -29,3 +30,12 @@ def commit() -> str:
             return ""
     sha = git("rev-parse", "--short", "HEAD") or os.environ.get("DYNLLAVA_COMMIT", "unknown")
     return sha + ("-dirty" if git("status", "--porcelain") else "")
+
+
+def emit(result: dict, output: str | Path | None) -> None:
+    """Print the result as one JSON line, and write it to `output` (parents created) when given."""
+    line = json.dumps(result)
+    print(line)
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(line + "\n")

@@ -3,7 +3,6 @@ its own, and it answers held-out test-split rows right, dense and at the paper's
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
