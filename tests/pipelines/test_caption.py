@@ -217,7 +217,7 @@ def test_a_job_under_a_memory_ceiling_starts_the_controller_and_runs_sparser(ray
         keeps = [json.loads(r["sparsity"])["vision_keep"] for r in sorted(rows, key=lambda r: r["generated_at"])]
         assert keeps[0] == 1.0 and keeps[-1] == 0.25, keeps
         timeline = summary.sparsity_over_time
-        assert timeline[0]["vision_keep"] == 1.0 and timeline[-1]["vision_keep"] == 0.25
+        assert timeline[0]["vision_keep"] > timeline[-1]["vision_keep"] == 0.25  # the first part had dense rows
         assert sum(b["rows"] for b in timeline) == 120 and "sparsity over time" in summary.table()
         assert summary.rows_per_s >= 0.5
         assert any("memory" in d["reason"] for d in status["decisions"]), status["decisions"]
