@@ -87,18 +87,20 @@ class ControllerCore:
             counts = {kind: sum(s.kind == kind for s in snaps) for kind in ("serve", "data")}
             decisions, self.state = decide(PolicyContext(now, self.sla, snaps, counts, self._offline_progress()),
                                            self.state)
+            data_wanted = None  # a new count of offline actors: ask the autoscaler for their room
             for d in decisions:
                 if d.action == "set_sparsity":
                     self.assigned[d.target] = asdict(d.value)
+                elif self.desired.get(d.target) == d.value:
+                    continue  # the same wish again while the new actor starts: nothing new to record
                 else:
                     self.desired[d.target] = d.value
+                    data_wanted = d.value if d.target == "data" else data_wanted
                 self.history.append({"at": now, "action": d.action, "target": d.target,
                                      "value": asdict(d.value) if d.action == "set_sparsity" else d.value,
                                      "reason": d.reason})
                 log.info("%s %s -> %s (%s)", d.action, d.target, d.value, d.reason)
-            data_wanted = self.desired.get("data")
-        if data_wanted is not None and self.request_nodes is not None and \
-                any(d.action == "scale" and d.target == "data" for d in decisions):
+        if data_wanted is not None and self.request_nodes is not None:
             self.request_nodes(data_wanted)
         return decisions
 

@@ -63,7 +63,11 @@ def test_core_judges_an_offline_deadline_from_reported_rows_and_withdraws_its_re
     decisions = core.step()  # data:old is stale and dropped; data:a at the floor still misses
     assert [(d.action, d.target, d.value) for d in decisions] == [("scale", "data", 2)] and asked == [2]
     assert core.status()["offline"]["rows_done"] == 230
-    assert core.end_offline_job() == {"rows_done": 230} and asked == [2, 0]
+    now[0] = 57.0  # the new actor has not reported yet: the same wish, not a new entry or request
+    core.report(snap("data:a", kind="data", ttft=None, rate=5.0, finished=185, keep=sla.keep_at(2)))
+    core.step()
+    assert [d["value"] for d in core.status()["decisions"] if d["action"] == "scale"] == [2] and asked == [2]
+    assert core.end_offline_job() == {"rows_done": 235} and asked == [2, 0]
     assert core.status()["offline"] is None and "data" not in core.status()["desired"]
 
 
