@@ -144,9 +144,17 @@ def _check_floor_scale_and_restart(controller) -> None:
         except Exception:  # restarting
             return {}
 
+    def running_floor() -> bool:  # both replicas at level 2 and already running it (their reports say so)
+        try:
+            actors = ray.get(controller.status.remote(), timeout=10)["actors"].values()
+        except Exception:
+            return False
+        return len(actors) == 2 and all(a["level"] == 2 and a["snapshot"]["sparsity"]["vision_keep"] == 0.2
+                                        for a in actors)
+
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and list(levels().values()) != [2, 2]:
-        time.sleep(0.5)  # the new replica starts at the preferred setting and is tightened too
+    while time.monotonic() < deadline and not running_floor():
+        time.sleep(0.5)  # the new replica joins at its peer's level; its next report shows it applied
     before = levels()
     assert list(before.values()) == [2, 2]
     ray.kill(controller, no_restart=False)  # it restarts (max_restarts=-1) and hears from the replicas again
