@@ -240,17 +240,19 @@ class LlavaServer:
         self.model.check_scorers(sparsity)
         return sparsity
 
-    def _sparsity(self, chat: proto.ChatCompletionRequest) -> SparsityConfig:
+    def _sparsity(self, chat: proto.ChatCompletionRequest) -> tuple[SparsityConfig, bool]:
+        """The request's sparsity, and whether it follows the replica's keep setting (it chose no keep ratio,
+        so the controller's later orders apply to it while it waits)."""
         base = self.default_sparsity
         if chat.dynllava is None:
-            return base
+            return base, True
         asked = {k: v for k, v in chat.dynllava.model_dump().items() if v is not None}
         try:
             sparsity = self._allowed(base.replace(**asked))
         except ValueError as e:
             raise ApiError(400, str(e) if str(e).startswith("dynllava.") else f"dynllava: {e}",
                            param="dynllava") from None
-        return sparsity
+        return sparsity, "vision_keep" not in asked and "text_keep" not in asked
 
     def _engine_request(self, chat: proto.ChatCompletionRequest) -> EngineRequest:
         """Validate limits, decode images and tokenize (on a worker thread)."""
@@ -260,15 +262,13 @@ class LlavaServer:
             field = "max_completion_tokens" if chat.max_completion_tokens else "max_tokens"
             raise ApiError(400, f"{field} {max_tokens} is over this server's limit of {limits.max_tokens}",
                            param=field)
-        sparsity = self._sparsity(chat)
+        sparsity, follows = self._sparsity(chat)
         prompt, images = to_prompt(self.model.processor, chat.messages, limits, self.config.allow_remote_images)
         try:
             prepared = self.model.prepare([images], [prompt], max_tokens)
         except ValueError as e:
             raise ApiError(400, str(e).replace("prompts[0]: ", "messages: ").replace("images[0]", "image"),
                            param="messages") from None
-        asked = chat.dynllava.model_dump() if chat.dynllava is not None else {}
-        follows = asked.get("vision_keep") is None and asked.get("text_keep") is None  # controller's orders apply
         return EngineRequest(prepared, sparsity, max_tokens, temperature=chat.temperature, top_p=chat.top_p,
                              seed=chat.seed, stop=proto.stop_list(chat), follows_engine=follows)
 
