@@ -176,6 +176,11 @@ PROMPTS = {"caption": "Describe the image briefly.", "describe": "Describe the i
 
 def make_row(split_seed: int, index: int, task: str | None = None) -> Row:
     """Row `index` of the split with seed `split_seed` (task drawn 1:1:2 caption/describe/vqa unless given)."""
+    return make_example(split_seed, index, task)[0]
+
+
+def make_example(split_seed: int, index: int, task: str | None = None) -> tuple[Row, list[SceneObject]]:
+    """make_row's row together with the scene it was drawn from (for checking the generator against itself)."""
     rng = random.Random(f"shapes/{split_seed}/{index}")
     task = task or rng.choice(("caption", "describe", "vqa", "vqa"))
     scene = sample_scene(rng, min_objects=3 if task == "describe" else 1)
@@ -187,7 +192,8 @@ def make_row(split_seed: int, index: int, task: str | None = None) -> Row:
         prompt += " Answer briefly."
     else:
         prompt, reference = PROMPTS[task], (caption(scene) if task == "caption" else describe(scene))
-    return Row(id=f"s{split_seed}-{index:07d}", image=buf.getvalue(), prompt=prompt, reference=reference, task=task)
+    row = Row(id=f"s{split_seed}-{index:07d}", image=buf.getvalue(), prompt=prompt, reference=reference, task=task)
+    return row, scene
 
 
 def vocabulary_text() -> str:

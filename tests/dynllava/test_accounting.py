@@ -7,11 +7,14 @@ import math
 import pytest
 import torch
 
-from dynllava import engine
+from dynllava import costs, engine
 from dynllava.config import SparsityConfig
 from dynllava.engine import StaticBatch
 
-from tests.conftest import random_image
+from tests.conftest import TINY_SPEC, random_image
+
+# K and V of one token in one layer of the test model: 2 x 2 key/value heads x head size 16 x 4 bytes (fp32)
+KV_BYTES_PER_TOKEN_LAYER = 2 * TINY_SPEC["text"]["num_key_value_heads"] * 16 * 4
 
 
 @pytest.mark.parametrize("vision_keep", [1.0, 0.5, 0.3, 0.25, 0.2, 0.05])
@@ -57,7 +60,15 @@ def test_reported_kv_bytes_equal_cache_tensors(tiny_model, batch4, monkeypatch, 
     monkeypatch.setattr(StaticBatch, "prefill", spy)
     outs = tiny_model.generate(images, prompts, sparsity=cfg, max_new_tokens=12, ignore_eos=True)
     cache = captured["batch"].cache
+    lengths = captured["batch"].prepared.lengths
     for i, o in enumerate(outs):
+        # from the counts alone: layers < K hold the prompt and every fed token (all but the last generated),
+        # layers >= K the kept prompt (text + kept image tokens) and the admitted tokens
+        s = o.stats
+        dense_group, sparse_group = lengths[i] + s.n_text_generated - 1, \
+            lengths[i] - s.n_image_tokens + s.n_image_kept + s.n_text_admitted
+        assert o.stats.kv_bytes_peak == KV_BYTES_PER_TOKEN_LAYER * (2 * dense_group + 2 * sparse_group)
+        assert o.stats.kv_bytes_dense_equivalent == KV_BYTES_PER_TOKEN_LAYER * 4 * dense_group
         counted = 0
         for group_index, group in enumerate(cache.groups):
             n_valid = cache.lengths(group_index)[i]
@@ -90,7 +101,17 @@ def test_sparse_stats_are_consistent(tiny_model, batch4):
     out = tiny_model.generate(images[:1], prompts[:1], sparsity=cfg, max_new_tokens=9, ignore_eos=True)[0]
     s = out.stats
     assert (s.n_image_tokens, s.n_image_kept, s.n_text_generated, s.n_text_admitted) == (16, 4, 9, 4)
-    assert 0 < s.flops_sparse < s.flops_dense
+    # FLOPs exactly as costs prices the run: the prefill at its kept count, then 8 fed tokens, the s-th of which
+    # attends to the prompt + s tokens in layers < K, and to the kept prompt + ceil(0.5 * (s - 1)) admitted
+    # tokens + itself in layers >= K (recent admits as soon as its budget allows)
+    d = engine.model_dims(tiny_model)
+    n = tiny_model.prepare(images[:1], prompts[:1], 9).lengths[0]
+    kept = n - 16 + 4
+    steps = range(1, 9)
+    assert s.flops_dense == costs.prefill_flops(d, n, n, 2, 1) + sum(
+        costs.decode_step_flops(d, n + k, n + k, 2) for k in steps)
+    assert s.flops_sparse == costs.prefill_flops(d, n, kept, 2, 1, 16) + sum(
+        costs.decode_step_flops(d, n + k, kept + math.ceil(0.5 * (k - 1)) + 1, 2) for k in steps)
     assert s.ttft_s > 0 and s.decode_s > 0 and s.prefill_s > 0
 
 

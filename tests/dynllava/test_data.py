@@ -9,7 +9,7 @@ import pytest
 
 from dynllava.cli import main
 from dynllava.data.grading import Scores, attribute_counts, normalise_answer, parse_objects, vqa_correct
-from dynllava.data.shapes import make_row
+from dynllava.data.shapes import COLOURS, NUMBER_WORDS, make_example, make_row
 
 
 def test_rows_are_deterministic_and_independent_of_order():
@@ -19,21 +19,88 @@ def test_rows_are_deterministic_and_independent_of_order():
     assert make_row(0, 3) != make_row(2, 3)  # splits differ
 
 
-def test_descriptions_are_60_to_150_tokens_and_parse_back_to_the_scene():
+# Where each position word puts an object on the 3x3 grid (row, column), written out here rather than taken from
+# the generator's POSITIONS table, so that a generator which draws or names places wrongly fails.
+CELL_OF = {"top left": (0, 0), "top": (0, 1), "top right": (0, 2), "left": (1, 0), "center": (1, 1),
+           "right": (1, 2), "bottom left": (2, 0), "bottom": (2, 1), "bottom right": (2, 2)}
+
+
+def colour_pixels(png: bytes, colour: str, cell: tuple[int, int]) -> int:
+    """Pixels of one grid cell of the image within 30 (per channel) of the named colour."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    side = pixels.shape[0] / 3
+    (r, c) = cell
+    region = pixels[int(side * r): int(side * (r + 1)), int(side * c): int(side * (c + 1))]
+    return int((np.abs(region - np.array(COLOURS[colour])).max(-1) <= 30).sum())
+
+
+def test_descriptions_are_60_to_150_tokens_and_say_what_the_image_shows():
+    """Each description parses back to its scene's objects, and each object it names is in the image: its
+    colour covers the cell its position names (a small star, the smallest shape, covers 290+ pixels of a
+    75x75 cell; a large one 1,000+, and a small circle, the largest small shape, under 930). Counts and
+    relations agree with the scene too."""
     for i in range(200):
-        row = make_row(1, i, "describe")
+        row, scene = make_example(1, i, "describe")
         n_tokens = len(re.findall(r"\w+|[^\w\s]", row.reference))
         assert 60 <= n_tokens <= 150, (n_tokens, row.reference)
         objects = parse_objects(row.reference)
-        assert 3 <= len(objects) <= 6 and all(len(o) == 4 for o in objects)
+        expected = [{"size": o.size, "colour": o.colour, "shape": o.shape, "position": o.position}
+                    for o in sorted(scene, key=lambda o: o.cell)]
+        assert objects == expected
+        for obj in objects:
+            covered = colour_pixels(row.image, obj["colour"], CELL_OF[obj["position"]])
+            assert covered >= (1000 if obj["size"] == "large" else 250), (row.id, obj, covered)
+        n_large = sum(o.size == "large" for o in scene)
+        assert row.reference.startswith(f"The image shows {NUMBER_WORDS[len(scene)]} shapes")
+        assert f"{NUMBER_WORDS[n_large].capitalize()} {'is' if n_large == 1 else 'are'} large" in row.reference
+        for sentence in row.reference.split(". ")[1:-1]:  # "A ... is at the P, left of the red circle"
+            relation = re.search(r"is at the ([a-z ]+), (left of|right of|above|below) the (\w+) (\w+)", sentence)
+            here = CELL_OF[relation.group(1)]
+            there = next(CELL_OF[o["position"]] for o in objects
+                         if (o["colour"], o["shape"]) == relation.groups()[2:])
+            truth = {"left of": here[0] == there[0] and here[1] < there[1],
+                     "right of": here[0] == there[0] and here[1] > there[1],
+                     "above": here[0] < there[0], "below": here[0] > there[0]}
+            assert truth[relation.group(2)], (row.id, sentence)
         assert attribute_counts(row.reference, row.reference).f1 == 1.0
 
 
-def test_vqa_answers_are_short_and_questions_unambiguous():
-    for i in range(200):
-        row = make_row(1, i, "vqa")
-        assert row.task in ("vqa-count", "vqa-colour", "vqa-position", "vqa-exist")
+def test_captions_name_every_object_in_reading_order():
+    for i in range(100):
+        row, scene = make_example(1, i, "caption")
+        objects = sorted(scene, key=lambda o: o.cell)
+        assert parse_objects(row.reference) == [{"colour": o.colour, "shape": o.shape} for o in objects]
+        assert row.reference.startswith(NUMBER_WORDS[len(scene)] + " shape")
+
+
+def test_vqa_answers_are_short_right_and_unambiguous():
+    """Every question has exactly one right answer in its scene, and the reference is that answer."""
+    kinds = set()
+    for i in range(300):
+        row, scene = make_example(1, i, "vqa")
+        kinds.add(row.task)
+        question = row.prompt.removesuffix(" Answer briefly.")
         assert 1 <= len(row.reference.split()) <= 2
+        if row.task == "vqa-count":
+            assert question == "How many shapes are there?" and row.reference == str(len(scene))
+        elif row.task == "vqa-colour":
+            place = re.fullmatch(r"What colour is the shape at the ([a-z ]+)\?", question).group(1)
+            there = [o for o in scene if CELL_OF[place] == divmod(o.cell, 3)]
+            assert len(there) == 1 and row.reference == there[0].colour
+        elif row.task == "vqa-position":
+            colour, shape = re.fullmatch(r"Where is the (\w+) (\w+)\?", question).groups()
+            named = [o for o in scene if (o.colour, o.shape) == (colour, shape)]
+            assert len(named) == 1 and CELL_OF[row.reference] == divmod(named[0].cell, 3)
+        else:
+            colour, shape = re.fullmatch(r"Is there an? (\w+) (\w+)\?", question).groups()
+            present = any((o.colour, o.shape) == (colour, shape) for o in scene)
+            assert row.task == "vqa-exist" and row.reference == ("yes" if present else "no")
+    assert kinds == {"vqa-count", "vqa-colour", "vqa-position", "vqa-exist"}
 
 
 def test_grader_known_cases():

@@ -9,7 +9,9 @@ import torch
 
 from dynllava.config import SparsityConfig
 from dynllava.engine import teacher_forced_nll
-from dynllava.eval import evaluate, plot, sweep_configs, target_checks, split_rows, write_results
+import pytest
+
+from dynllava.eval import evaluate, split_rows, sweep_configs, target_checks, write_results
 
 
 def test_dense_teacher_forced_nll_equals_transformers(tiny_model, batch4):
@@ -27,28 +29,65 @@ def test_dense_teacher_forced_nll_equals_transformers(tiny_model, batch4):
         assert n == len(targets[i]) and abs(nll - float(ref)) < 1e-3
 
 
-def test_evaluate_reports_achieved_ratios_and_writes_reports(tiny_model, tmp_path, monkeypatch):
-    # byte-level test tokenizer: keep answers short so every row fits the test model's 256-token context
+def test_evaluate_grades_the_answers_and_counts_the_ratios(tmp_path, monkeypatch):
+    """On the shipped tiny (it answers some questions right and some wrong), each figure equals what grading
+    each row's own answer and summing its own counts gives: VQA accuracy, caption F1, keep ratios, savings."""
     import dynllava.eval as ev
+    from dynllava.data.grading import F1Counts, attribute_counts, vqa_correct
+    from dynllava.model import DynamicLlava
 
-    monkeypatch.setattr(ev, "MAX_NEW_TOKENS", {"caption": 6, "describe": 6, "vqa": 3})
-    rows = split_rows(8)
-    dense = evaluate(tiny_model, rows, SparsityConfig(), perplexity_rows=0)
-    sparse = evaluate(tiny_model, rows, SparsityConfig(0.25, 0.5, vision_scorer="stride", text_scorer="recent"),
-                      perplexity_rows=0)
-    assert dense.label == "dense" and dense.image_keep == 1.0 and dense.text_keep == 1.0
-    assert sparse.image_keep == 0.25 and 0.4 <= sparse.text_keep <= 0.6
-    assert sparse.kv_bytes_saved > 0 and dense.kv_bytes_saved == 0
-    assert 0 <= dense.vqa_accuracy <= 1 and math.isnan(dense.perplexity)  # NLL is tested above
-    paths = write_results([dense, sparse], tmp_path, "test-tiny")
+    model = DynamicLlava.from_pretrained("tiny", device="cpu", dtype=torch.float32)
+    monkeypatch.setattr(ev, "MAX_NEW_TOKENS", {"caption": 20, "describe": 24, "vqa": 4})
+    rows = split_rows(40)
+    rows = [r for r in rows if r.task == "describe"][:2] + [r for r in rows if r.task != "describe"][:18]
+    mixed = []
+    for sparsity in (SparsityConfig(), SparsityConfig(0.25, 0.5, vision_scorer="stride", text_scorer="recent")):
+        result = evaluate(model, rows, sparsity, perplexity_rows=0, batch_size=5)
+        right, f1, image, kept, decided, admitted, flops, kv = [], F1Counts(), 0, 0, 0, 0, [0.0, 0.0], [0, 0]
+        for row in rows:
+            kind = "vqa" if row.task.startswith("vqa") else row.task
+            out = model.generate([row.image], [model.format_prompt(row.prompt)], sparsity=sparsity,
+                                 max_new_tokens=ev.MAX_NEW_TOKENS[kind])[0]
+            if kind == "vqa":
+                right.append(vqa_correct(out.text, row.reference))
+            else:
+                f1.add(attribute_counts(out.text, row.reference))
+            image, kept = image + out.stats.n_image_tokens, kept + out.stats.n_image_kept
+            decided += out.stats.n_text_generated - (out.finish_reason == "length")
+            admitted += out.stats.n_text_admitted
+            flops = [flops[0] + out.stats.flops_dense, flops[1] + out.stats.flops_sparse]
+            kv = [kv[0] + out.stats.kv_bytes_dense_equivalent, kv[1] + out.stats.kv_bytes_peak]
+        mixed.append(0 < sum(right) < len(right))
+        assert result.vqa_accuracy == sum(right) / len(right)
+        assert result.caption_attribute_f1 == f1.f1 and result.n_rows == 20
+        assert result.image_keep == kept / image and result.text_keep == admitted / decided
+        assert result.flops_saved == pytest.approx(1 - flops[1] / flops[0])
+        assert result.kv_bytes_saved == pytest.approx(1 - kv[1] / kv[0])
+        assert math.isnan(result.perplexity)  # no perplexity rows asked for; NLL is tested above
+    assert any(mixed), "the check needs right and wrong answers"
+    assert result.image_keep == 0.25 and result.label == "vision stride 0.25, text recent 0.5"
+
+
+def test_write_results_writes_the_table_json_and_a_chart(tmp_path):
+    from PIL import Image
+
+    from dynllava.eval import EvalResult
+
+    def result(label, f1, vqa):
+        return EvalResult(label, SparsityConfig().to_dict(), 10, f1, vqa, 1.5, 1.0, 1.0, 0.0, 0.0, {})
+
+    results = [result("dense", 0.9, 0.7), result("vision stride 0.25, text recent 0.5", 0.8, 0.6)]
+    paths = write_results(results, tmp_path, "test-tiny")
     data = json.loads(paths["json"].read_text())
     assert [r["label"] for r in data["results"]] == ["dense", "vision stride 0.25, text recent 0.5"]
-    assert paths["png"].read_bytes()[:4] == b"\x89PNG"
-    assert any("dense VQA" in name for name, _, _ in target_checks([dense, sparse]))
+    assert data["results"][1]["caption_attribute_f1"] == 0.8
+    assert "| dense | 0.900 | 0.700 |" in paths["markdown"].read_text()
+    chart = Image.open(paths["png"])
+    assert chart.width > 200 and chart.height > 100 and len(chart.convert("L").getcolors(4096) or ()) > 2, "blank chart"
+    assert any("dense VQA" in name for name, _, _ in target_checks(results))
 
 
 def test_sweep_covers_the_grid():
     with_learned = sweep_configs(learned=True)
     assert len(with_learned) == 2 + 4 * 5 + 3 * 2
     assert len(sweep_configs(learned=False)) == 1 + 3 * 5 + 2 * 2
-    assert plot  # the PNG writer is exercised above

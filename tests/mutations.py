@@ -1,0 +1,117 @@
+"""Mutation check: do the tests catch the bugs they are there to catch?
+
+Each mutation below is a deliberate bug (one exact source edit). For each, this script makes the edit, runs the
+tests that should catch it (`pytest -x`), reports CAUGHT or MISSED, and restores the file, whatever happens.
+Not collected by pytest (its name does not start with test_); run it by hand after changing a test or the code
+it guards:
+
+    .venv/bin/python tests/mutations.py                 # every mutation against its tests
+    .venv/bin/python tests/mutations.py --only slack    # mutations whose name contains "slack"
+    .venv/bin/python tests/mutations.py --tests tests/dynllava/test_exactness.py   # another set of tests
+
+Exit status 1 if any mutation was missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ("tests/dynllava/test_reference.py", "tests/dynllava/test_scorers.py", "tests/dynllava/test_ops.py")
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """A deliberate bug: replace `old` (which must occur exactly once in `path`) with `new`."""
+
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...] = REFERENCE
+
+
+MUTATIONS = (
+    Mutation("fastv reads layer K-2", "dynllava/model.py",
+             "if need_attention and i == layer_k - 1:", "if need_attention and i == layer_k - 2:"),
+    Mutation("fastv reads the second-to-last query", "dynllava/model.py",
+             "q_last = q[rows, :, lengths - 1]", "q_last = q[rows, :, lengths - 2]"),
+    Mutation("h2o and fastv read head 0 only", "dynllava/ops.py",
+             "return logits.softmax(-1).mean(dim=(1, 2))", "return logits.softmax(-1)[:, 0, 0]"),
+    Mutation("positions renumbered after the cut", "dynllava/model.py",
+             "cos, sin = ops.gather_tokens(cos, index), ops.gather_tokens(sin, index)",
+             "cos, sin = self.rotary(h, torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1))"),
+    Mutation("decode position off by one", "dynllava/engine.py",
+             "positions = [r.prompt_len + len(r.tokens) - 1 for r in rows]",
+             "positions = [r.prompt_len + len(r.tokens) - 2 for r in rows]"),
+    Mutation("an unadmitted token does not see itself", "dynllava/decode_step.py",
+             "mask = torch.arange(cache.capacity(group), device=h.device)[None, :] <= lengths[:, None]",
+             "mask = torch.arange(cache.capacity(group), device=h.device)[None, :] < lengths[:, None] + (group == 0)"),
+    Mutation("every token admitted to layers >= K", "dynllava/engine.py",
+             "cache.commit_step(1, admit_tokens(self.text_scorer, scores, rows, active, self.text_dense))",
+             "admit_tokens(self.text_scorer, scores, rows, active, self.text_dense); cache.commit_step(1, active)"),
+    Mutation("stride slot centres at m", "dynllava/scorers.py",
+             "slot_of_next = torch.ceil((order + 1) * k / n_img - 0.5)\n        "
+             "slot_of_this = torch.ceil(order * k / n_img - 0.5)",
+             "slot_of_next = torch.ceil((order + 1) * k / n_img)\n        slot_of_this = torch.ceil(order * k / n_img)"),
+    Mutation("learned vision margin flipped", "dynllava/scorers.py",
+             "margin = logits[..., KEEP] - logits[..., 1 - KEEP]", "margin = logits[..., 1 - KEEP] - logits[..., KEEP]"),
+    Mutation("admission slack 2 -> 4", "dynllava/scorers.py", "RATE_SLACK_TOKENS = 2.0", "RATE_SLACK_TOKENS = 4.0"),
+    Mutation("training: dropped tokens visible to others", "dynllava/train/masked.py",
+             "gate = torch.where(eye, torch.ones((), device=q.device), keep[:, None, None, :].float())",
+             "gate = torch.ones_like(keep[:, None, None, :].float()).expand(-1, 1, t, t)"),
+    Mutation("scenes drawn mirrored", "dynllava/data/shapes.py",
+             "cx = (col + 0.5) * cell", "cx = (2 - col + 0.5) * cell", ("tests/dynllava/test_data.py",)),
+    Mutation("position names mirrored", "dynllava/data/shapes.py",
+             'POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", '
+             '"bottom right")',
+             'POSITIONS = ("top right", "top", "top left", "right", "center", "left", "bottom right", "bottom", '
+             '"bottom left")', ("tests/dynllava/test_data.py",)),
+    Mutation("KV bytes counted without the admitted text", "dynllava/cache.py",
+             "return sum(g.lengths[row] * g.bytes_per_slot for g in self.groups)",
+             "return sum((g.lengths[row] - (g is self.groups[1])) * g.bytes_per_slot for g in self.groups)",
+             ("tests/dynllava/test_accounting.py",)),
+    Mutation("decode FLOPs without the token itself", "dynllava/engine.py",
+             "ctx_sparse = row.n_kept_prompt + row.n_admitted + 1",
+             "ctx_sparse = row.n_kept_prompt + row.n_admitted", ("tests/dynllava/test_accounting.py",)),
+)
+
+
+def run(mutation: Mutation, tests: tuple[str, ...]) -> tuple[bool, str]:
+    """(caught, the first failing test or the tail of pytest's output)."""
+    path = ROOT / mutation.path
+    source = path.read_text()
+    if source.count(mutation.old) != 1:
+        raise SystemExit(f"{mutation.name}: the text to replace occurs {source.count(mutation.old)} times in "
+                         f"{mutation.path}; update tests/mutations.py")
+    path.write_text(source.replace(mutation.old, mutation.new))
+    try:
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+                              cwd=ROOT, capture_output=True, text=True)
+    finally:
+        path.write_text(source)
+    failed = [line.split(" - ")[0] for line in done.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    return done.returncode != 0, failed[0] if failed else done.stdout.strip().splitlines()[-1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", help="run only mutations whose name contains this text")
+    parser.add_argument("--tests", nargs="+", help="run these tests instead of each mutation's own")
+    args = parser.parse_args(argv)
+    missed = 0
+    for mutation in MUTATIONS:
+        if args.only and args.only not in mutation.name:
+            continue
+        caught, detail = run(mutation, tuple(args.tests) if args.tests else mutation.tests)
+        missed += not caught
+        print(f"{'CAUGHT' if caught else 'MISSED'}  {mutation.name}: {detail}", flush=True)
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
