@@ -140,10 +140,12 @@ class ContinuousEngine:
     kv_budget_bytes: cap on the cache's allocation at every running row's worst case (None: no cap);
     max_waiting: queue length beyond which `submit` raises QueueFull. join_running=False makes it a static
     batcher: a new batch starts only when the running one has entirely finished (the baseline to compare with).
+    clock: unix seconds for the telemetry window (injectable for tests).
     """
 
     def __init__(self, model, max_batch: int = 32, max_prefill_batch: int = 8, kv_budget_bytes: int | None = None,
-                 max_waiting: int = 256, join_running: bool = True, telemetry_window_s: float = 30.0):
+                 max_waiting: int = 256, join_running: bool = True, telemetry_window_s: float = 30.0,
+                 clock: Callable[[], float] = time.time):
         if max_batch < 1 or max_prefill_batch < 1 or max_waiting < 1:
             raise ValueError("max_batch, max_prefill_batch and max_waiting must be >= 1")
         self.model = model
@@ -162,7 +164,7 @@ class ContinuousEngine:
         self._decoding: CachedDecoding | None = None
         self._tokens: list[int] = []  # each running row's last sampled token (fed at the next step)
         self.counters = EngineCounters()
-        self.window = RequestWindow(telemetry_window_s)  # finished requests, for telemetry snapshots
+        self.window = RequestWindow(telemetry_window_s, clock)  # finished requests, for telemetry snapshots
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._keep: tuple[float, float | None] | None = None  # set_keep's (vision_keep, text_keep)

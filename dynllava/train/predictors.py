@@ -97,14 +97,18 @@ def _batches(processor, config: PredictorTrainConfig, data: str | None, image_ro
                 batch.append(encode(processor, *shape_turns(rng, shapes.SPLIT_SEEDS["train"], index)))
                 index += 1
             yield batch
-    else:
+    else:  # epochs over the records; a batch may span two epochs, so no record is skipped and a small file works
+        batch: list[Example] = []
         while True:
-            batch = []
+            usable = 0
             for image, turns in llava_json_turns(data, image_root or "."):
+                usable += 1
                 batch.append(encode(processor, image, turns))
                 if len(batch) == config.batch_size:
                     yield batch
                     batch = []
+            if not usable:
+                raise ValueError(f"{data}: no usable record (each needs a readable image and a human/gpt turn pair)")
 
 
 def budget_loss(out, answer_spans: list[list[tuple[int, int]]], image_mask: torch.Tensor,

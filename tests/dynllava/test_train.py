@@ -1,5 +1,6 @@
-"""Training plumbing on tiny configs: base training saves a model transformers can load; a few predictor steps
-lower the loss and move the keep rates toward the budget."""
+"""Training on tiny configs: base training saves a model transformers can load; a few predictor steps lower the
+loss and move the keep rates toward the budget; the recipe's pieces (temperature schedule, the x100 budget and its
+50-token rule, answer-only labels, LLaVA-665k input). Masked attention: test_reference."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from transformers import LlavaForConditionalGeneration
 
 from dynllava.model import DynamicLlava
 from dynllava.train.base import BaseTrainConfig, train_base
-from dynllava.train.predictors import PredictorTrainConfig, train_predictors
+from dynllava.train.predictors import PredictorTrainConfig, budget_loss, tau_at, train_predictors
+from tests.conftest import random_image
 
 SMALL = dict(vocab_size=320, tokenizer_rows=200,
              vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -40,18 +42,120 @@ def test_base_training_lowers_loss_and_saves_an_hf_model(base_dir):
     assert model.predictors is None and model.processor.tokenizer.decode([model.processor.tokenizer.bos_token_id])
 
 
-def test_predictor_steps_lower_loss_and_move_keep_rates_to_budget(base_dir, tmp_path):
-    config = PredictorTrainConfig(steps=25, batch_size=4, predictor_lr=1e-3, lm_lr=0.0, warmup_steps=2,
-                                  text_budget_min_tokens=20, log_every=1)
+FAST = dict(batch_size=4, predictor_lr=1e-3, warmup_steps=2, text_budget_min_tokens=20, log_every=1,
+            image_width=64, autocast_bf16=False)  # the recipe at a test's size (fp32: bf16 matmuls are slow on CPU)
+
+
+def _log(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "predictor_log.jsonl").read_text().splitlines()]
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    return sum(r[key] for r in rows) / len(rows)
+
+
+def test_predictor_steps_with_the_lm_lower_the_loss_and_move_keep_rates_to_budget(base_dir, tmp_path):
+    """25 steps of the paper's recipe, LM fine-tuned too: the cross-entropy and the budget term both fall, the
+    image keep rate moves to the 0.2 budget, the temperature anneals 1.0 -> 0.1, and the saved model loads."""
+    config = PredictorTrainConfig(steps=25, lm_lr=3e-3, **FAST)
     out = train_predictors(base_dir, tmp_path, config, device="cpu", progress=False)
-    log = [json.loads(line) for line in (out / "predictor_log.jsonl").read_text().splitlines()]
+    log = _log(out)
     first, last = log[:4], log[-4:]
-    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
-    assert mean(last, "budget") < mean(first, "budget")
-    assert abs(mean(last, "image_keep") - 0.2) < abs(mean(first, "image_keep") - 0.2)
+    assert _mean(last, "ce") < _mean(first, "ce") - 0.5
+    assert _mean(last, "budget") < _mean(first, "budget")
+    assert abs(_mean(last, "image_keep") - 0.2) < abs(_mean(first, "image_keep") - 0.2)
+    assert (log[0]["tau"], log[-1]["tau"]) == (1.0, 0.1)
     model = DynamicLlava.from_pretrained(out, device="cpu")
-    assert model.predictors is not None and model.predictors.layer == 2
+    assert model.predictors is not None and model.predictors.layer == 2 and model.predictors.image.width == 64
     assert next(model.predictors.parameters()).dtype == torch.float32
+    base = DynamicLlava.from_pretrained(base_dir, device="cpu")
+    assert not torch.equal(base.lm.layers[0].mlp.up_proj.weight, model.lm.layers[0].mlp.up_proj.weight)
+
+
+def test_predictor_steps_with_a_frozen_lm_keep_its_weights(base_dir, tmp_path):
+    config = PredictorTrainConfig(steps=6, lm_lr=0.0, **FAST)
+    out = train_predictors(base_dir, tmp_path, config, device="cpu", progress=False)
+    assert _mean(_log(out)[-2:], "budget") < _mean(_log(out)[:2], "budget")
+    base, tuned = (DynamicLlava.from_pretrained(d, device="cpu") for d in (base_dir, out))
+    for (name, a), (_, b) in zip(base.hf_model.named_parameters(), tuned.hf_model.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_temperature_anneals_exponentially_from_1_to_0_1():
+    config = PredictorTrainConfig(steps=101)
+    assert tau_at(0, config) == 1.0 and tau_at(100, config) == pytest.approx(0.1)
+    assert tau_at(50, config) == pytest.approx(0.1**0.5)  # geometric: halfway in steps is halfway in log(tau)
+
+
+def test_budget_loss_is_100x_the_squared_misses_and_counts_only_long_answers():
+    """loss = 100 * mean over terms of (0.2 - image keep)^2 per row with an image and (0.5 - text keep)^2 per
+    answer of >= text_budget_min_tokens (50) tokens; a 49-token answer adds no term."""
+    from dynllava.train.masked import MaskedOutput
+
+    image_mask = torch.zeros(2, 120, dtype=torch.bool)
+    image_mask[:, :10] = True
+    image_keep = torch.zeros(2, 120)
+    image_keep[0, :5] = 1.0  # row 0 keeps 5 of 10 image tokens, row 1 keeps 1
+    image_keep[1, :1] = 1.0
+    text_keep = torch.zeros(2, 120)
+    text_keep[0, 20:60] = 1.0  # row 0: a 50-token answer [20, 70) keeping 40 (0.8)
+    text_keep[1, 20:69] = 1.0  # row 1: a 49-token answer, all kept, but too short to count
+    out = MaskedOutput(torch.zeros(2, 120, 8), image_keep, text_keep)
+    loss, image_rate, text_rate = budget_loss(out, [[(20, 70)], [(20, 69)]], image_mask, PredictorTrainConfig())
+    expected = 100 * ((0.2 - 0.5) ** 2 + (0.2 - 0.1) ** 2 + (0.5 - 0.8) ** 2) / 3
+    assert float(loss) == pytest.approx(expected)
+    assert (image_rate, text_rate) == (pytest.approx(0.3), pytest.approx(0.8))
+
+
+def test_labels_cover_only_the_answers(base_dir):
+    """Answer-only supervision: every labelled token is inside an answer (with its end-of-sequence), every
+    answer token is labelled, and the answer spans are those tokens."""
+    from dynllava.loading import load_processor
+    from dynllava.train.conversations import IGNORE, encode
+
+    processor = load_processor(str(base_dir))
+    tok = processor.tokenizer
+    turns = [("How many shapes are there?", "three"), ("What colour is the shape at the top?", "red")]
+    example = encode(processor, random_image(0), turns)
+    labelled = (example.labels != IGNORE).nonzero().flatten().tolist()
+    spans = [list(range(a, b)) for a, b in example.answer_spans]
+    assert labelled == spans[0] + spans[1]
+    assert torch.equal(example.labels[labelled], example.input_ids[labelled])
+    for span, (_, answer) in zip(spans, turns):
+        assert tok.decode(example.input_ids[span]).strip() == answer + tok.eos_token
+    n_image = int((example.input_ids == processor.image_token_id).sum())
+    assert n_image == 16 and labelled[0] > int((example.input_ids == processor.image_token_id).nonzero().max())
+
+
+def test_llava_665k_json_input(base_dir, tmp_path, caplog):
+    """LLaVA-665k-style records: human/gpt turns become (question, answer) pairs without the <image> marker;
+    records without an image, or whose image is missing, are skipped with a warning; training runs on them."""
+    from dynllava.train.predictors import llava_json_turns
+
+    (tmp_path / "img").mkdir()
+    random_image(3).save(tmp_path / "img" / "a.png")
+    records = [
+        {"id": "1", "image": "a.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A test pattern."},
+            {"from": "human", "value": "Colours?"}, {"from": "gpt", "value": "Many."}]},
+        {"id": "2", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]},
+        {"id": "3", "image": "missing.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "Nothing."}]},
+    ]
+    path = tmp_path / "llava.json"
+    path.write_text(json.dumps(records))
+    found = list(llava_json_turns(path, tmp_path / "img"))
+    assert [turns for _, turns in found] == [[("What is it?", "A test pattern."), ("Colours?", "Many.")]]
+    assert "missing.png" in caplog.text
+    # one usable record, batches of 2: batches span epochs (this once looped forever)
+    config = PredictorTrainConfig(steps=2, lm_lr=0.0, **{**FAST, "batch_size": 2})
+    out = train_predictors(base_dir, tmp_path / "out", config, data=str(path), image_root=str(tmp_path / "img"),
+                           device="cpu", progress=False)
+    assert len(_log(out)) == 2
+    (tmp_path / "none.json").write_text(json.dumps(records[1:]))
+    with pytest.raises(ValueError, match="no usable record"):
+        train_predictors(base_dir, tmp_path / "out2", config, data=str(tmp_path / "none.json"),
+                         image_root=str(tmp_path / "img"), device="cpu", progress=False)
 
 
 def test_cell_index_head_adds_a_position_target():

@@ -83,3 +83,72 @@ def test_generate_reports_to_the_controller_and_follows_its_orders(tiny_yaml):
     assert json.loads(first["sparsity"][0])["vision_keep"] == 1.0
     assert json.loads(second["sparsity"][0])["vision_keep"] == decisions[0].value.vision_keep < 1.0
     assert second["n_image_kept"][0] < first["n_image_kept"][0]
+
+
+def test_out_of_memory_on_a_batch_retries_row_by_row(tiny_yaml):
+    """A device out-of-memory error on a batch splits it: each row is retried alone, so the rows that fit get
+    their captions (the same as a batch would give) and only a row that does not fit alone fails. CPU memory
+    cannot be exhausted on purpose here, so the loaded model raises torch's own OutOfMemoryError for batches of
+    more than one row and for one oversized row."""
+    import torch
+
+    from dynllava.model import DynamicLlava
+
+    calls = []
+
+    def loader(model, device=None, dtype=None):
+        real = DynamicLlava.from_pretrained(model, device=device, dtype=dtype)
+        generate = real.generate
+
+        def generate_within_memory(images, prompts, **kwargs):
+            calls.append(len(prompts))
+            if len(prompts) > 1 or "huge" in prompts[0]:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return generate(images, prompts, **kwargs)
+
+        real.generate = generate_within_memory
+        return real
+
+    sparsity = {"vision_keep": 0.5, "vision_scorer": "stride", "text_keep": 0.5, "text_scorer": "recent"}
+    stage = GenerateStage(tiny_yaml, sparsity, max_new_tokens=4, loader=loader)
+    reference = GenerateStage(tiny_yaml, sparsity, max_new_tokens=4)
+    decoded = decode_batch({"id": np.array(["a", "b", "c"], dtype=object),
+                            "image": np.array([png_bytes(i) for i in range(3)], dtype=object),
+                            "prompt": np.array(["Q?", "huge Q?", "Q?"], dtype=object)},
+                           spec=spec(image_path_column=None), model=tiny_yaml, default_prompt="Q?", max_pixels=10**6)
+    out = stage(decoded)
+    assert calls == [3, 1, 1, 1]
+    assert out["error"][1].startswith("OutOfMemoryError: CUDA out of memory") and out["caption"][1] is None
+    expected = reference(decoded)
+    assert [out["caption"][i] for i in (0, 2)] == [expected["caption"][i] for i in (0, 2)]
+    assert out["error"][0] is None and out["error"][2] is None
+
+
+def test_output_rows_have_the_documented_columns(tiny_yaml):
+    """The schema the README documents, and what each column holds for a good row and an error row."""
+    from pipelines.stages import OUTPUT_COLUMNS
+
+    stage = GenerateStage(tiny_yaml, {"vision_keep": 0.5, "vision_scorer": "stride", "text_keep": 0.5,
+                                      "text_scorer": "recent"}, max_new_tokens=5)
+    decoded = decode_batch({"id": np.array(["a", "b"], dtype=object),
+                            "image": np.array([png_bytes(0), b"not an image"], dtype=object)},
+                           spec=spec(prompt_column=None, image_path_column=None), model=tiny_yaml,
+                           default_prompt="Q?", max_pixels=10**6)
+    out = stage(decoded)
+    assert tuple(out) == OUTPUT_COLUMNS == (
+        "id", "caption", "error", "finish_reason", "n_image_kept", "n_text_admitted", "kv_bytes_peak", "latency_s",
+        "model", "sparsity", "n_image_tokens", "n_text_generated", "kv_bytes_dense", "generated_at")
+    alone = stage.model.generate([png_bytes(0)], [stage.model.format_prompt("Q?")], sparsity=stage.sparsity,
+                                 max_new_tokens=5)[0]
+    good = {c: out[c][0] for c in OUTPUT_COLUMNS}
+    assert good["caption"] == alone.text.strip() and good["error"] is None
+    assert good["finish_reason"] == alone.finish_reason and good["model"] == "test-tiny"
+    assert (good["n_image_tokens"], good["n_image_kept"]) == (16, 8)
+    assert (good["n_text_generated"], good["n_text_admitted"]) == (alone.stats.n_text_generated,
+                                                                  alone.stats.n_text_admitted)
+    assert (good["kv_bytes_peak"], good["kv_bytes_dense"]) == (alone.stats.kv_bytes_peak,
+                                                               alone.stats.kv_bytes_dense_equivalent)
+    assert json.loads(good["sparsity"]) == stage.sparsity.to_dict() and good["latency_s"] > 0
+    bad = {c: out[c][1] for c in OUTPUT_COLUMNS}
+    assert "unreadable image" in bad["error"] and bad["caption"] is None and bad["n_image_kept"] == 0
+    assert out["generated_at"][0] == out["generated_at"][1] > 1.7e9  # unix seconds of the batch
