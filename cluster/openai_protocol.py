@@ -66,12 +66,17 @@ class StreamOptions(_Strict):
 
 
 class DynllavaOptions(_Strict):
-    """The extension field: per-request sparsity, within the operator's bounds."""
+    """The extension field: per-request sparsity, within the operator's bounds, and ignore_eos."""
 
     vision_keep: float | None = None
     text_keep: float | None = None
     vision_scorer: str | None = None
     text_scorer: str | None = None
+    ignore_eos: bool = False  # generate all max_tokens even past end-of-sequence (load tests; vLLM's ignore_eos)
+
+    def sparsity_fields(self) -> dict[str, Any]:
+        """The SparsityConfig fields the request set."""
+        return {k: v for k, v in self.model_dump(exclude={"ignore_eos"}).items() if v is not None}
 
 
 class ChatCompletionRequest(_Strict):

@@ -246,7 +246,7 @@ class LlavaServer:
         base = self.default_sparsity
         if chat.dynllava is None:
             return base, True
-        asked = {k: v for k, v in chat.dynllava.model_dump().items() if v is not None}
+        asked = chat.dynllava.sparsity_fields()
         try:
             sparsity = self._allowed(base.replace(**asked))
         except ValueError as e:
@@ -270,7 +270,8 @@ class LlavaServer:
             raise ApiError(400, str(e).replace("prompts[0]: ", "messages: ").replace("images[0]", "image"),
                            param="messages") from None
         return EngineRequest(prepared, sparsity, max_tokens, temperature=chat.temperature, top_p=chat.top_p,
-                             seed=chat.seed, stop=proto.stop_list(chat), follows_engine=follows)
+                             seed=chat.seed, stop=proto.stop_list(chat), follows_engine=follows,
+                             ignore_eos=bool(chat.dynllava and chat.dynllava.ignore_eos))
 
     async def _submit(self, engine_request: EngineRequest) -> int:
         if self.config.batching == "static":

@@ -4,6 +4,7 @@ custom Serve autoscaling policy adds a replica; the controller survives being ki
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -69,6 +70,42 @@ def test_core_judges_an_offline_deadline_from_reported_rows_and_withdraws_its_re
     assert [d["value"] for d in core.status()["decisions"] if d["action"] == "scale"] == [2] and asked == [2]
     assert core.end_offline_job() == {"rows_done": 235} and asked == [2, 0]
     assert core.status()["offline"] is None and "data" not in core.status()["desired"]
+
+
+@pytest.mark.ray
+def test_the_controller_asks_ray_autoscaler_for_engine_bundles_and_withdraws(ray_local):
+    """The real path, not a callback: the controller actor, with the offline job's engine bundle, asks
+    `ray.autoscaler.sdk.request_resources` for two bundles once its one data actor sits at the floor and still
+    misses the deadline, and the job's end withdraws the request. Read back where Ray's (v1) autoscaler reads
+    it: the GCS key-value store."""
+    import ray
+    from ray.autoscaler._private.constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    from cluster.controller import start_controller
+
+    assert not is_autoscaler_v2(), "this check reads the v1 autoscaler's request channel"
+
+    def requested():
+        raw = _internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)
+        return None if raw is None else json.loads(raw)
+
+    sla = SLA(offline=OfflineTargets(deadline_s=100.0), replicas=Bounds(1, 3),
+              pacing=Pacing(levels=2, cooldown_s=0, scale_cooldown_s=0, floor_settle_s=0))
+    controller = start_controller(sla, period_s=0.2, engine_bundle={"CPU": 1, "engine": 1})
+    try:
+        ray.get(controller.start_offline_job.remote(1000, time.time()))
+        deadline = time.monotonic() + 30
+        while requested() != [{"CPU": 1, "engine": 1}] * 2:  # 990 rows in 100 s at 0.1 rows/s: far behind
+            assert time.monotonic() < deadline, (requested(), ray.get(controller.status.remote())["decisions"])
+            ray.get(controller.report.remote(snap("data:a", kind="data", ttft=None, rate=0.1, finished=10,
+                                                  keep=sla.keep_at(2)).to_dict()))
+            time.sleep(0.2)
+        ray.get(controller.end_offline_job.remote())
+        assert requested() == []
+    finally:
+        ray.kill(controller)
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +201,7 @@ def _check_floor_scale_and_restart(controller) -> None:
         time.sleep(1)
         after = levels()
     assert after == before, "levels rebuilt from the replicas' reports, not reset"
+    # a controller that had forgotten the levels would also reach level 2 under this SLA, but only by ordering
+    # it: the restarted one (its decision history starts empty) must have ordered nothing
+    restarted = ray.get(controller.status.remote(), timeout=10)["decisions"]
+    assert not [d for d in restarted if d["action"] == "set_sparsity"], restarted

@@ -8,11 +8,13 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from dynllava.config import SparsityConfig
 from tests.cluster.conftest import free_port, request, wait_healthy
 from tests.conftest import REPO_ROOT
 
@@ -37,11 +39,50 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
+def _static_batches_run_to_completion(base: str) -> None:
+    """`batching: static` (max_batch 4): four requests form one batch; a fifth sent while it runs waits even
+    when two of the four have finished and their slots are free; every answer is what generate gives."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dynllava.model import DynamicLlava
+
+    def body(i: int, n: int) -> dict:
+        return {"messages": [{"role": "user", "content": f"Say something about the number {i}."}], "max_tokens": n,
+                "temperature": 0, "dynllava": {"ignore_eos": True}}
+
+    lengths = [4, 200, 4, 200, 4]
+    seen = []
+    with ThreadPoolExecutor(5) as pool:
+        first = [pool.submit(request, "POST", f"{base}/v1/chat/completions", body(i, lengths[i])) for i in range(4)]
+        deadline = time.monotonic() + 60
+        while request("GET", f"{base}/health").json()["running"] < 4:
+            assert time.monotonic() < deadline, "the four requests never ran as one batch"
+            time.sleep(0.01)
+        late = pool.submit(request, "POST", f"{base}/v1/chat/completions", body(4, lengths[4]))
+        while not late.done():
+            health = request("GET", f"{base}/health").json()
+            seen.append((health["running"], health["waiting"]))
+            time.sleep(0.01)
+        replies = [f.result() for f in first] + [late.result()]
+    assert (2, 1) in seen, f"a free slot was filled before the batch finished: {sorted(set(seen))}"
+    model = DynamicLlava.from_pretrained("tiny")
+    for i, reply in enumerate(replies):
+        assert reply.status == 200, reply.body
+        prompt = model.format_prompt(f"Say something about the number {i}.", n_images=0)
+        ref = model.generate([None], [prompt], max_new_tokens=lengths[i], ignore_eos=True,
+                             sparsity=SparsityConfig(vision_keep=0.2, text_keep=0.5))[0]
+        assert reply.json()["choices"][0]["message"]["content"] == ref.text
+
+
 @pytest.mark.parametrize("how", ["dynllava serve", "serve run"])
 def test_the_yaml_starts_a_working_endpoint(how, tmp_path):
+    """The shipped YAML as it is (but the port) with `dynllava serve`; with `serve run`, the same YAML switched
+    to `batching: static`, whose batching is checked too."""
     port = free_port()
     config = yaml.safe_load((REPO_ROOT / "configs" / "serve.yaml").read_text())
     config["http_options"]["port"] = port
+    if how == "serve run":
+        config["applications"][0]["args"].update(batching="static", max_batch=4, batch_wait_s=0.5)
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
     command = [str(BIN / "dynllava"), "serve", "--config", str(path)] if how == "dynllava serve" else \
@@ -54,5 +95,7 @@ def test_the_yaml_starts_a_working_endpoint(how, tmp_path):
         try:
             body = _answers(f"http://127.0.0.1:{port}", process)
             assert body["model"] == "tiny" and body["dynllava"]["applied"]["vision_keep"] == 0.2, log.read_text()
+            if how == "serve run":
+                _static_batches_run_to_completion(f"http://127.0.0.1:{port}")
         finally:
             _stop(process)

@@ -125,7 +125,7 @@ def test_dropped_stream_frees_its_slot(serve_urls):
     before = _health(base)["cancelled"]
     _, png, _ = scene(7, "describe")
     body = {"model": "tiny", "messages": [user(png, "Describe the image in detail.")], "max_tokens": 256,
-            "temperature": 0, "stream": True}
+            "temperature": 0, "stream": True, "dynllava": {"ignore_eos": True}}  # 256 tokens: still decoding
     conn, path = connect(f"{base}/v1/chat/completions")
     conn.request("POST", path, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     response = conn.getresponse()
@@ -209,21 +209,48 @@ def test_other_statuses_and_the_replica_survives(serve_urls):
 
 
 def test_full_queue_answers_429_with_retry_after(serve_urls):
-    """The secure app runs one request and queues one: of 6 at once, some are turned away, none is lost."""
+    """The secure app runs one request and queues one. A streamed request that ignores EOS for 256 tokens holds
+    the slot and a second waits in the queue, so a third is turned away with 429; the first two complete."""
     url = f"{serve_urls['secure']}/v1/chat/completions"
     _, png, _ = scene(9, "describe")
-    body = {"messages": [user(png, "Describe the image in detail.")], "max_tokens": 200, "temperature": 0}
+    long = {"messages": [user(png, "Describe the image in detail.")], "max_tokens": 256, "temperature": 0,
+            "dynllava": {"ignore_eos": True}}
+    conn, path = connect(url)
+    conn.request("POST", path, body=json.dumps({**long, "stream": True}).encode(),
+                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+    held = conn.getresponse()
+    try:
+        assert held.status == 200 and held.readline().startswith(b"data: ")
+        _wait_for(serve_urls["secure"], running=1, waiting=0)
+        with ThreadPoolExecutor(1) as pool:
+            queued = pool.submit(_post, url, long, API_KEY)
+            _wait_for(serve_urls["secure"], running=1, waiting=1)
+            busy = _post(url, long, key=API_KEY)
+            assert busy.status == 429 and busy.headers["retry-after"] == "1"
+            assert busy.json()["error"]["type"] == "rate_limit_error"
+            rest = held.read().decode()
+            assert rest.rstrip().endswith("data: [DONE]") and '"finish_reason": "length"' in rest
+            second = queued.result()
+            assert second.status == 200 and second.json()["usage"]["completion_tokens"] == 256
+    finally:
+        conn.close()
 
-    with ThreadPoolExecutor(6) as pool:
-        responses = list(pool.map(lambda _: _post(url, body, key=API_KEY), range(6)))
-    codes = sorted(r.status for r in responses)
-    assert codes.count(200) >= 2 and set(codes) <= {200, 429}, codes
-    busy = [r for r in responses if r.status == 429]
-    assert busy and all(r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "rate_limit_error"
-                        for r in busy)
+
+def _wait_for(base: str, timeout_s: float = 30, **state) -> None:
+    """Poll /health until its counters show `state` (e.g. running=1, waiting=1)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        health = _health(base)
+        if all(health[k] == v for k, v in state.items()):
+            return
+        assert time.monotonic() < deadline, f"health never showed {state}: {health}"
+        time.sleep(0.01)
 
 
 def test_caption_job_through_the_serve_app(serve_urls, tiny, tmp_path):
+    """A job's rows go through a running app's replica (`--serve-app`). The secure app runs one row and queues
+    one, and the job hands it 6 rows at a time, so most rows find the queue full: they wait, none fails, and
+    each caption is what generate gives."""
     import pyarrow.parquet as pq
 
     from pipelines.caption import run_caption_job
@@ -232,9 +259,9 @@ def test_caption_job_through_the_serve_app(serve_urls, tiny, tmp_path):
     source = tmp_path / "rows.parquet"
     shapes.write_parquet(str(source), 12, shapes.SPLIT_SEEDS["test"], task="caption", progress=False)
     rows = [shapes.make_row(shapes.SPLIT_SEEDS["test"], i, "caption") for i in range(12)]
-    finished_before = _health(serve_urls["open"])["finished"]
-    config = CaptionJobConfig(model="tiny", serve_app="open", max_new_tokens=24, batch_size=4, decode_batch_size=4,
-                              decode_tasks=1, rows_per_file=100)
+    finished_before = _health(serve_urls["secure"])["finished"]
+    config = CaptionJobConfig(model="tiny", serve_app="secure", max_new_tokens=24, batch_size=6,
+                              decode_batch_size=6, decode_tasks=1, rows_per_file=100)
     summary = run_caption_job(str(source), tmp_path / "out", config)
     assert (summary.rows, summary.errors) == (12, 0)
     table = pq.read_table(tmp_path / "out").to_pydict()
@@ -244,25 +271,150 @@ def test_caption_job_through_the_serve_app(serve_urls, tiny, tmp_path):
                              max_new_tokens=24)
     assert [captions[r.id] for r in rows] == [e.text.strip() for e in expected]
     assert set(table["model"]) == {"tiny"}
-    assert _health(serve_urls["open"])["finished"] - finished_before == 12, "rows ran on the app's replica"
+    assert _health(serve_urls["secure"])["finished"] - finished_before == 12, "rows ran on the app's replica"
     with pytest.raises(ValueError, match="no such `dynllava serve` app"):
         run_caption_job(str(source), tmp_path / "out2", CaptionJobConfig(serve_app="nope"))
 
 
-def test_prometheus_metrics_are_exported_through_ray(serve_urls):
-    """Ray's metrics export (the node's metrics port) carries the replica's metrics, prefixed `ray_`."""
+def _scrape() -> dict[tuple[str, frozenset], float]:
+    """Every sample on this node's Ray metrics port: (name, labels) -> value."""
+    import re
+
     import ray
 
     port = ray.nodes()[0]["MetricsExportPort"]
-    wanted = ("ray_dynllava_requests_total", "ray_dynllava_ttft_seconds_bucket", "ray_dynllava_kv_bytes_in_use",
-              "ray_dynllava_vision_keep_ratio_bucket")
-    deadline, seen = time.monotonic() + 60, set()
-    while time.monotonic() < deadline and len(seen) < len(wanted):
-        text = request("GET", f"http://127.0.0.1:{port}/metrics").body.decode()
-        seen = {name for name in wanted if any(line.startswith(name + "{") for line in text.splitlines())}
-        time.sleep(2)
-    assert seen == set(wanted)
-    assert 'status="ok"' in text and 'model="tiny"' in text
+    samples = {}
+    for line in request("GET", f"http://127.0.0.1:{port}/metrics").body.decode().splitlines():
+        match = re.fullmatch(r"(\w+)(?:\{(.*)\})? (\S+)", line)
+        if match and not line.startswith("#"):
+            labels = frozenset(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
+            samples[(match.group(1), labels)] = float(match.group(3))
+    return samples
+
+
+def _total(samples: dict, name: str, **labels: str) -> float:
+    """Sum of a metric over its label sets that carry `labels` (e.g. the open app's replica)."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
+
+
+METRICS = ("ray_dynllava_requests_total", "ray_dynllava_output_tokens_total", "ray_dynllava_ttft_seconds_count",
+           "ray_dynllava_ttft_seconds_sum", "ray_dynllava_token_latency_seconds_count",
+           "ray_dynllava_vision_keep_ratio_count", "ray_dynllava_vision_keep_ratio_sum",
+           "ray_dynllava_text_keep_ratio_sum", "ray_dynllava_request_kv_bytes_sum",
+           "ray_dynllava_running_requests", "ray_dynllava_waiting_requests", "ray_dynllava_kv_bytes_in_use",
+           "ray_dynllava_kv_bytes_allocated")
+
+
+def test_prometheus_metrics_count_what_was_served(serve_urls, client):
+    """Ray's metrics export (the node's metrics port, names prefixed `ray_`) carries every metric the README
+    lists, and three known requests (and one bad one) move each by exactly what they report: outcomes, tokens,
+    and every bucket of TTFT, per-token latency, keep ratios and KV bytes; an idle replica's gauges fall to 0."""
+    base = serve_urls["open"]
+
+    def settled() -> dict:
+        """Wait until the replica's TTFT count has caught up with its engine's finished count (all exported)."""
+        deadline = time.monotonic() + 60
+        while True:
+            samples, finished = _scrape(), _health(base)["finished"]
+            if finished == 0 or any(k[0] == "ray_dynllava_ttft_seconds_count" and v == finished
+                                    for k, v in samples.items()):
+                return samples
+            assert time.monotonic() < deadline, f"metrics never caught up with {finished} finished requests"
+            time.sleep(0.5)
+
+    before = settled()
+    assert _post(f"{base}/v1/chat/completions", {**HELLO, "n": 3}).status == 400  # one rejected request
+    replies = []
+    for i in range(3):
+        _, png, text = scene(40 + i, "describe")
+        replies.append(client.chat.completions.create(model="tiny", messages=[user(png, text)], temperature=0,
+                                                      max_tokens=12 + 4 * i).model_dump())
+    after = settled()
+    finished = _health(base)["finished"]
+    ((_, labels),) = [k for k, v in after.items() if k[0] == "ray_dynllava_ttft_seconds_count" and v == finished]
+    worker = dict(kv for kv in labels if kv[0] == "WorkerId")  # the open app's replica
+    assert all(any(n == name for n, _ in after) for name in METRICS), sorted({n for n, _ in after})
+
+    def delta(name: str, **labels) -> float:
+        return _total(after, name, **worker, **labels) - _total(before, name, **worker, **labels)
+
+    stats = [r["dynllava"]["stats"] for r in replies]
+    assert delta("ray_dynllava_requests_total", status="ok") == 3
+    assert delta("ray_dynllava_requests_total", status="rejected") == 1
+    assert delta("ray_dynllava_output_tokens_total") == sum(r["usage"]["completion_tokens"] for r in replies)
+    # histograms by their buckets (Ray exports a histogram's _sum from bucket midpoints, so sums are not exact)
+    observed = {"ttft_seconds": [s["ttft_s"] for s in stats],
+                "token_latency_seconds": [s["decode_s"] / (s["n_text_generated"] - 1) for s in stats],
+                "vision_keep_ratio": [s["n_image_kept"] / s["n_image_tokens"] for s in stats],
+                "text_keep_ratio": [s["n_text_admitted"] / (s["n_text_generated"] - 1) for s in stats],
+                "request_kv_bytes": [s["kv_bytes_peak"] for s in stats]}
+    for name, values in observed.items():
+        buckets = {dict(ls)["le"] for n, ls in after if n == f"ray_dynllava_{name}_bucket"}
+        assert len(buckets) > 5, name
+        for le in buckets:
+            got = delta(f"ray_dynllava_{name}_bucket", le=le)
+            assert got == sum(v <= float(le) for v in values), (name, le, got, values)
+    deadline = time.monotonic() + 30  # gauges are sampled each second: idle now, they fall to 0
+    while any(_total(_scrape(), f"ray_dynllava_{g}", **worker) for g in GAUGES):
+        assert time.monotonic() < deadline, {g: _total(_scrape(), f"ray_dynllava_{g}", **worker) for g in GAUGES}
+        time.sleep(0.5)
+
+
+GAUGES = ("running_requests", "waiting_requests", "kv_bytes_in_use", "kv_bytes_allocated")
+
+
+def test_sampling_and_length_parameters_equal_generate(client, tiny):
+    """seed, temperature and top_p sample what generate samples with the same seed; max_completion_tokens caps
+    the answer; a stop string ends it just before the string."""
+    image, png, text = scene(5, "describe")
+    prompt = tiny.format_prompt(text)
+
+    def ask(**kw):
+        return client.chat.completions.create(model="tiny", messages=[user(png, text)], **kw).choices[0]
+
+    sampled = ask(temperature=0.9, top_p=0.8, seed=1234, max_tokens=30)
+    again = ask(temperature=0.9, top_p=0.8, seed=1234, max_tokens=30)
+    ref = tiny.generate([image], [prompt], sparsity=DEFAULT, max_new_tokens=30, temperature=0.9, top_p=0.8,
+                        seed=1234)[0]
+    assert sampled.message.content == again.message.content == ref.text
+    assert ref.text != expected(tiny, image, text, 30), "sampling changed the answer"
+    capped = ask(temperature=0, max_completion_tokens=7, extra_body={"dynllava": {"ignore_eos": True}})
+    assert capped.finish_reason == "length"
+    assert capped.message.content == tiny.generate([image], [prompt], sparsity=DEFAULT, max_new_tokens=7,
+                                                   ignore_eos=True)[0].text
+    free = expected(tiny, image, text, 40)
+    stop = free[12:16]
+    stopped = ask(temperature=0, max_tokens=40, stop=[stop, "never appears"])
+    assert stopped.finish_reason == "stop" and stopped.message.content == free[: free.index(stop)]
+
+
+def test_a_stopped_engine_answers_503_and_health_says_so(ray_local):
+    """The replica class itself (outside Serve), its engine thread stopped: /health and chat completions answer
+    503 in OpenAI's error shape, with Retry-After."""
+    from starlette.requests import Request
+
+    from cluster.server import LlavaServer
+    from cluster.serve_config import ServeConfig
+
+    replica_class = LlavaServer.func_or_class.__mro__[1]  # the class under Serve's ASGI wrapper
+    server = replica_class(ServeConfig(model="tiny", threads=1).to_dict())
+    try:
+        server.engine.stop()
+        health = asyncio.run(server.health())
+        assert health.status_code == 503 and json.loads(health.body)["status"] == "engine stopped"
+        body = json.dumps(HELLO).encode()
+
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "query_string": b"",
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+        reply = asyncio.run(server.chat_completions(Request(scope, receive)))
+        assert reply.status_code == 503 and reply.headers["retry-after"] == "5"
+        assert json.loads(reply.body)["error"]["type"] == "server_error"
+    finally:
+        server._stop_sampling.set()
 
 
 def test_remote_image_urls_when_the_operator_allows_them(serve_urls, tiny, tmp_path):

@@ -1,5 +1,6 @@
 """The caption job on a two-node Ray cluster (ray.cluster_utils.Cluster on this machine): the engine actors
-cannot fit on one node, so the job only finishes if it spreads over both; every id comes back exactly once."""
+cannot fit on one node, so the job only finishes if it spreads over both; every id comes back exactly once, and
+Ray's actor table shows one engine actor on each node."""
 
 from __future__ import annotations
 
@@ -48,3 +49,10 @@ def test_job_spreads_actors_over_two_nodes(two_nodes, tmp_path, job_config):
     summary = run_caption_job(str(tmp_path / "in.parquet"), tmp_path / "out", config, address=two_nodes.address)
     rows = [r for f in sorted((tmp_path / "out").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
     assert sorted(r["id"] for r in rows) == ids and summary.errors == 0
+    # where the engine actors ran, from the GCS actor table (it keeps finished actors and their node)
+    from ray._private.state import actors
+
+    engines = [a for a in actors().values() if a["ActorClassName"] == "MapWorker(MapBatches(GenerateStage))"]
+    nodes = {a["Address"]["NodeID"] for a in engines}
+    assert len(engines) == 2 and nodes == {n["NodeID"] for n in ray.nodes() if n["Alive"]}, \
+        [(a["ActorClassName"], a.get("Name"), a["Address"]["NodeID"]) for a in actors().values()]
