@@ -313,13 +313,15 @@ def test_prometheus_metrics_count_what_was_served(serve_urls, client):
     base = serve_urls["open"]
 
     def settled() -> dict:
-        """Wait until the replica's TTFT count has caught up with its engine's finished count (all exported)."""
+        """Metrics once the replica's TTFT count has caught up with its engine's finished count, and one more
+        export later (a request's outcome is counted just after its TTFT is observed)."""
         deadline = time.monotonic() + 60
         while True:
             samples, finished = _scrape(), _health(base)["finished"]
             if finished == 0 or any(k[0] == "ray_dynllava_ttft_seconds_count" and v == finished
                                     for k, v in samples.items()):
-                return samples
+                time.sleep(1.5)  # RAY_metrics_report_interval_ms is 1000 in the tests
+                return _scrape()
             assert time.monotonic() < deadline, f"metrics never caught up with {finished} finished requests"
             time.sleep(0.5)
 
