@@ -50,7 +50,7 @@ def _static_batches_run_to_completion(base: str) -> None:
         return {"messages": [{"role": "user", "content": f"Say something about the number {i}."}], "max_tokens": n,
                 "temperature": 0, "dynllava": {"ignore_eos": True}}
 
-    lengths = [4, 200, 4, 200, 4]
+    lengths = [4, 120, 4, 120, 4]
     seen = []
     with ThreadPoolExecutor(5) as pool:
         first = [pool.submit(request, "POST", f"{base}/v1/chat/completions", body(i, lengths[i])) for i in range(4)]

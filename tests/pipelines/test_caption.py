@@ -41,24 +41,6 @@ def write_parquet_input(path: Path, n: int, start: int = 0, **extra_rows) -> lis
     return ids
 
 
-def test_parquet_input_matches_the_in_process_engine(ray_local, tmp_path, job_config):
-    """One row per input row, in any order, and each caption is what DynamicLlava.generate gives that row."""
-    from dynllava.model import DynamicLlava
-
-    ids = write_parquet_input(tmp_path / "in.parquet", 12)
-    summary = run_caption_job(str(tmp_path / "in.parquet"), tmp_path / "out", job_config)
-    rows = {r["id"]: r for r in output_rows(tmp_path / "out")}
-    assert sorted(rows) == ids and summary.rows == 12 and summary.errors == 0
-    model = DynamicLlava.from_pretrained(job_config.model)
-    for i in (0, 5, 11):
-        ref = model.generate([png_bytes(i)], [model.format_prompt(f"What is in picture {i}?")],
-                             sparsity=job_config.sparsity, max_new_tokens=job_config.max_new_tokens)[0]
-        row = rows[ids[i]]
-        assert row["caption"] == ref.text.strip() and row["error"] is None
-        assert row["n_image_kept"] == ref.stats.n_image_kept and row["kv_bytes_peak"] == ref.stats.kv_bytes_peak
-        assert json.loads(row["sparsity"]) == job_config.sparsity.to_dict()
-
-
 def test_image_folder_and_jsonl_inputs(ray_local, tmp_path, job_config):
     """A folder of images (4 formats; rows keyed on the file's path) and JSONL rows without an id (keyed on their
     image_path, relative to the JSONL's folder): each caption is what the in-process engine gives that image and
@@ -99,25 +81,36 @@ def test_image_folder_and_jsonl_inputs(ray_local, tmp_path, job_config):
     assert (job["input_kind"], job["id_column"]) == ("jsonl", "image_path")
 
 
-def test_bad_rows_become_error_rows_and_the_job_goes_on(ray_local, tmp_path, job_config):
+def test_parquet_rows_match_the_engine_and_bad_rows_become_error_rows(ray_local, tmp_path, job_config):
+    """One output row per input row, in any order. Each good row's caption and counts are what
+    DynamicLlava.generate gives it (its own prompt, or the job's); each bad row gets its error, and the job goes
+    on: a truncated or non-image file, an image over max_image_pixels, no image, an empty prompt, a prompt over
+    the context."""
+    from dynllava.model import DynamicLlava
+
     good = png_bytes(1)
-    big = png_bytes(2, size=(300, 300))
-    rows = [("ok-1", good, "Describe."), ("truncated", good[: len(good) // 2], "Describe."),
-            ("not-an-image", b"hello world", "Describe."), ("bomb", big, "Describe."),
-            ("no-image", None, "Describe."), ("empty-prompt", good, "   "),
-            ("too-long", good, "word " * 400), ("ok-2", good, None)]
+    rows = [(f"r{i:04d}", png_bytes(i), f"What is in picture {i}?") for i in range(10)] + [
+        ("truncated", good[: len(good) // 2], "Describe."), ("not-an-image", b"hello world", "Describe."),
+        ("bomb", png_bytes(2, size=(300, 300)), "Describe."), ("no-image", None, "Describe."),
+        ("empty-prompt", good, "   "), ("too-long", good, "word " * 400), ("default-prompt", good, None)]
     pq.write_table(pa.table({"id": [r[0] for r in rows], "image": [r[1] for r in rows],
                              "prompt": [r[2] for r in rows]}), tmp_path / "in.parquet")
     config = CaptionJobConfig.from_dict({**job_config.to_dict(), "max_image_pixels": 200 * 200})
     summary = run_caption_job(str(tmp_path / "in.parquet"), tmp_path / "out", config)
     out = {r["id"]: r for r in output_rows(tmp_path / "out")}
-    assert sorted(out) == sorted(r[0] for r in rows)
+    assert sorted(out) == sorted(r[0] for r in rows) and (summary.rows, summary.errors) == (17, 6)
     errors = {k: v["error"] for k, v in out.items()}
-    assert errors["ok-1"] is None and errors["ok-2"] is None and out["ok-2"]["caption"] is not None
     assert "unreadable image" in errors["truncated"] and "unreadable image" in errors["not-an-image"]
     assert "max_image_pixels" in errors["bomb"] and "no image" in errors["no-image"]
     assert "empty prompt" in errors["empty-prompt"] and "context" in errors["too-long"]
-    assert summary.errors == 6 and summary.rows == 8
+    model = DynamicLlava.from_pretrained(job_config.model)
+    for row_id, image, prompt in [rows[0], rows[5], rows[9], ("default-prompt", good, job_config.prompt)]:
+        ref = model.generate([image], [model.format_prompt(prompt)], sparsity=config.sparsity,
+                             max_new_tokens=config.max_new_tokens)[0]
+        row = out[row_id]
+        assert row["caption"] == ref.text.strip() and row["error"] is None
+        assert row["n_image_kept"] == ref.stats.n_image_kept and row["kv_bytes_peak"] == ref.stats.kv_bytes_peak
+        assert json.loads(row["sparsity"]) == config.sparsity.to_dict()
 
 
 def test_resume_processes_only_missing_ids_and_records_each_run(ray_local, tmp_path, job_config):
@@ -147,8 +140,8 @@ def test_resume_processes_only_missing_ids_and_records_each_run(ray_local, tmp_p
 def test_resume_after_the_job_process_is_killed(ray_local, tmp_path, job_config):
     """Kill a job's whole process tree mid-run (some files committed, others not), then rerun: every id
     exactly once."""
-    (tmp_path / "in").mkdir()  # 12 files: Ray Data streams them as separate blocks, so outputs land one by one
-    ids = [i for k in range(12) for i in write_parquet_input(tmp_path / "in" / f"part-{k:02d}.parquet", 10, 10 * k)]
+    (tmp_path / "in").mkdir()  # 8 files: Ray Data streams them as separate blocks, so outputs land one by one
+    ids = [i for k in range(8) for i in write_parquet_input(tmp_path / "in" / f"part-{k:02d}.parquet", 6, 6 * k)]
     out = tmp_path / "out"
     cfg = tmp_path / "job.yaml"
     import yaml
@@ -257,7 +250,7 @@ def test_a_job_under_a_memory_ceiling_starts_the_controller_and_runs_sparser(ray
     sla.write_text(yaml.safe_dump({"offline": {"rows_per_s": 0.05}, "memory_ceiling": 0.001,
                                    "floor": {"vision_keep": 0.25, "text_keep": 0.5},
                                    "pacing": {"levels": 2, "cooldown_s": 0}}))
-    write_parquet_input(tmp_path / "in.parquet", 120)
+    write_parquet_input(tmp_path / "in.parquet", 48)
     config = dataclasses.replace(job_config, controller=True, sla=str(sla), max_new_tokens=24,
                                  sparsity=SparsityConfig(vision_keep=1.0, text_keep=1.0, vision_scorer="stride",
                                                          text_scorer="recent"))
@@ -269,12 +262,12 @@ def test_a_job_under_a_memory_ceiling_starts_the_controller_and_runs_sparser(ray
         assert controller is not None, "the job did not start the controller"
         status = ray.get(controller.status.remote())
         rows = output_rows(tmp_path / "out")
-        assert len(rows) == 120 and summary.errors == 0
+        assert len(rows) == 48 and summary.errors == 0
         keeps = [json.loads(r["sparsity"])["vision_keep"] for r in sorted(rows, key=lambda r: r["generated_at"])]
         assert keeps[0] == 1.0 and keeps[-1] == 0.25 and keeps == sorted(keeps, reverse=True), keeps
         timeline = summary.sparsity_over_time
         assert timeline[0]["vision_keep"] > timeline[-1]["vision_keep"] == 0.25  # the first part had dense rows
-        assert sum(b["rows"] for b in timeline) == 120 and "sparsity over time" in summary.table()
+        assert sum(b["rows"] for b in timeline) == 48 and "sparsity over time" in summary.table()
         assert summary.rows_per_s >= 0.05
         assert any("memory" in d["reason"] for d in status["decisions"]), status["decisions"]
         assert status["offline"] is None  # the job ended: nothing left to judge
