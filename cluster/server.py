@@ -29,8 +29,8 @@ from cluster.serve_config import ServeConfig
 from cluster.serve_metrics import ServerMetrics
 from dynllava.batching import ContinuousEngine, EngineRequest, QueueFull, StreamEvent
 from dynllava.config import SparsityConfig
+from dynllava.inputs import normalise_pixels
 from dynllava.model import DynamicLlava
-from pipelines.stages import normalise
 
 log = logging.getLogger(__name__)
 app = FastAPI(title="dynllava", docs_url=None, redoc_url=None)
@@ -175,7 +175,7 @@ class LlavaServer:
             applied = self._allowed(SparsityConfig.from_dict(sparsity))
         except ValueError as e:
             return [f"sparsity: {e}"] * len(prompts)
-        images = await asyncio.to_thread(normalise, self.model.processor, pixels)
+        images = await asyncio.to_thread(normalise_pixels, self.model.processor, pixels)
         return list(await asyncio.gather(*(self._offline_row(image, prompt, max_new_tokens, applied)
                                            for image, prompt in zip(images, prompts))))
 

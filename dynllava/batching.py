@@ -31,9 +31,9 @@ import torch
 
 from dynllava import ops
 from dynllava.config import SparsityConfig
-from dynllava.engine import (CACHE_BLOCK_TOKENS, CachedDecoding, GenerationOutput, StaticBatch, _Row, _sample,
-                             check_sparsities, check_stop, finish_row, model_dims, new_row,
-                             row_step_flops)
+from dynllava.engine import (CACHE_BLOCK_TOKENS, CachedDecoding, DecodingRow, GenerationOutput, StaticBatch,
+                             check_sparsities, check_stop, finish_row, model_dims, new_row, row_step_flops,
+                             sample_next)
 from dynllava.inputs import PreparedBatch, concat_prepared
 from dynllava.scorers import RATE_SLACK_TOKENS
 from dynllava.telemetry import RequestWindow, TelemetrySnapshot, take_snapshot
@@ -102,7 +102,7 @@ class _Live:
     ticket: int
     request: EngineRequest
     submitted_at: float
-    row: _Row | None = None
+    row: DecodingRow | None = None
     sent: str = ""  # text already streamed
     sent_tokens: int = 0
     prefill_s: float = 0.0
@@ -378,7 +378,7 @@ class ContinuousEngine:
         batch = StaticBatch(model, prepared, sparsities, max(r.max_new_tokens for r in rows), cuda_graphs=False)
         logits = batch.prefill()
         batch.record_prefill(rows)
-        tokens = _sample(logits, rows)
+        tokens = sample_next(logits, rows)
         now = time.perf_counter()
         for live, tok in zip(members, tokens):
             live.prefill_s, live.first_token_at = now - started, now
@@ -402,7 +402,7 @@ class ContinuousEngine:
             logits = self._decoding.step(self._tokens, rows, active)
             for row in rows:
                 row.n_fed += 1
-            new = _sample(logits, rows)
+            new = sample_next(logits, rows)
         except Exception as e:  # fail the running requests, keep serving
             log.exception("decoding step failed for %d request(s)", len(rows))
             for live in self._running:
@@ -436,7 +436,7 @@ class ContinuousEngine:
         if done:
             self._drop(done)
 
-    def _streamable_text(self, row: _Row) -> str:
+    def _streamable_text(self, row: DecodingRow) -> str:
         """The text that is safe to send: no trailing partial character, no tail that may begin a stop string."""
         text = self.model.processor.tokenizer.decode(row.tokens, skip_special_tokens=True).rstrip("\ufffd")
         hold = max((k for s in row.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)

@@ -1,7 +1,7 @@
 """Batched generation on DynamicLlava: prefill, then decode with the sparse KV cache or by recomputation.
 
 A static batch runs prefill once and decodes every row in lock-step until all rows finish; finished rows stop
-growing their cache. Per-request state (sampling generator, admission history, counters) lives in `_Row`,
+growing their cache. Per-request state (sampling generator, admission history, counters) lives in `DecodingRow`,
 never on the model.
 """
 
@@ -55,7 +55,7 @@ class GenerationOutput:
 
 
 @dataclass
-class _Row:
+class DecodingRow:
     """Mutable per-request decoding state: everything a request needs to be decoded in any batch."""
 
     prompt_len: int
@@ -107,7 +107,7 @@ def _per_row(value, n: int, name: str) -> list:
     return [value] * n
 
 
-def _sample(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+def sample_next(logits: torch.Tensor, rows: list[DecodingRow]) -> list[int]:
     """Next token per row [B, V] -> B ids: greedy when the row's temperature is 0, else temperature + nucleus
     sampling with the row's own generator (so a row samples the same tokens alone or in any batch)."""
     greedy = logits.argmax(-1).tolist()
@@ -133,7 +133,7 @@ def model_dims(model) -> costs.ModelDims:
     return dims
 
 
-def admit_tokens(text_scorer, scores: torch.Tensor | None, rows: list[_Row], active: list[bool],
+def admit_tokens(text_scorer, scores: torch.Tensor | None, rows: list[DecodingRow], active: list[bool],
                  text_dense: bool) -> list[bool]:
     """Admission of each active row's current token to layers >= K, from its text score [B]."""
     if text_dense:
@@ -171,7 +171,7 @@ class CachedDecoding:
         self.decoder = CachedStep(self.model, self.cache, self.k, self.text_scorer, not self.text_dense,
                                   self.use_graphs)
 
-    def step(self, tokens: list[int], rows: list[_Row], active: list[bool]) -> torch.Tensor:
+    def step(self, tokens: list[int], rows: list[DecodingRow], active: list[bool]) -> torch.Tensor:
         """Feed each active row's last token; returns next-token logits [B, V]."""
         cache = self.cache
         for group in (0, 1):
@@ -195,7 +195,7 @@ class CachedDecoding:
         self._set_rows(self.sparsities + other.sparsities)
 
 
-def row_step_flops(dims: costs.ModelDims, rows: list[_Row], active: list[bool], mode: str,
+def row_step_flops(dims: costs.ModelDims, rows: list[DecodingRow], active: list[bool], mode: str,
                    text_scored: bool) -> None:
     """Add this step's analytic FLOPs (dense and as its own setting runs it) to each active row, before its
     counters move. A text-dense row is not charged for a text predictor that ran only for its batch-mates."""
@@ -262,7 +262,7 @@ class StaticBatch:
             self.full_keep[:, :t] = res.keep
         return m.logits(res.last_hidden)
 
-    def record_prefill(self, rows: list[_Row]) -> None:
+    def record_prefill(self, rows: list[DecodingRow]) -> None:
         """Store on each row what its prefill kept and cost (rows may then be decoded in other batches)."""
         n_image = self.image_mask.sum(1).tolist()
         n_image_kept = (self.prompt_keep & self.image_mask).sum(1).tolist()
@@ -276,7 +276,7 @@ class StaticBatch:
                                     row.n_image, learned))
 
     # ---------------------------------------------------------------- decode
-    def step(self, tokens: list[int], rows: list[_Row], active: list[bool]) -> torch.Tensor:
+    def step(self, tokens: list[int], rows: list[DecodingRow], active: list[bool]) -> torch.Tensor:
         """Feed each row's last token; returns next-token logits [B, V]."""
         if self.cfg.mode == "kv_cache":
             return self.cached.step(tokens, rows, active)
@@ -313,7 +313,7 @@ class StaticBatch:
                             need_attention)
         return m.logits(res.last_hidden)
 
-    def step_flops(self, rows: list[_Row], active: list[bool]) -> None:
+    def step_flops(self, rows: list[DecodingRow], active: list[bool]) -> None:
         """Add this step's analytic FLOPs (dense and as run) to each active row, before its counters move."""
         row_step_flops(self.dims, rows, active, self.cfg.mode, not self.text_dense)
 
@@ -324,17 +324,17 @@ class StaticBatch:
 
 def new_row(prompt_len: int, sparsity: SparsityConfig, device: torch.device, max_new_tokens: int,
             temperature: float, top_p: float, seed: int | None, stop: Sequence[str] | None,
-            ignore_eos: bool) -> _Row:
+            ignore_eos: bool) -> DecodingRow:
     """A request's decoding state; its sampler is seeded (or from OS entropy) only when it samples."""
     generator = None
     if temperature > 0:  # a row's own generator, never torch's global RNG
         generator = torch.Generator(device=device)
         generator.seed() if seed is None else generator.manual_seed(seed)
-    return _Row(prompt_len, sparsity, generator, max_new_tokens=max_new_tokens, temperature=temperature,
+    return DecodingRow(prompt_len, sparsity, generator, max_new_tokens=max_new_tokens, temperature=temperature,
                 top_p=top_p, stop=[s for s in (stop or []) if s], ignore_eos=ignore_eos)
 
 
-def check_stop(model, row: _Row) -> None:
+def check_stop(model, row: DecodingRow) -> None:
     """Set row.finish_reason after a new token: EOS ("stop", the EOS is dropped), a stop string, or length."""
     token = row.tokens[-1]
     if token in model.eos_token_ids and not row.ignore_eos:
@@ -382,8 +382,8 @@ def generate(model, images: Sequence[Any], prompts: Sequence[str],
     batch = StaticBatch(model, prepared, sparsities, max_new_tokens, cuda_graphs)
     logits = batch.prefill()
     batch.record_prefill(rows)
-    tokens = _sample(logits, rows)
-    first_token_at = time.perf_counter()  # _sample synchronised the device (token ids are on the host)
+    tokens = sample_next(logits, rows)
+    first_token_at = time.perf_counter()  # sample_next synchronised the device (token ids are on the host)
     prefill_s, ttft_s = first_token_at - prefill_start, first_token_at - start
     for row, tok in zip(rows, tokens):
         row.tokens.append(tok)
@@ -397,7 +397,7 @@ def generate(model, images: Sequence[Any], prompts: Sequence[str],
         logits = batch.step(tokens, rows, active)
         for row, a in zip(rows, active):
             row.n_fed += int(a)
-        new = _sample(logits, rows)
+        new = sample_next(logits, rows)
         now = time.perf_counter()
         for i, row in enumerate(rows):
             if active[i]:
@@ -409,14 +409,14 @@ def generate(model, images: Sequence[Any], prompts: Sequence[str],
             for i, row in enumerate(rows)]
 
 
-def final_text(model, row: _Row) -> str:
+def final_text(model, row: DecodingRow) -> str:
     """The row's text so far, cut before the first stop string."""
     text = model.processor.tokenizer.decode(row.tokens, skip_special_tokens=True)
     cut = min((text.find(s) for s in row.stop if s in text), default=-1)
     return text[:cut] if cut >= 0 else text
 
 
-def finish_row(model, dims: costs.ModelDims, row: _Row, kv_bytes: int, prefill_s: float, ttft_s: float,
+def finish_row(model, dims: costs.ModelDims, row: DecodingRow, kv_bytes: int, prefill_s: float, ttft_s: float,
                first_token_at: float) -> GenerationOutput:
     """A finished row's output and stats (kv_bytes: what it holds in its cache now, i.e. at its peak)."""
     element = torch.empty((), dtype=model.dtype).element_size()
@@ -450,7 +450,7 @@ def teacher_forced_nll(model, images: Sequence[Any], prompts: Sequence[str], tar
     prepared = model.prepare(images, prompts, longest)
     n = len(prompts)
     batch = StaticBatch(model, prepared, [sparsity] * n, longest)
-    rows = [_Row(length, sparsity, None) for length in prepared.lengths]
+    rows = [DecodingRow(length, sparsity, None) for length in prepared.lengths]
     logits = batch.prefill()
     batch.record_prefill(rows)
     nll = [0.0] * n

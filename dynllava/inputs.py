@@ -28,6 +28,15 @@ def preprocess_images(processor, images: Sequence[Any]) -> list[PixelValues]:
     return [PixelValues(p) for p in pixels]
 
 
+def normalise_pixels(processor, pixels) -> list[PixelValues]:
+    """The rest of the processor's work on resized, cropped uint8 pixels [N, 3, H, W] (numpy): rescale and
+    normalise, bit-identical to running the whole processor on the original image. Returns PixelValues per row.
+    (The offline job resizes on CPU workers and ships uint8, a quarter of the float bytes; the engine does this.)"""
+    values = processor.image_processor(list(pixels), do_resize=False, do_center_crop=False,
+                                       input_data_format="channels_first", return_tensors="pt")["pixel_values"]
+    return [PixelValues(v) for v in values]
+
+
 def image_token_count(processor, height: int, width: int) -> int:
     """How many `<image>` tokens an image of pixel size [height, width] becomes (LlavaProcessor's rule)."""
     n = (height // processor.patch_size) * (width // processor.patch_size) + processor.num_additional_image_tokens

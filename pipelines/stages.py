@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from dynllava.inputs import load_image
+from dynllava.inputs import load_image, normalise_pixels
 from pipelines.sources import InputSpec
 
 log = logging.getLogger(__name__)
@@ -127,16 +127,6 @@ def decode_batch(batch: dict[str, np.ndarray], *, spec: InputSpec, model: str, d
     return out
 
 
-def normalise(processor, pixels: np.ndarray) -> list:
-    """The rest of the processor's work on resized, cropped uint8 pixels [N, 3, H, W]: rescale and normalise,
-    bit-identical to running the whole processor on the original image. Returns PixelValues per row."""
-    from dynllava.inputs import PixelValues
-
-    values = processor.image_processor(list(pixels), do_resize=False, do_center_crop=False,
-                                       input_data_format="channels_first", return_tensors="pt")["pixel_values"]
-    return [PixelValues(v) for v in values]
-
-
 class GenerateStage:
     """An engine actor: loads the model once, then captions batches of decoded rows. Rows that already carry
     an error pass through; a row the engine rejects (e.g. prompt longer than the context) gets its own error
@@ -185,7 +175,7 @@ class GenerateStage:
 
     def generate_rows(self, pixels: np.ndarray, prompts: list[str]) -> list[Any]:
         """Rows' uint8 pixels [N, 3, H, W] and raw prompts -> GenerationOutput or an error string per row."""
-        images = normalise(self.model.processor, pixels)
+        images = normalise_pixels(self.model.processor, pixels)
         return self._generate(images, [self.model.format_prompt(p) for p in prompts])
 
     def _generate(self, images: list, prompts: list[str]) -> list[Any]:

@@ -1,18 +1,27 @@
-"""Invariant 4: the method package imports nothing from Ray, the pipelines or the cluster code."""
+"""Invariant 4 (DESIGN.md): layers point one way. The method package imports nothing from Ray, the pipelines or
+the cluster code; the cluster code (online serving, control plane) imports nothing from the pipelines."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
+import pytest
 
-def test_dynllava_imports_no_ray_pipelines_or_cluster():
+
+def imported_after_importing(package: str) -> set[str]:
+    """Top-level packages in sys.modules after importing every module of `package`, in a fresh interpreter."""
     code = (
-        "import sys, pkgutil, importlib, dynllava\n"
-        "for m in pkgutil.walk_packages(dynllava.__path__, 'dynllava.'):\n"
+        f"import sys, pkgutil, importlib, {package}\n"
+        f"for m in pkgutil.walk_packages({package}.__path__, '{package}.'):\n"
         "    importlib.import_module(m.name)\n"
-        "bad = sorted(n for n in sys.modules if n.split('.')[0] in ('ray', 'pipelines', 'cluster'))\n"
-        "print(','.join(bad))\n"
+        "print(','.join(sorted({n.split('.')[0] for n in sys.modules})))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == ""
+    return set(out.stdout.strip().split(","))
+
+
+@pytest.mark.parametrize("package,forbidden", [("dynllava", {"ray", "pipelines", "cluster"}),
+                                               ("cluster", {"pipelines"})])
+def test_layers_point_one_way(package, forbidden):
+    assert imported_after_importing(package) & forbidden == set()

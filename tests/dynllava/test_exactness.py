@@ -48,9 +48,9 @@ def test_dense_logits_match_hf_forward_within_1e4(tiny_model, batch4):
     for mode in ("kv_cache", "no_cache"):
         prepared = tiny_model.prepare(images, prompts, NEW)
         batch = StaticBatch(tiny_model, prepared, [DENSE.replace(mode=mode)] * 4, NEW)
-        from dynllava.engine import _Row
+        from dynllava.engine import DecodingRow
 
-        rows = [_Row(n, DENSE, None) for n in prepared.lengths]
+        rows = [DecodingRow(n, DENSE, None) for n in prepared.lengths]
         step_logits = [batch.prefill()]
         for t in range(NEW - 1):
             tokens = [seq[t] for seq in theirs]

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from pipelines.sources import InputSpec
-from pipelines.stages import GenerateStage, decode_batch, normalise, require_columns
+from dynllava.inputs import normalise_pixels
+from pipelines.stages import GenerateStage, decode_batch, require_columns
 
 from tests.pipelines.conftest import png_bytes
 
@@ -37,7 +38,7 @@ def test_decode_checks_every_row_and_preprocesses_like_the_processor(tiny_yaml, 
     assert "unreadable" in errors[1] and "max_image_pixels" in errors[4] and "empty prompt" in errors[5]
     assert list(out["prompt"][:3]) == ["Q?", "Q?", "Default?"]
     expected = preprocess_images(tiny_model.processor, [good, png_bytes(3)])
-    got = normalise(tiny_model.processor, out["pixels"][[0, 3]])
+    got = normalise_pixels(tiny_model.processor, out["pixels"][[0, 3]])
     assert out["pixels"].dtype == np.uint8 and not out["pixels"][1].any()
     assert all(np.array_equal(g.values.numpy(), e.values.numpy()) for g, e in zip(got, expected))
 
