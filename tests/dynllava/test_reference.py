@@ -21,7 +21,8 @@ first test that caught it, and whether the suite before this module did:
   (before: caught).
 - every generated token admitted to layers >= K (commit `active`, not the decisions):
   [learned-0.25-learned-0.5-kv_cache] (before: caught by cache vs recompute).
-- stride slot centres at m instead of m + 0.5: [stride-0.3-recent-0.5-kv_cache] (before: missed).
+- stride slot centres at m instead of m + 0.5: [stride-0.3-recent-0.5-kv_cache] (before: caught by test_scorers'
+  stride layout test).
 - learned vision margin sign flipped: [learned-0.25-learned-0.5-kv_cache] (before: missed).
 - RATE_SLACK_TOKENS 2 -> 4: [learned-0.25-learned-0.5-kv_cache] (the hand rule keeps 2) and
   test_scorers.test_admitted_count_stays_within_two_at_every_step (before: missed).
