@@ -331,7 +331,7 @@ def new_row(prompt_len: int, sparsity: SparsityConfig, device: torch.device, max
         generator = torch.Generator(device=device)
         generator.seed() if seed is None else generator.manual_seed(seed)
     return DecodingRow(prompt_len, sparsity, generator, max_new_tokens=max_new_tokens, temperature=temperature,
-                top_p=top_p, stop=[s for s in (stop or []) if s], ignore_eos=ignore_eos)
+                       top_p=top_p, stop=[s for s in (stop or []) if s], ignore_eos=ignore_eos)
 
 
 def check_stop(model, row: DecodingRow) -> None:

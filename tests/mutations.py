@@ -57,9 +57,11 @@ MUTATIONS = (
     Mutation("stride slot centres at m", "dynllava/scorers.py",
              "slot_of_next = torch.ceil((order + 1) * k / n_img - 0.5)\n        "
              "slot_of_this = torch.ceil(order * k / n_img - 0.5)",
-             "slot_of_next = torch.ceil((order + 1) * k / n_img)\n        slot_of_this = torch.ceil(order * k / n_img)"),
+             "slot_of_next = torch.ceil((order + 1) * k / n_img)\n        "
+             "slot_of_this = torch.ceil(order * k / n_img)"),
     Mutation("learned vision margin flipped", "dynllava/scorers.py",
-             "margin = logits[..., KEEP] - logits[..., 1 - KEEP]", "margin = logits[..., 1 - KEEP] - logits[..., KEEP]"),
+             "margin = logits[..., KEEP] - logits[..., 1 - KEEP]",
+             "margin = logits[..., 1 - KEEP] - logits[..., KEEP]"),
     Mutation("admission slack 2 -> 4", "dynllava/scorers.py", "RATE_SLACK_TOKENS = 2.0", "RATE_SLACK_TOKENS = 4.0"),
     Mutation("training: dropped tokens visible to others", "dynllava/train/masked.py",
              "gate = torch.where(eye, torch.ones((), device=q.device), keep[:, None, None, :].float())",

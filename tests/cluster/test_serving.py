@@ -133,13 +133,7 @@ def test_dropped_stream_frees_its_slot(serve_urls):
     while events < 4:  # the role chunk and a few tokens: the request is decoding now
         events += response.readline().startswith(b"data: ")
     conn.close()  # the client goes away mid-stream
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        health = _health(base)
-        if health["cancelled"] > before and health["running"] == 0:
-            break
-        time.sleep(0.1)
-    assert health["cancelled"] == before + 1 and health["running"] == 0 and health["kv_bytes_in_use"] == 0
+    _wait_for(base, timeout_s=20, cancelled=before + 1, running=0, kv_bytes_in_use=0)
 
 
 def _post(url: str, body, key: str | None = None, raw: bytes | None = None):

@@ -58,12 +58,12 @@ def test_generate_rejects_bad_input(tiny_model):
         tiny_model.generate([img, img], [good])
     with pytest.raises(ValueError, match="layer K"):
         tiny_model.generate([img], [good], sparsity=SparsityConfig(layer=9))
-    mixed = [SparsityConfig(vision_keep=0.5, vision_scorer="stride"), SparsityConfig(vision_keep=0.5, vision_scorer="fastv")]
+    half = SparsityConfig(vision_keep=0.5, vision_scorer="stride")
     with pytest.raises(ValueError, match="rows of one batch must share layer, mode and scorers"):
-        tiny_model.generate([img, img], [good, good], sparsity=mixed)
-    ratios = [SparsityConfig(vision_keep=0.5, vision_scorer="stride"), SparsityConfig(vision_keep=0.25, vision_scorer="stride")]
-    kept = [o.stats.n_image_kept for o in tiny_model.generate([img, img], [good, good], sparsity=ratios, max_new_tokens=2)]
-    assert kept == [8, 4]  # keep ratios may differ within a batch
+        tiny_model.generate([img, img], [good, good], sparsity=[half, half.replace(vision_scorer="fastv")])
+    ratios = [half, half.replace(vision_keep=0.25)]  # keep ratios may differ within a batch
+    outs = tiny_model.generate([img, img], [good, good], sparsity=ratios, max_new_tokens=2)
+    assert [o.stats.n_image_kept for o in outs] == [8, 4]
 
 
 def test_stop_strings_and_eos(tiny_model):

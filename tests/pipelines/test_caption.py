@@ -217,16 +217,15 @@ def hold_until_the_controller_decides(model, device=None, dtype=None, timeout_s:
     from dynllava.model import DynamicLlava
 
     real = DynamicLlava.from_pretrained(model, device=device, dtype=dtype)
-    generate, calls = real.generate, []
+    generate, state = real.generate, {"calls": 0, "decided": False}
 
     def generate_after_a_decision(*args, **kwargs):
-        calls.append(1)
+        state["calls"] += 1
         deadline = time.monotonic() + timeout_s
-        while len(calls) > 1 and time.monotonic() < deadline:
+        while state["calls"] > 1 and not state["decided"] and time.monotonic() < deadline:
             controller = find_controller()
-            if controller is not None and ray.get(controller.status.remote())["decisions"]:
-                break
-            time.sleep(0.2)
+            state["decided"] = controller is not None and bool(ray.get(controller.status.remote())["decisions"])
+            time.sleep(0 if state["decided"] else 0.2)
         return generate(*args, **kwargs)
 
     real.generate = generate_after_a_decision
