@@ -83,6 +83,7 @@ class ServeConfig:
     batching: Literal["continuous", "static"] = "continuous"
     max_batch: int = 32  # rows decoding together (static: the @serve.batch size)
     max_prefill_batch: int = 8  # requests prefilled in one pass (continuous)
+    max_prefill_tokens: int | None = 4096  # prompt tokens prefilled in one engine step (continuous; None: no cap)
     batch_wait_s: float = 0.05  # static: how long @serve.batch waits to fill a batch
     kv_budget_mib: float | None = None  # cap on the KV cache's worst-case allocation (None: max_batch bounds it)
     max_waiting: int = 64  # queued requests per replica beyond which new ones get 429
@@ -105,6 +106,10 @@ class ServeConfig:
             raise ValueError("sparsity.mode must be kv_cache for serving (continuous batching decodes with the cache)")
         if not self.report_period_s > 0 or not self.telemetry_window_s > 0:
             raise ValueError("report_period_s and telemetry_window_s must be positive")
+        if self.max_prefill_tokens is not None and (isinstance(self.max_prefill_tokens, bool) or
+                                                    not isinstance(self.max_prefill_tokens, int) or
+                                                    self.max_prefill_tokens < 1):
+            raise ValueError(f"max_prefill_tokens must be null or an integer >= 1, got {self.max_prefill_tokens!r}")
         if self.kv_budget_mib is not None and self.kv_budget_mib <= 0:
             raise ValueError(f"kv_budget_mib must be positive or null, got {self.kv_budget_mib!r}")
         if not 0 <= self.batch_wait_s <= 10:

@@ -61,6 +61,7 @@ class LlavaServer:
         static = cfg.batching == "static"
         self.engine = ContinuousEngine(self.model, max_batch=cfg.max_batch,
                                        max_prefill_batch=cfg.max_batch if static else cfg.max_prefill_batch,
+                                       max_prefill_tokens=None if static else cfg.max_prefill_tokens,
                                        kv_budget_bytes=cfg.kv_budget_bytes, max_waiting=cfg.max_waiting,
                                        join_running=not static, telemetry_window_s=cfg.telemetry_window_s)
         self.engine.start()

@@ -1,14 +1,17 @@
-"""Continuous batching: requests join the running batch at step boundaries and leave as soon as they finish.
+"""The one generation loop: requests join the running batch at step boundaries and leave as soon as they finish.
 
-One thread owns the model and calls `step()` (or runs `start()`'s loop); any thread may `submit` and `cancel`.
-Each step:
+Every path runs it: `DynamicLlava.generate` (submit the rows, step until they finish), the caption job's actors
+and the Serve replicas (the loop on its own thread). One thread owns the model and calls `step()` (or runs
+`start()`'s loop); any thread may `submit` and `cancel`. Each step is schedule -> execute -> update:
   1. take in submissions and cancellations (a cancelled request's row and K/V are freed at once);
-  2. admit waiting requests in arrival order while the batch has room and the KV budget holds, prefill them
-     together, and merge their cache into the running batch;
-  3. one decoding step for every running row; finished rows leave.
+  2. schedule (dynllava.scheduler, a pure function): which waiting requests join, in arrival order, within the
+     batch size, the per-step prefill budgets and the KV budget;
+  3. execute: prefill the joining requests together (one pass per vision scorer), merge them into the running
+     batch, and run one decoding step for every running row;
+  4. update: sample, check stops, stream events; finished rows leave.
 Rows of the running batch share layer K, the mode and the text scorer (keep ratios and the vision scorer may
 differ per request: the vision scorer acts only in the prefill, which runs per scorer group). A request that
-needs another layer or text scorer waits until the running batch drains; nothing behind it overtakes it.
+needs another layer, mode or text scorer waits until the running batch drains; nothing behind it overtakes it.
 
 The KV budget is checked against what the padded cache would allocate with every running row at its worst
 case (prompt kept at vision_keep, text admitted at text_keep, max_new_tokens generated), so admission never
@@ -25,16 +28,17 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from dynllava import ops
 from dynllava.config import SparsityConfig
-from dynllava.engine import (CACHE_BLOCK_TOKENS, CachedDecoding, DecodingRow, GenerationOutput, StaticBatch,
-                             check_sparsities, check_stop, finish_row, model_dims, new_row, row_step_flops,
-                             sample_next)
-from dynllava.inputs import PreparedBatch, concat_prepared
+from dynllava.engine import (CACHE_BLOCK_TOKENS, GRAPH_CACHE_BLOCK_TOKENS, DecodingRow, GenerationOutput,
+                             StaticBatch, check_generation_args, check_stop, decoding_bytes, finish_row, model_dims,
+                             new_row, per_row, row_step_flops, sample_next)
+from dynllava.inputs import PreparedBatch, concat_prepared, split_prepared
+from dynllava.scheduler import KVLayout, Scheduled, SchedulerLimits, schedule
 from dynllava.scorers import RATE_SLACK_TOKENS
 from dynllava.telemetry import RequestWindow, TelemetrySnapshot, take_snapshot
 
@@ -59,6 +63,7 @@ class EngineRequest:
     stop: Sequence[str] = ()
     ignore_eos: bool = False
     on_event: Callable[["StreamEvent"], None] | None = None  # called on the engine thread: keep it cheap
+    stream: bool = True  # False: on_event gets only the final event (no text is decoded per step)
     arrived_at: float | None = None  # time.perf_counter() when the request arrived (TTFT's start; default: submit)
     follows_engine: bool = False  # the caller did not choose the keep ratios: run at the engine's keep setting
     #                               as of admission (set_keep), so a controller's order reaches the queue too
@@ -108,6 +113,12 @@ class _Live:
     prefill_s: float = 0.0
     first_token_at: float = 0.0
     reserve: tuple[int, int] = (0, 0)  # worst-case slots in the dense and sparse layer groups
+    solo: bool = False  # prefill alone: a batched prefill with this request ran out of device memory
+
+    def scheduled(self) -> Scheduled:
+        s = self.request.sparsity
+        return Scheduled(self.ticket, self.request.prepared.lengths[0], self.reserve, _decoding_signature(s),
+                         self.solo)
 
 
 def _decoding_signature(s: SparsityConfig) -> tuple:
@@ -125,8 +136,10 @@ def text_slots_bound(sparsity: SparsityConfig, max_new_tokens: int) -> int:
 
 def reserved_slots(model, request: EngineRequest) -> tuple[int, int]:
     """Worst-case cache slots of one request: (dense group: every token, sparse group: kept prompt + admitted
-    text). One extra slot each for the token being fed."""
+    text). One extra slot each for the token being fed. (0, 0) in no_cache mode, which holds no K/V."""
     p = request.prepared
+    if request.sparsity.mode == "no_cache":
+        return 0, 0
     n_image = int((p.input_ids[0, : p.lengths[0]] == model.image_token_id).sum())
     kept_prompt = p.lengths[0] - n_image + ops.keep_count(n_image, request.sparsity.vision_keep)
     return (p.lengths[0] + request.max_new_tokens + 1,
@@ -134,26 +147,34 @@ def reserved_slots(model, request: EngineRequest) -> tuple[int, int]:
 
 
 class ContinuousEngine:
-    """The continuous-batching engine over one DynamicLlava (kv_cache mode).
+    """The generation loop over one DynamicLlava (see the module docstring).
 
-    max_batch: most rows decoding together; max_prefill_batch: most requests prefilled in one pass;
-    kv_budget_bytes: cap on the cache's allocation at every running row's worst case (None: no cap);
-    max_waiting: queue length beyond which `submit` raises QueueFull. join_running=False makes it a static
-    batcher: a new batch starts only when the running one has entirely finished (the baseline to compare with).
-    clock: unix seconds for the telemetry window (injectable for tests).
+    max_batch: most rows decoding together; max_prefill_batch / max_prefill_tokens: most requests / prompt
+    tokens prefilled in one step (None: no token cap); kv_budget_bytes: cap on the cache's allocation at every
+    running row's worst case (None: no cap); max_waiting: queue length beyond which `submit` raises QueueFull.
+    join_running=False makes it a static batcher: a new batch starts only when the running one has entirely
+    finished (the baseline to compare with). cuda_graphs: on CUDA, replay the decoding step as a CUDA graph.
+    isolate_failures: a failing prefill or step fails only its requests and the loop goes on (a server); False
+    re-raises (a caller that owns every request, as `generate`). clock: unix seconds for the telemetry window.
     """
 
     def __init__(self, model, max_batch: int = 32, max_prefill_batch: int = 8, kv_budget_bytes: int | None = None,
                  max_waiting: int = 256, join_running: bool = True, telemetry_window_s: float = 30.0,
-                 clock: Callable[[], float] = time.time):
-        if max_batch < 1 or max_prefill_batch < 1 or max_waiting < 1:
-            raise ValueError("max_batch, max_prefill_batch and max_waiting must be >= 1")
+                 clock: Callable[[], float] = time.time, max_prefill_tokens: int | None = None,
+                 cuda_graphs: bool = True, isolate_failures: bool = True):
+        if max_waiting < 1:
+            raise ValueError("max_waiting must be >= 1")
         self.model = model
+        self.limits = SchedulerLimits(max_batch, max_prefill_batch, max_prefill_tokens, kv_budget_bytes,
+                                      join_running)
         self.max_batch, self.max_prefill_batch = max_batch, max_prefill_batch
         self.kv_budget_bytes, self.max_waiting, self.join_running = kv_budget_bytes, max_waiting, join_running
+        self.use_graphs = cuda_graphs and model.device.type == "cuda"
+        self.isolate_failures = isolate_failures
         self.dims = model_dims(model)
         element = torch.empty((), dtype=model.dtype).element_size()
-        self._slot_bytes_per_layer = 2 * model.n_kv_heads * model.head_dim * element
+        self.kv_layout = KVLayout(model.n_layers, 2 * model.n_kv_heads * model.head_dim * element,
+                                  GRAPH_CACHE_BLOCK_TOKENS if self.use_graphs else CACHE_BLOCK_TOKENS)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._inbox: collections.deque[_Live] = collections.deque()
@@ -161,7 +182,7 @@ class ContinuousEngine:
         self._tickets = itertools.count()
         self._waiting: collections.deque[_Live] = collections.deque()
         self._running: list[_Live] = []
-        self._decoding: CachedDecoding | None = None
+        self._decoding = None  # the running rows' CachedDecoding or RecomputeDecoding
         self._tokens: list[int] = []  # each running row's last sampled token (fed at the next step)
         self.counters = EngineCounters()
         self.window = RequestWindow(telemetry_window_s, clock)  # finished requests, for telemetry snapshots
@@ -206,9 +227,7 @@ class ContinuousEngine:
     def _check(self, request: EngineRequest) -> _Live:
         if request.prepared.input_ids.shape[0] != 1:
             raise ValueError("EngineRequest.prepared must hold exactly one row")
-        if request.sparsity.mode != "kv_cache":
-            raise ValueError("continuous batching runs in kv_cache mode only")
-        check_sparsities(self.model, [request.sparsity])
+        self.model.check_scorers(request.sparsity)
         if request.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
         reserve = reserved_slots(self.model, request)
@@ -307,38 +326,16 @@ class ContinuousEngine:
             self._deliver(live, StreamEvent("", [], error="cancelled"))
 
     def _allocation(self, reserves: list[tuple[int, int]], layer_k: int) -> int:
-        """Bytes the padded cache allocates for rows with these worst-case slots (capacity rounded to blocks)."""
-        if not reserves:
-            return 0
-        layers = (layer_k, self.model.n_layers - layer_k)
-        total = 0
-        for group in (0, 1):
-            capacity = -(-max(r[group] for r in reserves) // CACHE_BLOCK_TOKENS) * CACHE_BLOCK_TOKENS
-            total += len(reserves) * capacity * layers[group] * self._slot_bytes_per_layer
-        return total
+        return self.kv_layout.allocation_bytes(reserves, layer_k)
 
     def _admit(self) -> list[_Live]:
-        """Waiting requests that join now: in arrival order, compatible with the running batch, within the batch
-        size and the KV budget."""
-        group: list[_Live] = []
-        if self._running and not self.join_running:
-            return group
-        signature = _decoding_signature(self._running[0].request.sparsity) if self._running else None
-        reserves = [live.reserve for live in self._running]
-        while self._waiting and len(group) < self.max_prefill_batch and \
-                len(self._running) + len(group) < self.max_batch:
-            head = self._waiting[0]
-            self._follow_keep(head)
-            sig = _decoding_signature(head.request.sparsity)
-            if signature is not None and sig != signature:
-                break
-            if self.kv_budget_bytes is not None and \
-                    self._allocation(reserves + [head.reserve], head.request.sparsity.layer) > self.kv_budget_bytes:
-                break
-            signature = sig
-            reserves.append(head.reserve)
-            group.append(self._waiting.popleft())
-        return group
+        """The waiting requests the scheduler admits this step (the head of the queue)."""
+        candidates = list(itertools.islice(self._waiting, self.max_prefill_batch))
+        for live in candidates:
+            self._follow_keep(live)
+        plan = schedule([live.scheduled() for live in candidates], [live.scheduled() for live in self._running],
+                        self.limits, self.kv_layout)
+        return [self._waiting.popleft() for _ in plan.admit]
 
     def _follow_keep(self, live: _Live) -> None:
         """Move a following request to the engine's current keep ratios (and re-reserve its slots), unless the
@@ -360,10 +357,29 @@ class ContinuousEngine:
         for members in by_scorer.values():
             try:
                 self._prefill_group(members)
+            except torch.OutOfMemoryError as e:
+                if not self.isolate_failures:
+                    raise
+                self._free_device_memory()
+                if len(members) > 1:  # retry each alone, first in the queue: the rows that fit still run
+                    log.warning("prefill of %d requests ran out of memory; retrying each alone", len(members))
+                    for live in reversed(members):
+                        live.solo = True
+                        self._waiting.appendleft(live)
+                    continue
+                for live in members:
+                    self._fail(live, f"{type(e).__name__}: {e}")
             except Exception as e:  # a bad batch must not take the engine down: fail just these requests
+                if not self.isolate_failures:
+                    raise
                 log.exception("prefill failed for %d request(s)", len(members))
                 for live in members:
                     self._fail(live, f"prefill failed: {type(e).__name__}: {e}")
+
+    @staticmethod
+    def _free_device_memory() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _prefill_group(self, members: list[_Live]) -> None:
         model = self.model
@@ -375,7 +391,8 @@ class ContinuousEngine:
             live.row = new_row(r.prepared.lengths[0], r.sparsity, model.device, r.max_new_tokens, r.temperature,
                                r.top_p, r.seed, r.stop, r.ignore_eos)
         rows = [live.row for live in members]
-        batch = StaticBatch(model, prepared, sparsities, max(r.max_new_tokens for r in rows), cuda_graphs=False)
+        batch = StaticBatch(model, prepared, sparsities, max(r.max_new_tokens for r in rows),
+                            cuda_graphs=self.use_graphs)
         logits = batch.prefill()
         batch.record_prefill(rows)
         tokens = sample_next(logits, rows)
@@ -387,9 +404,9 @@ class ContinuousEngine:
             check_stop(model, live.row)
         # merge every new row (finished ones leave right after, through the same path as all others)
         if self._decoding is None:
-            self._decoding = batch.cached
+            self._decoding = batch.decoding
         else:
-            self._decoding.merge(batch.cached)
+            self._decoding.merge(batch.decoding)
         self._running.extend(members)
         self._tokens.extend(tokens)
         self._emit_and_retire()
@@ -398,12 +415,16 @@ class ContinuousEngine:
         rows = [live.row for live in self._running]
         active = [True] * len(rows)
         try:
-            row_step_flops(self.dims, rows, active, "kv_cache", not self._decoding.text_dense)
+            row_step_flops(self.dims, rows, active, rows[0].sparsity.mode, not self._decoding.text_dense)
             logits = self._decoding.step(self._tokens, rows, active)
             for row in rows:
                 row.n_fed += 1
             new = sample_next(logits, rows)
         except Exception as e:  # fail the running requests, keep serving
+            if not self.isolate_failures:
+                raise
+            if isinstance(e, torch.OutOfMemoryError):
+                self._free_device_memory()
             log.exception("decoding step failed for %d request(s)", len(rows))
             for live in self._running:
                 self._fail(live, f"decoding failed: {type(e).__name__}: {e}")
@@ -423,7 +444,7 @@ class ContinuousEngine:
         for i, live in enumerate(self._running):
             row = live.row
             if row.finish_reason is not None:
-                output = finish_row(self.model, self.dims, row, self._decoding.cache.bytes_in_use(i), live.prefill_s,
+                output = finish_row(self.model, self.dims, row, self._decoding.kv_bytes(i), live.prefill_s,
                                     live.first_token_at - live.submitted_at, live.first_token_at)
                 self._send(live, output.text, output)
                 self.counters.finished += 1
@@ -431,7 +452,7 @@ class ContinuousEngine:
                 self.window.add(live.first_token_at - live.submitted_at, row.finished_at - live.submitted_at,
                                 len(row.tokens))
                 done.append(i)
-            elif live.request.on_event is not None:  # decoding text costs; only for a listener
+            elif live.request.on_event is not None and live.request.stream:  # decoding text costs
                 self._send(live, self._streamable_text(row), None)
         if done:
             self._drop(done)
@@ -482,12 +503,53 @@ class ContinuousEngine:
         c = self.counters
         c.waiting, c.running = len(self._waiting), len(self._running)
         c.oldest_waiting_since = self._waiting[0].submitted_at if self._waiting else None
-        cache = self._decoding.cache if self._decoding is not None else None
-        c.kv_bytes_in_use = sum(cache.bytes_in_use(i) for i in range(cache.batch)) if cache else 0
-        c.kv_bytes_allocated = cache.bytes_allocated() if cache else 0
+        c.kv_bytes_in_use, c.kv_bytes_allocated = decoding_bytes(self._decoding)
         c.kv_bytes_reserved = self._allocation([live.reserve for live in self._running],
                                                self._running[0].request.sparsity.layer) if self._running else 0
 
 
-__all__ = ["ContinuousEngine", "EngineRequest", "StreamEvent", "EngineCounters", "QueueFull", "text_slots_bound",
+@torch.inference_mode()
+def generate(model, images: Sequence[Any], prompts: Sequence[str],
+             sparsity: SparsityConfig | Sequence[SparsityConfig] | None = None, max_new_tokens: int = 64,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int | Sequence[int] | None = None,
+             stop: Sequence[str] | None = None, ignore_eos: bool = False, cuda_graphs: bool = True,
+             max_batch: int | None = None, join_running: bool = True) -> list[GenerationOutput]:
+    """Generate for a list of rows through the engine's loop: submit them all, step until every one finished.
+
+    `sparsity` may be one config or one per row (rows that need another layer, mode or text scorer run after
+    the others). `seed` (int or per row) seeds each row's sampler, so a row samples the same tokens alone or in
+    any batch. max_batch: most rows decoding at once (default: all); join_running=False runs static batches of
+    max_batch instead of refilling freed places. On CUDA the decoding step replays as a CUDA graph unless
+    cuda_graphs=False. Every row is validated before any runs (ValueError). Returns one GenerationOutput per
+    prompt, in order."""
+    start = time.perf_counter()
+    check_generation_args(model, max_new_tokens, temperature, top_p)
+    n = len(prompts)
+    sparsities = per_row(sparsity or SparsityConfig(), n, "sparsity")
+    for s in sparsities:
+        model.check_scorers(s)
+    seeds = per_row(seed, n, "seed")
+    prepared = split_prepared(model.prepare(images, prompts, max_new_tokens))
+    width = max_batch or n
+    engine = ContinuousEngine(model, max_batch=width, max_prefill_batch=width, max_waiting=n,
+                              join_running=join_running, cuda_graphs=cuda_graphs, isolate_failures=False)
+    outputs: dict[int, GenerationOutput] = {}
+
+    def collect(index: int) -> Callable[[StreamEvent], None]:
+        def on_event(event: StreamEvent) -> None:
+            if event.output is not None:
+                outputs[index] = event.output
+        return on_event
+
+    requests = [EngineRequest(p, s, max_new_tokens, temperature, top_p, sd, tuple(stop or ()), ignore_eos,
+                              on_event=collect(i), stream=False, arrived_at=start)
+                for i, (p, s, sd) in enumerate(zip(prepared, sparsities, seeds))]
+    for result in engine.submit_many(requests):
+        if isinstance(result, Exception):
+            raise result
+    engine.run_until_idle()
+    return [outputs[i] for i in range(n)]
+
+
+__all__ = ["generate", "ContinuousEngine", "EngineRequest", "StreamEvent", "EngineCounters", "QueueFull", "text_slots_bound",
            "reserved_slots"]

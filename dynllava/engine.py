@@ -87,7 +87,8 @@ class DecodingRow:
         return self.n_fed if rate is not None and rate >= 1.0 else self.admission.n_admitted
 
 
-def _check_args(model, max_new_tokens: int, temperature: float, top_p: float) -> None:
+def check_generation_args(model, max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """ValueError unless the sampling arguments are usable (checked before any work is queued)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if max_new_tokens >= model.max_context:
@@ -99,7 +100,8 @@ def _check_args(model, max_new_tokens: int, temperature: float, top_p: float) ->
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
-def _per_row(value, n: int, name: str) -> list:
+def per_row(value, n: int, name: str) -> list:
+    """One value for each of n rows: a list or tuple must have n entries, anything else is repeated."""
     if isinstance(value, (list, tuple)):
         if len(value) != n:
             raise ValueError(f"{name}: {len(value)} values for {n} prompts")
@@ -171,6 +173,10 @@ class CachedDecoding:
         self.decoder = CachedStep(self.model, self.cache, self.k, self.text_scorer, not self.text_dense,
                                   self.use_graphs)
 
+    def kv_bytes(self, i: int) -> int:
+        """Bytes of K/V row i holds now."""
+        return self.cache.bytes_in_use(i)
+
     def step(self, tokens: list[int], rows: list[DecodingRow], active: list[bool]) -> torch.Tensor:
         """Feed each active row's last token; returns next-token logits [B, V]."""
         cache = self.cache
@@ -210,10 +216,105 @@ def row_step_flops(dims: costs.ModelDims, rows: list[DecodingRow], active: list[
         row.flops_sparse += costs.decode_step_flops(dims, ctx_dense, ctx_sparse, k, mode, learned)
 
 
-class StaticBatch:
-    """One static batch in flight: rows, their cache or recompute buffers, and the decode step.
+class RecomputeDecoding:
+    """Decoding without a KV cache (no_cache mode): each step re-runs the whole context, the kept prompt plus the
+    admitted text, and drops the current token after it attended to itself if the text scorer does not admit it.
 
-    `prefill()` then repeated `step()`; `generate()` drives it, benchmarks may time `prefill()` alone."""
+    Holds each row's embeddings [B, W, C], valid [B, W] and kept [B, W] slots; rows can leave (`select`) and whole
+    prefilled groups can join (`merge`) between steps, like CachedDecoding."""
+
+    cache = None  # no K/V is held
+
+    def __init__(self, model, embeds: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor,
+                 sparsities: list[SparsityConfig]):
+        self.model = model
+        self.embeds, self.valid, self.keep = embeds, valid, keep
+        self.k = sparsities[0].layer
+        self.text_scorer_name = sparsities[0].text_scorer
+        self.text_scorer = TEXT_SCORERS[self.text_scorer_name]()
+        self.sparsities = sparsities
+        self.text_dense = _is_text_dense(sparsities)
+
+    def kv_bytes(self, i: int) -> int:
+        return 0
+
+    def step(self, tokens: list[int], rows: list[DecodingRow], active: list[bool]) -> torch.Tensor:
+        """Feed each active row's last token; returns next-token logits [B, V]."""
+        m, dev = self.model, self.model.device
+        b = len(rows)
+        needed = max(r.prompt_len + len(r.tokens) for r in rows)
+        if needed > self.embeds.shape[1]:
+            self._widen(needed)
+        write_rows = [i for i, a in enumerate(active) if a]
+        rows_t = torch.tensor(write_rows, device=dev, dtype=torch.long)
+        at = torch.tensor([rows[i].prompt_len + len(rows[i].tokens) - 1 for i in write_rows], device=dev,
+                          dtype=torch.long)
+        if write_rows:
+            self.embeds[rows_t, at] = m.lm.embed_tokens(torch.tensor([tokens[i] for i in write_rows], device=dev))
+            self.valid[rows_t, at] = True
+        width = int(self.valid.sum(1).max())
+        valid = self.valid[:, :width]
+        current = self.valid.sum(1) - 1  # [B] index of each row's last token
+        index = torch.arange(b, device=dev)
+        prompt_whole = all(r.n_kept_prompt == r.prompt_len for r in rows)
+
+        def choose(hidden: torch.Tensor, attention: torch.Tensor | None) -> torch.Tensor | None:
+            if self.text_dense and prompt_whole:
+                return None
+            self_att = attention[index, current] if attention is not None else None
+            scores = None if self.text_dense else self.text_scorer.score(
+                TextInputs(hidden[index, current], self_att, m.predictors))
+            decided = torch.tensor(admit_tokens(self.text_scorer, scores, rows, active, self.text_dense), device=dev)
+            self.keep[index, current] = decided
+            keep = self.keep[:, :width].clone()
+            keep[index, current] = True  # the current token always attends to itself
+            return keep & valid
+
+        need_attention = TEXT_SCORERS[self.text_scorer_name].needs_attention and not self.text_dense
+        positions = torch.arange(width, device=dev).expand(b, width)
+        res = m.run_context(self.embeds[:, :width], positions, valid, self.k, choose, need_attention)
+        return m.logits(res.last_hidden)
+
+    def _widen(self, width: int) -> None:
+        pad = width - self.embeds.shape[1]
+        self.embeds = torch.nn.functional.pad(self.embeds, (0, 0, 0, pad))
+        self.valid = torch.nn.functional.pad(self.valid, (0, pad))
+        self.keep = torch.nn.functional.pad(self.keep, (0, pad))
+
+    def select(self, keep: list[int]) -> None:
+        """Keep only rows `keep` (in that order)."""
+        index = torch.tensor(keep, dtype=torch.long, device=self.embeds.device)
+        self.embeds, self.valid, self.keep = (t.index_select(0, index) for t in (self.embeds, self.valid, self.keep))
+        self.sparsities = [self.sparsities[i] for i in keep]
+        self.text_dense = _is_text_dense(self.sparsities)
+
+    def merge(self, other: "RecomputeDecoding") -> None:
+        """Append another group's rows (buffers padded to the wider of the two)."""
+        if (other.k, other.text_scorer_name) != (self.k, self.text_scorer_name):
+            raise ValueError("merge: rows must share layer K and the text scorer")
+        width = max(self.embeds.shape[1], other.embeds.shape[1])
+        for group in (self, other):
+            if group.embeds.shape[1] < width:
+                group._widen(width)
+        self.embeds = torch.cat([self.embeds, other.embeds])
+        self.valid = torch.cat([self.valid, other.valid])
+        self.keep = torch.cat([self.keep, other.keep])
+        self.sparsities = self.sparsities + other.sparsities
+        self.text_dense = _is_text_dense(self.sparsities)
+
+
+def decoding_bytes(decoding) -> tuple[int, int]:
+    """(bytes in use, bytes allocated) of a decoding group's K/V; (0, 0) without a cache."""
+    cache = decoding.cache if decoding is not None else None
+    if cache is None:
+        return 0, 0
+    return sum(cache.bytes_in_use(i) for i in range(cache.batch)), cache.bytes_allocated()
+
+
+class StaticBatch:
+    """One prefilled batch: `prefill()` runs the prompts and leaves `decoding` (a CachedDecoding or a
+    RecomputeDecoding, by mode) ready for `step()`. The engine's loop merges it into the running batch; tests and
+    benchmarks may drive it directly or time `prefill()` alone."""
 
     def __init__(self, model, prepared, sparsities: list[SparsityConfig], max_new_tokens: int,
                  cuda_graphs: bool = True):
@@ -227,20 +328,16 @@ class StaticBatch:
         self.valid = prepared.valid.to(dev)
         self.prepared = prepared
         self.sparsities = sparsities
-        self.text_scorer = TEXT_SCORERS[self.cfg.text_scorer]()
+        self.max_new_tokens = max_new_tokens
         self.text_dense = _is_text_dense(sparsities)
         self.image_mask = (self.input_ids == model.image_token_id) & self.valid
         self.cache: SparseKVCache | None = None
-        self.cached: CachedDecoding | None = None
-        b, t = self.input_ids.shape
-        self.rows_index = torch.arange(b, device=dev)
-        if self.cfg.mode == "no_cache":
-            width = t + max_new_tokens
-            self.embeds = torch.zeros(b, width, model.lm.config.hidden_size, dtype=model.dtype, device=dev)
-            self.full_valid = torch.zeros(b, width, dtype=torch.bool, device=dev)
-            self.full_valid[:, :t] = self.valid
-            self.full_keep = torch.zeros_like(self.full_valid)
-            self.positions = torch.arange(width, device=dev).expand(b, width)
+        self.decoding: CachedDecoding | RecomputeDecoding | None = None
+
+    @property
+    def block_tokens(self) -> int:
+        """The cache's growth block (larger with CUDA graphs: each growth is a new capture)."""
+        return GRAPH_CACHE_BLOCK_TOKENS if self.use_graphs else CACHE_BLOCK_TOKENS
 
     # ---------------------------------------------------------------- prefill
     def prefill(self) -> torch.Tensor:
@@ -251,15 +348,21 @@ class StaticBatch:
         choose, need_attention = m.vision_keep_fn(self.image_mask, self.valid,
                                                   [s.vision_keep for s in self.sparsities], self.cfg.vision_scorer)
         if self.cfg.mode == "kv_cache":
-            block = GRAPH_CACHE_BLOCK_TOKENS if self.use_graphs else CACHE_BLOCK_TOKENS
-            self.cache = SparseKVCache(m.n_layers, self.k, b, m.n_kv_heads, m.head_dim, m.dtype, h.device, block)
-            self.cached = CachedDecoding(m, self.cache, list(self.sparsities), self.use_graphs)
+            self.cache = SparseKVCache(m.n_layers, self.k, b, m.n_kv_heads, m.head_dim, m.dtype, h.device,
+                                       self.block_tokens)
+            self.decoding = CachedDecoding(m, self.cache, list(self.sparsities), self.use_graphs)
         res = m.run_context(h, positions, self.valid, self.k, choose, need_attention, self.cache)
         self.prompt_keep = res.keep
         self.n_kept_prompt = res.keep.sum(1).tolist()
         if self.cfg.mode == "no_cache":
-            self.embeds[:, :t] = h
-            self.full_keep[:, :t] = res.keep
+            width = t + self.max_new_tokens
+            embeds = torch.zeros(b, width, h.shape[-1], dtype=m.dtype, device=h.device)
+            embeds[:, :t] = h
+            valid = torch.zeros(b, width, dtype=torch.bool, device=h.device)
+            valid[:, :t] = self.valid
+            keep = torch.zeros_like(valid)
+            keep[:, :t] = res.keep
+            self.decoding = RecomputeDecoding(m, embeds, valid, keep, list(self.sparsities))
         return m.logits(res.last_hidden)
 
     def record_prefill(self, rows: list[DecodingRow]) -> None:
@@ -278,40 +381,7 @@ class StaticBatch:
     # ---------------------------------------------------------------- decode
     def step(self, tokens: list[int], rows: list[DecodingRow], active: list[bool]) -> torch.Tensor:
         """Feed each row's last token; returns next-token logits [B, V]."""
-        if self.cfg.mode == "kv_cache":
-            return self.cached.step(tokens, rows, active)
-        return self._step_recompute(tokens, rows, active)
-
-    def _step_recompute(self, tokens, rows, active) -> torch.Tensor:
-        m, dev = self.model, self.model.device
-        write_rows = [i for i, a in enumerate(active) if a]
-        rows_t = torch.tensor(write_rows, device=dev, dtype=torch.long)
-        at = torch.tensor([rows[i].prompt_len + len(rows[i].tokens) - 1 for i in write_rows], device=dev,
-                          dtype=torch.long)
-        if write_rows:
-            self.embeds[rows_t, at] = m.lm.embed_tokens(torch.tensor([tokens[i] for i in write_rows], device=dev))
-            self.full_valid[rows_t, at] = True
-        width = int(self.full_valid.sum(1).max())
-        valid = self.full_valid[:, :width]
-        current = self.full_valid.sum(1) - 1  # [B] index of each row's last token
-
-        def choose(hidden: torch.Tensor, attention: torch.Tensor | None) -> torch.Tensor | None:
-            if self.text_dense and self.n_kept_prompt == self.prepared.lengths:
-                return None
-            self_att = attention[self.rows_index, current] if attention is not None else None
-            scores = None if self.text_dense else self.text_scorer.score(
-                TextInputs(hidden[self.rows_index, current], self_att, m.predictors))
-            admit = admit_tokens(self.text_scorer, scores, rows, active, self.text_dense)
-            decided = torch.tensor(admit, device=dev)
-            self.full_keep[self.rows_index, current] = decided
-            keep = self.full_keep[:, :width].clone()
-            keep[self.rows_index, current] = True  # the current token always attends to itself
-            return keep & valid
-
-        need_attention = TEXT_SCORERS[self.cfg.text_scorer].needs_attention and not self.text_dense
-        res = m.run_context(self.embeds[:, :width], self.positions[:, :width], valid, self.k, choose,
-                            need_attention)
-        return m.logits(res.last_hidden)
+        return self.decoding.step(tokens, rows, active)
 
     def step_flops(self, rows: list[DecodingRow], active: list[bool]) -> None:
         """Add this step's analytic FLOPs (dense and as run) to each active row, before its counters move."""
@@ -319,7 +389,7 @@ class StaticBatch:
 
     def kv_bytes(self, i: int) -> int:
         """Bytes of K/V row i holds in the cache (0 in no_cache mode)."""
-        return self.cache.bytes_in_use(i) if self.cache is not None else 0
+        return self.decoding.kv_bytes(i)
 
 
 def new_row(prompt_len: int, sparsity: SparsityConfig, device: torch.device, max_new_tokens: int,
@@ -347,66 +417,6 @@ def check_stop(model, row: DecodingRow) -> None:
             row.finish_reason = "stop"
     if row.finish_reason is None and len(row.tokens) >= row.max_new_tokens:
         row.finish_reason = "length"
-
-
-def check_sparsities(model, sparsities: Sequence[SparsityConfig]) -> None:
-    """Rows of one batch must share layer, mode and scorers (keep ratios may differ); scorers must be runnable."""
-    first = sparsities[0]
-    for s in sparsities:
-        if (s.layer, s.mode, s.vision_scorer, s.text_scorer) != (first.layer, first.mode, first.vision_scorer,
-                                                                   first.text_scorer):
-            raise ValueError("sparsity: rows of one batch must share layer, mode and scorers")
-        model.check_scorers(s)
-
-
-@torch.inference_mode()
-def generate(model, images: Sequence[Any], prompts: Sequence[str],
-             sparsity: SparsityConfig | Sequence[SparsityConfig] | None = None, max_new_tokens: int = 64,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int | Sequence[int] | None = None,
-             stop: Sequence[str] | None = None, ignore_eos: bool = False,
-             cuda_graphs: bool = True) -> list[GenerationOutput]:
-    """Generate for a static batch. `sparsity` may be one config or one per row; rows of one batch must share
-    layer, mode and scorers (keep ratios may differ). `seed` (int or per row) seeds each row's sampler, so a
-    row samples the same tokens alone or in any batch. On CUDA the cached decoding step runs as a CUDA graph
-    unless cuda_graphs=False. Returns one GenerationOutput per prompt, in order."""
-    start = time.perf_counter()
-    _check_args(model, max_new_tokens, temperature, top_p)
-    n = len(prompts)
-    sparsities = _per_row(sparsity or SparsityConfig(), n, "sparsity")
-    check_sparsities(model, sparsities)
-    prepared = model.prepare(images, prompts, max_new_tokens)
-    prefill_start = time.perf_counter()
-    seeds = _per_row(seed, n, "seed")
-    rows = [new_row(prompt_len, s, model.device, max_new_tokens, temperature, top_p, sd, stop, ignore_eos)
-            for prompt_len, s, sd in zip(prepared.lengths, sparsities, seeds)]
-    batch = StaticBatch(model, prepared, sparsities, max_new_tokens, cuda_graphs)
-    logits = batch.prefill()
-    batch.record_prefill(rows)
-    tokens = sample_next(logits, rows)
-    first_token_at = time.perf_counter()  # sample_next synchronised the device (token ids are on the host)
-    prefill_s, ttft_s = first_token_at - prefill_start, first_token_at - start
-    for row, tok in zip(rows, tokens):
-        row.tokens.append(tok)
-        check_stop(model, row)
-        row.finished_at = first_token_at
-    while True:
-        active = [r.finish_reason is None for r in rows]
-        if not any(active):
-            break
-        batch.step_flops(rows, active)
-        logits = batch.step(tokens, rows, active)
-        for row, a in zip(rows, active):
-            row.n_fed += int(a)
-        new = sample_next(logits, rows)
-        now = time.perf_counter()
-        for i, row in enumerate(rows):
-            if active[i]:
-                row.tokens.append(new[i])
-                tokens[i] = new[i]
-                check_stop(model, row)
-                row.finished_at = now
-    return [finish_row(model, batch.dims, row, batch.kv_bytes(i), prefill_s, ttft_s, first_token_at)
-            for i, row in enumerate(rows)]
 
 
 def final_text(model, row: DecodingRow) -> str:

@@ -148,3 +148,14 @@ def concat_prepared(batches: Sequence[PreparedBatch], pad_id: int = 0) -> Prepar
     pixels = [b.pixel_values for b in batches if b.pixel_values is not None]
     return PreparedBatch(input_ids, valid, torch.cat(pixels) if pixels else None, lengths,
                          [k for b in batches for k in b.n_images])
+
+
+def split_prepared(batch: PreparedBatch) -> list[PreparedBatch]:
+    """One single-row PreparedBatch per row of `batch` (each cut to its own length), e.g. to submit a batch's
+    rows to the engine as separate requests. The inverse of `concat_prepared`."""
+    out, first_image = [], 0
+    for i, (n, k) in enumerate(zip(batch.lengths, batch.n_images)):
+        pixels = batch.pixel_values[first_image : first_image + k] if k else None
+        first_image += k
+        out.append(PreparedBatch(batch.input_ids[i : i + 1, :n], batch.valid[i : i + 1, :n], pixels, [n], [k]))
+    return out

@@ -269,13 +269,14 @@ class DynamicLlava:
     def generate(self, images: Sequence[Any], prompts: Sequence[str],
                  sparsity: SparsityConfig | Sequence[SparsityConfig] | None = None, max_new_tokens: int = 64,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | Sequence[int] | None = None,
-                 stop: Sequence[str] | None = None, ignore_eos: bool = False, cuda_graphs: bool = True):
-        """Generate for a batch (see engine.generate). Returns list[GenerationOutput]."""
-        from dynllava.engine import generate
+                 stop: Sequence[str] | None = None, ignore_eos: bool = False, cuda_graphs: bool = True,
+                 max_batch: int | None = None, join_running: bool = True):
+        """Generate for a list of rows on the engine's loop (see batching.generate). Returns list[GenerationOutput]."""
+        from dynllava.batching import generate
 
         return generate(self, images, prompts, sparsity=sparsity, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_p=top_p, seed=seed, stop=stop, ignore_eos=ignore_eos,
-                        cuda_graphs=cuda_graphs)
+                        cuda_graphs=cuda_graphs, max_batch=max_batch, join_running=join_running)
 
 
 __all__ = ["DynamicLlava", "ContextResult", "TEXT_SCORERS", "VISION_SCORERS"]

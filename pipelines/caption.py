@@ -85,7 +85,7 @@ def build_stages(config: CaptionJobConfig, spec: InputSpec, loader: Callable | N
         Stage("generate", GenerateStage, DECODED_COLUMNS,
               {"model": config.model, "sparsity": config.sparsity.to_dict(), "max_new_tokens": config.max_new_tokens,
                "device": config.device, "dtype": config.dtype, "loader": loader, "extra_columns": id_extra,
-               "controller": config.controller}),
+               "controller": config.controller, "engine": config.engine_limits()}),
     ]
 
 
@@ -208,8 +208,10 @@ def run_caption_job(input_path: str, output: str | Path, config: CaptionJobConfi
     pool = config.actors
     if config.serve_app:  # light callers; the engines are the app's replicas
         compute, num_cpus, num_gpus = ray.data.ActorPoolStrategy(size=config.serve_callers), 0.1, 0
-    else:
-        compute = ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size)
+    else:  # several batches per actor at once, each on its own thread, all feeding the actor's one engine loop
+        compute = ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size,
+                                             max_concurrent_calls_per_actor=config.batches_in_flight,
+                                             enable_true_multi_threading=True)
         num_cpus, num_gpus = pool.num_cpus, pool.num_gpus
     ds = ds.map_batches(generate.udf, fn_constructor_kwargs=generate.kwargs, batch_size=config.batch_size,
                         batch_format="numpy", compute=compute, num_cpus=num_cpus, num_gpus=num_gpus)

@@ -64,7 +64,7 @@ def register(sub) -> None:
     c.add_argument("--vision-scorer", default=None, help="override the config's vision_scorer")
     c.add_argument("--text-scorer", default=None, help="override the config's text_scorer")
     c.add_argument("--prompt", default=None, help="prompt for rows without their own (default from config)")
-    c.add_argument("--batch-size", type=int, default=None, help="rows per engine call (default from config)")
+    c.add_argument("--batch-size", type=int, default=None, help="rows per Ray Data batch handed to an engine actor (default from config)")
     c.add_argument("--limit", type=int, default=None, help="process at most N rows in this run")
     c.add_argument("--serve-app", default=None,
                    help="send rows through the replicas of this running `dynllava serve` app (shared with online "

@@ -50,7 +50,11 @@ class CaptionJobConfig:
     columns: Columns = field(default_factory=Columns)
     sparsity: SparsityConfig = field(default_factory=lambda: SparsityConfig(vision_keep=0.2, text_keep=0.5))
     max_new_tokens: int = 64  # per row
-    batch_size: int = 16  # rows per engine call (the static batch)
+    batch_size: int = 16  # rows per Ray Data batch handed to an engine actor
+    batches_in_flight: int = 4  # Ray Data batches an actor works on at once: their rows share its engine's loop
+    max_batch: int = 32  # rows decoding together per actor (a finished row's place goes to the next waiting row)
+    max_prefill_batch: int = 8  # rows prefilled in one engine step
+    max_prefill_tokens: int | None = 4096  # prompt tokens prefilled in one engine step (null: no cap)
     decode_batch_size: int = 64  # rows per CPU decode task
     decode_tasks: int | None = None  # most decode tasks at once (None: Ray Data decides; 1 on a 2-core box)
     decode_num_cpus: float = 0.5  # CPUs reserved per decode task (Ray fuses the decode stage into the engine
@@ -66,11 +70,15 @@ class CaptionJobConfig:
     sla: str | None = None  # SLA YAML for the controller the job starts when none runs (default configs/sla.yaml)
 
     def __post_init__(self) -> None:
-        for name in ("max_new_tokens", "batch_size", "decode_batch_size", "max_image_pixels", "rows_per_file",
-                     "serve_callers"):
+        for name in ("max_new_tokens", "batch_size", "batches_in_flight", "max_batch", "max_prefill_batch",
+                     "decode_batch_size", "max_image_pixels", "rows_per_file", "serve_callers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.max_prefill_tokens is not None and (isinstance(self.max_prefill_tokens, bool) or
+                                                    not isinstance(self.max_prefill_tokens, int) or
+                                                    self.max_prefill_tokens < 1):
+            raise ValueError(f"max_prefill_tokens must be null or an integer >= 1, got {self.max_prefill_tokens!r}")
         if self.decode_tasks is not None and (isinstance(self.decode_tasks, bool) or
                                               not isinstance(self.decode_tasks, int) or self.decode_tasks < 1):
             raise ValueError(f"decode_tasks must be null or an integer >= 1, got {self.decode_tasks!r}")
@@ -78,6 +86,11 @@ class CaptionJobConfig:
             raise ValueError(f"decode_num_cpus must be in (0, 64], got {self.decode_num_cpus!r}")
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise ValueError("prompt must be a non-empty string")
+
+    def engine_limits(self) -> dict[str, Any]:
+        """The engine actors' scheduling knobs (ContinuousEngine keyword arguments)."""
+        return {"max_batch": self.max_batch, "max_prefill_batch": self.max_prefill_batch,
+                "max_prefill_tokens": self.max_prefill_tokens}
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

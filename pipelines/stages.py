@@ -128,25 +128,32 @@ def decode_batch(batch: dict[str, np.ndarray], *, spec: InputSpec, model: str, d
 
 
 class GenerateStage:
-    """An engine actor: loads the model once, then captions batches of decoded rows. Rows that already carry
-    an error pass through; a row the engine rejects (e.g. prompt longer than the context) gets its own error
-    without failing its batch. `loader(model, device=, dtype=)` builds the model (injected by tests)."""
+    """An engine actor: loads the model once and runs the engine's loop on its own thread; each Ray Data batch
+    submits its rows and waits for them. With several batches in flight per actor (`batches_in_flight`), rows
+    join the running batch as others finish instead of waiting for a batch's longest row. Rows that already
+    carry an error pass through; a row the engine rejects (e.g. prompt longer than the context) or that fails
+    (a prefill out of memory even alone) gets its own error without failing the others.
+    `loader(model, device=, dtype=)` builds the model (injected by tests); `engine` holds ContinuousEngine's
+    scheduling knobs (max_batch, max_prefill_batch, max_prefill_tokens)."""
 
     def __init__(self, model: str, sparsity: dict, max_new_tokens: int, device: str | None = None,
                  dtype: str | None = None, loader: Callable | None = None, extra_columns: tuple[str, ...] = (),
-                 controller: bool = False, reporter: Callable[[dict], dict] | None = None):
+                 controller: bool = False, reporter: Callable[[dict], dict] | None = None,
+                 engine: dict | None = None):
+        from dynllava.batching import ContinuousEngine
         from dynllava.model import DynamicLlava
-        from dynllava.telemetry import RequestWindow
 
         self.model = (loader or DynamicLlava.from_pretrained)(model, device=device, dtype=dtype)
         self._set_sparsity(sparsity)
         self.max_new_tokens = max_new_tokens
         self.extra_columns = extra_columns
         self.model_name = self.model.name
-        self.window = RequestWindow()
         self.actor_id = f"data:{uuid.uuid4().hex[:12]}"
         # reporter(snapshot dict) -> orders: the controller actor's `report` when controller=True
         self.reporter = reporter or (_controller_reporter() if controller else None)
+        # the queue only ever holds the rows of the batches in flight (Ray Data bounds those)
+        self.engine = ContinuousEngine(self.model, max_waiting=1 << 20, **(engine or {}))
+        self.engine.start()
 
     def _set_sparsity(self, sparsity: dict) -> None:
         from dynllava.config import SparsityConfig
@@ -155,14 +162,13 @@ class GenerateStage:
         self.sparsity_json = json.dumps(self.sparsity.to_dict(), sort_keys=True)
 
     def report(self) -> None:
-        """Send this actor's telemetry to the controller and follow its keep setting (errors only logged: the
-        job never waits on the controller)."""
+        """Send this actor's telemetry to the controller and follow its keep setting, queued rows included
+        (errors only logged: the job never waits on the controller)."""
         if self.reporter is None:
             return
         from cluster.controller import follow_orders
-        from dynllava.telemetry import take_snapshot
 
-        snapshot = take_snapshot(self.actor_id, "data", self.window, self.model.device, self.sparsity.to_dict())
+        snapshot = self.engine.snapshot(self.actor_id, "data", self.sparsity)
         try:
             orders = self.reporter(snapshot.to_dict())
         except Exception as e:  # the controller may be restarting
@@ -171,6 +177,7 @@ class GenerateStage:
         changed = follow_orders(self.sparsity, orders)
         if changed is not None:
             self._set_sparsity(changed.to_dict())
+            self.engine.set_keep(changed.vision_keep, changed.text_keep)
             log.info("controller: sparsity -> %s", changed)
 
     def generate_rows(self, pixels: np.ndarray, prompts: list[str]) -> list[Any]:
@@ -179,32 +186,60 @@ class GenerateStage:
         return self._generate(images, [self.model.format_prompt(p) for p in prompts])
 
     def _generate(self, images: list, prompts: list[str]) -> list[Any]:
-        """Generate for rows; a ValueError or out-of-memory on the batch is retried row by row (rows are
-        independent), so one bad row only fails itself. Returns GenerationOutput or an error string per row."""
-        import torch
+        """Submit each row to the engine and wait for all of them. Returns GenerationOutput or an error string
+        per row."""
+        import threading
 
-        try:
-            return self.model.generate(images, prompts, sparsity=self.sparsity, max_new_tokens=self.max_new_tokens)
-        except (ValueError, torch.OutOfMemoryError) as e:
-            if len(prompts) == 1:
-                return [f"{type(e).__name__}: {e}" if isinstance(e, torch.OutOfMemoryError) else str(e)]
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return [self._generate([img], [p])[0] for img, p in zip(images, prompts)]
+        from dynllava.batching import EngineRequest
+
+        results: list[Any] = [None] * len(prompts)
+        pending: dict[int, int] = {}  # request index -> row
+        requests = []
+        for i, (image, prompt) in enumerate(zip(images, prompts)):
+            try:
+                prepared = self.model.prepare([image], [prompt], self.max_new_tokens)
+            except ValueError as e:
+                results[i] = str(e)
+                continue
+            pending[len(requests)] = i
+            requests.append(EngineRequest(prepared, self.sparsity, self.max_new_tokens, stream=False,
+                                          follows_engine=True))
+        lock, done = threading.Lock(), threading.Event()
+        left = [len(requests)]
+
+        def finished(row: int) -> Callable:
+            def on_event(event) -> None:
+                with lock:
+                    results[row] = event.output if event.output is not None else event.error
+                    left[0] -= 1
+                    if left[0] == 0:
+                        done.set()
+            return on_event
+
+        for index, request in enumerate(requests):
+            request.on_event = finished(pending[index])
+        refused = 0
+        for index, ticket in enumerate(self.engine.submit_many(requests)):
+            if isinstance(ticket, Exception):
+                results[pending[index]] = str(ticket)
+                refused += 1
+        with lock:
+            left[0] -= refused
+            if left[0] == 0:
+                done.set()
+        while not done.wait(timeout=5.0):
+            if not self.engine.alive:
+                raise RuntimeError("the engine's loop stopped; this actor is broken")
+        return results
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         require_columns(batch, DECODED_COLUMNS + self.extra_columns, "generate")
         n = len(batch["id"])
         ok = [i for i in range(n) if is_null(batch["error"][i])]
         results: dict[int, Any] = {}
-        started = time.perf_counter()
         if ok:
             results = dict(zip(ok, self.generate_rows(batch["pixels"][ok], [str(batch["prompt"][i]) for i in ok])))
-        latency = time.perf_counter() - started  # every row of a batch waits for the whole batch
         generated_at = time.time()
-        for res in results.values():
-            if not isinstance(res, str):
-                self.window.add(res.stats.ttft_s, latency, res.stats.n_text_generated)
         self.report()
         out: dict[str, list] = {c: [] for c in OUTPUT_COLUMNS}
         for i in range(n):
@@ -218,7 +253,7 @@ class GenerateStage:
             out["n_image_kept"].append(s.n_image_kept if good else 0)
             out["n_text_admitted"].append(s.n_text_admitted if good else 0)
             out["kv_bytes_peak"].append(s.kv_bytes_peak if good else 0)
-            out["latency_s"].append(latency if good else 0.0)
+            out["latency_s"].append(s.ttft_s + s.decode_s if good else 0.0)  # submission to the row's last token
             out["model"].append(self.model_name)
             out["sparsity"].append(json.dumps(res.sparsity.to_dict(), sort_keys=True) if good else self.sparsity_json)
             out["n_image_tokens"].append(s.n_image_tokens if good else 0)
@@ -253,14 +288,11 @@ class ServeGenerateStage(GenerateStage):
     def __init__(self, app_name: str, sparsity: dict, max_new_tokens: int, extra_columns: tuple[str, ...] = ()):
         from ray import serve
 
-        from dynllava.telemetry import RequestWindow
-
         self.handle = serve.get_deployment_handle("LlavaServer", app_name=app_name)
         self._set_sparsity(sparsity)
         self.max_new_tokens = max_new_tokens
         self.extra_columns = extra_columns
         self.model_name = self.handle.model_name.remote().result()
-        self.window = RequestWindow()
         self.reporter = None  # the replicas report for themselves
 
     def generate_rows(self, pixels: np.ndarray, prompts: list[str]) -> list[Any]:

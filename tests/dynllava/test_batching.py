@@ -132,8 +132,8 @@ def test_submit_rejects_what_can_never_run(tiny_model):
     small = ContinuousEngine(tiny_model, kv_budget_bytes=1024)
     with pytest.raises(ValueError, match="over the engine's budget"):
         small.submit(req)
-    with pytest.raises(ValueError, match="kv_cache mode only"):
-        ContinuousEngine(tiny_model).submit(_request(tiny_model, 0, DENSE.replace(mode="no_cache"))[0])
+    with pytest.raises(ValueError, match="layer K=9"):
+        ContinuousEngine(tiny_model).submit(_request(tiny_model, 0, DENSE.replace(layer=9))[0])
     full = ContinuousEngine(tiny_model, max_waiting=2)
     full.submit(req)
     full.submit(req)

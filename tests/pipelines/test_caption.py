@@ -165,20 +165,20 @@ def test_resume_after_the_job_process_is_killed(ray_local, tmp_path, job_config)
 
 
 def crash_once_loader(model, device=None, dtype=None, marker: str = ""):
-    """Loads the model, but the first generate call anywhere kills its actor process (marker file)."""
+    """Loads the model, but the first row the engine takes anywhere kills its actor process (marker file)."""
     from dynllava.model import DynamicLlava
 
     real = DynamicLlava.from_pretrained(model, device=device, dtype=dtype)
     marker = Path(marker)
-    generate = real.generate
+    prepare = real.prepare
 
-    def generate_or_die(*args, **kwargs):
+    def prepare_or_die(*args, **kwargs):
         if not marker.exists():
             marker.write_text(str(os.getpid()))
             os._exit(1)  # the process dies as on an OOM kill: no exception, no cleanup
-        return generate(*args, **kwargs)
+        return prepare(*args, **kwargs)
 
-    real.generate = generate_or_die
+    real.prepare = prepare_or_die
     return real
 
 
@@ -209,26 +209,27 @@ def test_unusable_inputs_fail_fast_with_one_message(ray_local, tmp_path, job_con
 
 
 def hold_until_the_controller_decides(model, device=None, dtype=None, timeout_s: float = 120.0):
-    """Loads the model; every generate call after the first waits until the controller has made a decision
-    (or timeout_s), so a job cannot finish before the controller's first period, however fast the machine."""
+    """Loads the model; every row after the first waits before it joins the engine until the controller has made
+    a decision (or timeout_s), so a job cannot finish before the controller's first period, however fast the
+    machine."""
     import ray
 
     from cluster.controller import find_controller
     from dynllava.model import DynamicLlava
 
     real = DynamicLlava.from_pretrained(model, device=device, dtype=dtype)
-    generate, state = real.generate, {"calls": 0, "decided": False}
+    prepare, state = real.prepare, {"calls": 0, "decided": False}
 
-    def generate_after_a_decision(*args, **kwargs):
+    def prepare_after_a_decision(*args, **kwargs):
         state["calls"] += 1
         deadline = time.monotonic() + timeout_s
         while state["calls"] > 1 and not state["decided"] and time.monotonic() < deadline:
             controller = find_controller()
             state["decided"] = controller is not None and bool(ray.get(controller.status.remote())["decisions"])
             time.sleep(0 if state["decided"] else 0.2)
-        return generate(*args, **kwargs)
+        return prepare(*args, **kwargs)
 
-    real.generate = generate_after_a_decision
+    real.prepare = prepare_after_a_decision
     return real
 
 

@@ -87,10 +87,10 @@ def test_generate_reports_to_the_controller_and_follows_its_orders(tiny_yaml):
 
 
 def test_out_of_memory_on_a_batch_retries_row_by_row(tiny_yaml):
-    """A device out-of-memory error on a batch splits it: each row is retried alone, so the rows that fit get
-    their captions (the same as a batch would give) and only a row that does not fit alone fails. CPU memory
-    cannot be exhausted on purpose here, so the loaded model raises torch's own OutOfMemoryError for batches of
-    more than one row and for one oversized row."""
+    """A device out-of-memory error in a batched prefill splits it: each row is retried alone, so the rows that
+    fit get their captions (the same as a batch would give) and only a row that does not fit alone fails. CPU
+    memory cannot be exhausted on purpose here, so the loaded model's embedding (the prefill's first step)
+    raises torch's own OutOfMemoryError for batches of more than one row and for one oversized row."""
     import torch
 
     from dynllava.model import DynamicLlava
@@ -99,15 +99,15 @@ def test_out_of_memory_on_a_batch_retries_row_by_row(tiny_yaml):
 
     def loader(model, device=None, dtype=None):
         real = DynamicLlava.from_pretrained(model, device=device, dtype=dtype)
-        generate = real.generate
+        embed = real.embed
 
-        def generate_within_memory(images, prompts, **kwargs):
-            calls.append(len(prompts))
-            if len(prompts) > 1 or "huge" in prompts[0]:
+        def embed_within_memory(input_ids, pixel_values):
+            calls.append(input_ids.shape[0])
+            if input_ids.shape[0] > 1 or "huge" in real.processor.tokenizer.decode(input_ids[0]):
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-            return generate(images, prompts, **kwargs)
+            return embed(input_ids, pixel_values)
 
-        real.generate = generate_within_memory
+        real.embed = embed_within_memory
         return real
 
     sparsity = {"vision_keep": 0.5, "vision_scorer": "stride", "text_keep": 0.5, "text_scorer": "recent"}
