@@ -114,14 +114,6 @@ class ControllerCore:
                     "offline": asdict(p) if (p := self._offline_progress()) else None, "sla": asdict(self.sla)}
 
 
-def follow_orders(current, orders: dict | None):
-    """The SparsityConfig an engine should switch to after a report's reply, or None to keep `current`."""
-    keep = (orders or {}).get("keep")
-    if not keep or (keep["vision_keep"], keep["text_keep"]) == (current.vision_keep, current.text_keep):
-        return None
-    return current.replace(**keep)
-
-
 def _request_engine_bundles(bundle: dict[str, float]) -> Callable[[int], None]:
     """Ask Ray's autoscaler for room for `n` offline engine actors (one bundle each)."""
 

@@ -93,6 +93,8 @@ class ServeConfig:
     api_key_env: str | None = None  # name of an env var holding the API key; requests then need `Bearer <key>`
     controller: bool = False  # report telemetry to the cluster controller and follow its sparsity orders
     report_period_s: float = 1.0  # how often a replica reports to the controller
+    stream_interval_s: float = 0.05  # a stream sends at most one chunk per interval after the first (tokens that
+    #                                  arrive meanwhile go in one chunk; 0: a chunk per engine step)
     telemetry_window_s: float = 30.0  # the sliding window of finished requests behind the reported p95s
 
     def __post_init__(self) -> None:
@@ -104,6 +106,8 @@ class ServeConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.sparsity.mode != "kv_cache":
             raise ValueError("sparsity.mode must be kv_cache for serving (continuous batching decodes with the cache)")
+        if not 0 <= self.stream_interval_s <= 5:
+            raise ValueError(f"stream_interval_s must be in [0, 5], got {self.stream_interval_s!r}")
         if not self.report_period_s > 0 or not self.telemetry_window_s > 0:
             raise ValueError("report_period_s and telemetry_window_s must be positive")
         if self.max_prefill_tokens is not None and (isinstance(self.max_prefill_tokens, bool) or

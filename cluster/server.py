@@ -10,10 +10,11 @@ next starts (the classic baseline, same engine code otherwise).
 """
 
 import asyncio
+import contextlib
+import functools
 import hmac
 import json
 import logging
-import threading
 import time
 from typing import Any, AsyncIterator
 
@@ -24,13 +25,18 @@ from ray import serve
 
 from cluster import openai_protocol as proto
 from cluster.chat_inputs import to_prompt
+from cluster.controller_client import ControllerClient, Orders, ray_reporter
+from cluster.event_bridge import EventBridge
 from cluster.openai_protocol import ApiError
 from cluster.serve_config import ServeConfig
 from cluster.serve_metrics import ServerMetrics
 from dynllava.batching import ContinuousEngine, EngineRequest, QueueFull, StreamEvent
 from dynllava.config import SparsityConfig
+from dynllava.engine import GenerationOutput
 from dynllava.inputs import normalise_pixels
 from dynllava.model import DynamicLlava
+from dynllava.streaming import TextStream
+from dynllava.telemetry import TelemetrySnapshot
 
 log = logging.getLogger(__name__)
 app = FastAPI(title="dynllava", docs_url=None, redoc_url=None)
@@ -38,6 +44,10 @@ app = FastAPI(title="dynllava", docs_url=None, redoc_url=None)
 
 def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+class GenerationFailed(RuntimeError):
+    """The engine failed a request (its message is the engine's)."""
 
 
 def _error_response(error: ApiError) -> JSONResponse:
@@ -73,8 +83,11 @@ class LlavaServer:
         self.api_key = cfg.api_key
         self.replica_id = self._replica_id()
         self.desired_replicas = 0  # what the controller last asked for (read by record_autoscaling_stats)
+        self._bridge: EventBridge | None = None  # made on the first request, in the replica's event loop
+        self.controller = None
         if cfg.controller:
-            threading.Thread(target=self._report_loop, name="dynllava-report", daemon=True).start()
+            self.controller = ControllerClient(self.telemetry_snapshot, self._apply_orders, ray_reporter(),
+                                               cfg.report_period_s).start()
         log.info("serving %s (%s batching, default sparsity %s)", self.served_name, cfg.batching, cfg.sparsity)
 
     # ------------------------------------------------------------------ routes
@@ -109,7 +122,7 @@ class LlavaServer:
                                     f"{self.served_name!r})", param="model", code="model_not_found")
             engine_request = await asyncio.to_thread(self._engine_request, chat)
             engine_request.arrived_at = arrived  # TTFT counts validation and image decoding too
-            events = self._listen(engine_request)
+            events = self._listen(engine_request, stream=bool(chat.stream))
             ticket = await self._submit(engine_request)
         except ApiError as e:
             self.metrics.outcome("busy" if e.status in (429, 503) else "rejected")
@@ -117,7 +130,8 @@ class LlavaServer:
         prompt_tokens = engine_request.prepared.lengths[0]
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-            return StreamingResponse(self._stream(ticket, events, prompt_tokens, include_usage),
+            text = TextStream(self.model.processor.tokenizer, engine_request.stop)
+            return StreamingResponse(self._stream(ticket, events, text, prompt_tokens, include_usage),
                                      media_type="text/event-stream")
         return await self._complete(ticket, events, prompt_tokens)
 
@@ -129,34 +143,21 @@ class LlavaServer:
         except Exception:  # outside a replica (direct construction in tests)
             return f"serve:{id(object())}"
 
+    def telemetry_snapshot(self) -> TelemetrySnapshot:
+        return self.engine.snapshot(self.replica_id, "serve", self.default_sparsity)
+
     def telemetry(self) -> dict[str, Any]:
         """This replica's TelemetrySnapshot as a dict (deployment-handle method)."""
-        return self.engine.snapshot(self.replica_id, "serve", self.default_sparsity).to_dict()
+        return self.telemetry_snapshot().to_dict()
 
-    def _report_loop(self) -> None:
-        """Push telemetry to the controller; follow its keep setting; remember its replica count."""
-        import ray
-
-        from cluster.controller import find_controller, follow_orders
-
-        controller = None
-        while self.engine.alive:
-            time.sleep(self.config.report_period_s)
-            try:
-                controller = controller or find_controller()
-                if controller is None:
-                    continue
-                orders = ray.get(controller.report.remote(self.telemetry()), timeout=10)
-            except Exception as e:  # the controller may be restarting: look it up again next time
-                log.debug("report to the controller failed: %s", e)
-                controller = None
-                continue
-            changed = follow_orders(self.default_sparsity, orders)
-            if changed is not None:
-                self.default_sparsity = changed
-                self.engine.set_keep(changed.vision_keep, changed.text_keep)  # queued requests follow too
-                log.info("controller: sparsity -> %s", changed)
-            self.desired_replicas = orders.get("replicas") or 0
+    def _apply_orders(self, orders: Orders) -> None:
+        """The controller's reply: follow its keep setting (queued requests too), remember its replica count."""
+        changed = orders.applied_to(self.default_sparsity)
+        if changed is not None:
+            self.default_sparsity = changed
+            self.engine.set_keep(changed.vision_keep, changed.text_keep)
+            log.info("controller: sparsity -> %s", changed)
+        self.desired_replicas = orders.replicas
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Custom autoscaling metrics for cluster.autoscaling.controller_policy."""
@@ -180,13 +181,49 @@ class LlavaServer:
         return list(await asyncio.gather(*(self._offline_row(image, prompt, max_new_tokens, applied)
                                            for image, prompt in zip(images, prompts))))
 
-    @staticmethod
-    def _listen(request: EngineRequest) -> "asyncio.Queue[StreamEvent]":
-        """The request's stream events, moved from the engine thread into this event loop's queue."""
+    def _listen(self, request: EngineRequest, stream: bool) -> "asyncio.Queue[StreamEvent]":
+        """The request's engine events, moved from the engine thread into this event loop's queue (through the
+        replica's one EventBridge). stream=False: only the final event comes."""
+        if self._bridge is None:
+            self._bridge = EventBridge(asyncio.get_running_loop())
         events: asyncio.Queue[StreamEvent] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        request.on_event = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+        request.stream = stream
+        request.on_event = functools.partial(self._bridge.post, events)
         return events
+
+    async def _follow(self, ticket: int, events: "asyncio.Queue[StreamEvent]",
+                      text: TextStream | None = None) -> AsyncIterator[str | GenerationOutput]:
+        """The one consumer of a request's engine events. Streaming (`text` given): yields text deltas, at most
+        one per stream_interval_s after the first (events that arrive meanwhile are coalesced, so a fast
+        engine does not send one HTTP chunk per token through the proxy). Then yields the GenerationOutput.
+        Raises GenerationFailed on the engine's error. If the consumer stops first (the client went away),
+        the request is cancelled and its slot freed."""
+        done, last_sent = False, -float("inf")
+        try:
+            while not done:
+                batch = [await events.get()]
+                if text is not None and not batch[0].final:
+                    wait = self.config.stream_interval_s - (time.perf_counter() - last_sent)
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    while not events.empty() and not batch[-1].final:
+                        batch.append(events.get_nowait())
+                final = batch[-1] if batch[-1].final else None
+                done = final is not None
+                if final is not None and final.error is not None:
+                    raise GenerationFailed(final.error)
+                if text is not None:
+                    delta = text.push([t for e in batch for t in e.token_ids])
+                    delta += text.finish(final.output.text) if final is not None else ""
+                    if delta:
+                        last_sent = time.perf_counter()
+                        yield delta
+                if final is not None:
+                    self.metrics.finished(final.output.stats)
+                    yield final.output
+        finally:
+            if not done:
+                self.engine.cancel(ticket)
 
     async def _offline_row(self, image, prompt: str, max_new_tokens: int, sparsity: SparsityConfig) -> Any:
         try:
@@ -195,7 +232,7 @@ class LlavaServer:
         except ValueError as e:
             return str(e)
         request = EngineRequest(prepared, sparsity, max_new_tokens)
-        events = self._listen(request)
+        events = self._listen(request, stream=False)
         while True:
             result = self.engine.submit_many([request])[0]
             if not isinstance(result, QueueFull):
@@ -204,16 +241,10 @@ class LlavaServer:
         if isinstance(result, Exception):
             return str(result)
         try:
-            while True:
-                event = await events.get()
-                if event.error is not None:
-                    return event.error
-                if event.output is not None:
-                    self.metrics.finished(event.output.stats)
-                    return event.output
-        except asyncio.CancelledError:
-            self.engine.cancel(result)
-            raise
+            async with contextlib.aclosing(self._follow(result, events)) as outputs:
+                return [item async for item in outputs][-1]
+        except GenerationFailed as e:
+            return str(e)
 
     # ------------------------------------------------------------------ request handling
     def _authorize(self, request: Request) -> None:
@@ -294,57 +325,51 @@ class LlavaServer:
         return {"applied": output.sparsity.to_dict(), "stats": output.stats.to_dict()}
 
     async def _complete(self, ticket: int, events: asyncio.Queue, prompt_tokens: int) -> Response:
-        done = False
+        finished = False
         try:
-            while True:
-                event = await events.get()
-                if event.error is not None:
-                    done = True
-                    self.metrics.outcome("error")
-                    return _error_response(ApiError(500, f"generation failed: {event.error}"))
-                if event.output is not None:
-                    done = True
-                    out = event.output
-                    self.metrics.finished(out.stats)
-                    self.metrics.outcome("ok")
-                    return JSONResponse(proto.completion_body(
-                        proto.completion_id(), self.served_name, out.text, out.finish_reason,
-                        proto.usage(prompt_tokens, out.stats.n_text_generated), self._extension(out)))
+            async with contextlib.aclosing(self._follow(ticket, events)) as outputs:
+                out = [item async for item in outputs][-1]
+            finished = True
+        except GenerationFailed as e:
+            finished = True
+            self.metrics.outcome("error")
+            return _error_response(ApiError(500, f"generation failed: {e}"))
         finally:
-            if not done:  # the client went away (Serve cancelled this coroutine)
-                self.engine.cancel(ticket)
+            if not finished:  # the client went away (Serve cancelled this coroutine)
                 self.metrics.outcome("cancelled")
+        self.metrics.outcome("ok")
+        return JSONResponse(proto.completion_body(
+            proto.completion_id(), self.served_name, out.text, out.finish_reason,
+            proto.usage(prompt_tokens, out.stats.n_text_generated), self._extension(out)))
 
-    async def _stream(self, ticket: int, events: asyncio.Queue, prompt_tokens: int,
+    async def _stream(self, ticket: int, events: asyncio.Queue, text: TextStream, prompt_tokens: int,
                       include_usage: bool) -> AsyncIterator[str]:
-        cid, name, done = proto.completion_id(), self.served_name, False
+        cid, name, finished = proto.completion_id(), self.served_name, False
         try:
             yield _sse(proto.chunk_body(cid, name, {"role": "assistant", "content": ""}))
-            while not done:
-                event = await events.get()
-                if event.error is not None:
-                    done = True
-                    self.metrics.outcome("error")
-                    yield _sse(ApiError(500, f"generation failed: {event.error}").body())
-                    break
-                if event.text:
-                    yield _sse(proto.chunk_body(cid, name, {"content": event.text}))
-                if event.output is not None:
-                    done = True
-                    out = event.output
-                    self.metrics.finished(out.stats)
+            async with contextlib.aclosing(self._follow(ticket, events, text)) as items:
+                async for item in items:
+                    if isinstance(item, str):
+                        yield _sse(proto.chunk_body(cid, name, {"content": item}))
+                        continue
+                    finished = True
                     self.metrics.outcome("ok")
-                    yield _sse(proto.chunk_body(cid, name, {}, out.finish_reason, extension=self._extension(out)))
+                    yield _sse(proto.chunk_body(cid, name, {}, item.finish_reason, extension=self._extension(item)))
                     if include_usage:
                         yield _sse(proto.chunk_body(cid, name, {}, usage_=proto.usage(
-                            prompt_tokens, out.stats.n_text_generated), no_choices=True))
-            yield _sse("[DONE]")
+                            prompt_tokens, item.stats.n_text_generated), no_choices=True))
+        except GenerationFailed as e:
+            finished = True
+            self.metrics.outcome("error")
+            yield _sse(ApiError(500, f"generation failed: {e}").body())
         finally:
-            if not done:  # disconnected mid-stream
-                self.engine.cancel(ticket)
+            if not finished:  # disconnected mid-stream
                 self.metrics.outcome("cancelled")
+        yield _sse("[DONE]")
 
     def __del__(self) -> None:
         if hasattr(self, "engine"):
             self._stop_sampling.set()
+            if self.controller is not None:
+                self.controller.stop()
             self.engine.stop()

@@ -63,7 +63,7 @@ class EngineRequest:
     stop: Sequence[str] = ()
     ignore_eos: bool = False
     on_event: Callable[["StreamEvent"], None] | None = None  # called on the engine thread: keep it cheap
-    stream: bool = True  # False: on_event gets only the final event (no text is decoded per step)
+    stream: bool = True  # False: on_event gets only the final event
     arrived_at: float | None = None  # time.perf_counter() when the request arrived (TTFT's start; default: submit)
     follows_engine: bool = False  # the caller did not choose the keep ratios: run at the engine's keep setting
     #                               as of admission (set_keep), so a controller's order reaches the queue too
@@ -71,10 +71,11 @@ class EngineRequest:
 
 @dataclass
 class StreamEvent:
-    """What a request produced since its previous event. The last event has `output` (or `error`) set."""
+    """What a request produced since its previous event. The last event has `output` (or `error`) set.
+    Events carry token ids only: turning them into text is the consumer's work (dynllava.streaming.TextStream),
+    off the engine thread."""
 
-    text: str  # new text (never a partial character, never the start of a stop string that may follow)
-    token_ids: list[int]  # new token ids
+    token_ids: list[int]  # new token ids (the EOS is never among them)
     output: GenerationOutput | None = None
     error: str | None = None
 
@@ -108,8 +109,7 @@ class _Live:
     request: EngineRequest
     submitted_at: float
     row: DecodingRow | None = None
-    sent: str = ""  # text already streamed
-    sent_tokens: int = 0
+    sent_tokens: int = 0  # tokens already delivered in events
     prefill_s: float = 0.0
     first_token_at: float = 0.0
     reserve: tuple[int, int] = (0, 0)  # worst-case slots in the dense and sparse layer groups
@@ -323,7 +323,7 @@ class ContinuousEngine:
             self._drop(leaving)
         for live in gone:
             self.counters.cancelled += 1
-            self._deliver(live, StreamEvent("", [], error="cancelled"))
+            self._deliver(live, StreamEvent([], error="cancelled"))
 
     def _allocation(self, reserves: list[tuple[int, int]], layer_k: int) -> int:
         return self.kv_layout.allocation_bytes(reserves, layer_k)
@@ -446,33 +446,23 @@ class ContinuousEngine:
             if row.finish_reason is not None:
                 output = finish_row(self.model, self.dims, row, self._decoding.kv_bytes(i), live.prefill_s,
                                     live.first_token_at - live.submitted_at, live.first_token_at)
-                self._send(live, output.text, output)
+                self._send(live, output)
                 self.counters.finished += 1
                 self.counters.tokens_generated += len(row.tokens)
                 self.window.add(live.first_token_at - live.submitted_at, row.finished_at - live.submitted_at,
                                 len(row.tokens))
                 done.append(i)
-            elif live.request.on_event is not None and live.request.stream:  # decoding text costs
-                self._send(live, self._streamable_text(row), None)
+            elif live.request.on_event is not None and live.request.stream:
+                self._send(live, None)
         if done:
             self._drop(done)
 
-    def _streamable_text(self, row: DecodingRow) -> str:
-        """The text that is safe to send: no trailing partial character, no tail that may begin a stop string."""
-        text = self.model.processor.tokenizer.decode(row.tokens, skip_special_tokens=True).rstrip("\ufffd")
-        hold = max((k for s in row.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        return text[: len(text) - hold]
-
-    def _send(self, live: _Live, text: str, output: GenerationOutput | None) -> None:
-        if not text.startswith(live.sent):  # the tokenizer revised earlier text: hold until it settles
-            if output is None:
-                return
-            text = live.sent + text[len(live.sent):]  # never unsend: the final text wins from the divergence on
-        delta, new_tokens = text[len(live.sent):], live.row.tokens[live.sent_tokens:]
-        if not delta and not new_tokens and output is None:
+    def _send(self, live: _Live, output: GenerationOutput | None) -> None:
+        new_tokens = live.row.tokens[live.sent_tokens:]
+        if not new_tokens and output is None:
             return
-        live.sent, live.sent_tokens = text, len(live.row.tokens)
-        self._deliver(live, StreamEvent(delta, new_tokens, output=output))
+        live.sent_tokens = len(live.row.tokens)
+        self._deliver(live, StreamEvent(new_tokens, output=output))
 
     def _deliver(self, live: _Live, event: StreamEvent) -> None:
         if live.request.on_event is None:
@@ -486,7 +476,7 @@ class ContinuousEngine:
 
     def _fail(self, live: _Live, message: str) -> None:
         self.counters.failed += 1
-        self._deliver(live, StreamEvent("", [], error=message))
+        self._deliver(live, StreamEvent([], error=message))
 
     def _drop(self, indices: list[int]) -> None:
         """Remove running rows at `indices`; their K/V is freed."""

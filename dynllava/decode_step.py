@@ -18,7 +18,9 @@ from dynllava.scorers import TextInputs
 class CachedStep:
     """Callable: (tokens, positions, dense lengths, sparse lengths) -> (logits [B, V], text scores [B] | None).
 
-    The returned tensors are reused by the next call (graph outputs): read them before calling again.
+    One per set of rows (the engine makes a new one when rows join or leave). With graphs, a cache capacity's
+    first step runs eagerly and its second captures; later ones replay. The returned tensors are reused by
+    the next call (graph outputs): read them before calling again.
     """
 
     def __init__(self, model, cache: SparseKVCache, layer_k: int, text_scorer, score_text: bool,
@@ -34,6 +36,7 @@ class CachedStep:
         self.rows = torch.arange(b, device=dev)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_key: tuple[int, int] | None = None
+        self._seen_key: tuple[int, int] | None = None  # the shape of the previous eager step
         self._out: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.captures = 0  # how many graphs were captured (one per cache capacity)
 
@@ -64,6 +67,9 @@ class CachedStep:
             return self._forward()
         key = (self.cache.capacity(0), self.cache.capacity(1))
         if key != self._graph_key:
+            if key != self._seen_key:  # a new shape: run it eagerly once, capture only if it comes again (in the
+                self._seen_key = key  # continuous loop, rows joining or leaving change it; a capture would be
+                return self._forward()  # wasted on a shape that lasts one step)
             self._capture(key)
         self._graph.replay()
         return self._out

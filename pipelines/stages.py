@@ -149,11 +149,16 @@ class GenerateStage:
         self.extra_columns = extra_columns
         self.model_name = self.model.name
         self.actor_id = f"data:{uuid.uuid4().hex[:12]}"
-        # reporter(snapshot dict) -> orders: the controller actor's `report` when controller=True
-        self.reporter = reporter or (_controller_reporter() if controller else None)
         # the queue only ever holds the rows of the batches in flight (Ray Data bounds those)
         self.engine = ContinuousEngine(self.model, max_waiting=1 << 20, **(engine or {}))
         self.engine.start()
+        self.controller = None
+        if controller or reporter is not None:  # reporter(snapshot dict) -> reply: injected by tests
+            from cluster.controller_client import ControllerClient, ray_reporter
+
+            self.controller = ControllerClient(
+                lambda: self.engine.snapshot(self.actor_id, "data", self.sparsity), self._apply_orders,
+                reporter or ray_reporter()).start()
 
     def _set_sparsity(self, sparsity: dict) -> None:
         from dynllava.config import SparsityConfig
@@ -161,20 +166,9 @@ class GenerateStage:
         self.sparsity = SparsityConfig.from_dict(sparsity)
         self.sparsity_json = json.dumps(self.sparsity.to_dict(), sort_keys=True)
 
-    def report(self) -> None:
-        """Send this actor's telemetry to the controller and follow its keep setting, queued rows included
-        (errors only logged: the job never waits on the controller)."""
-        if self.reporter is None:
-            return
-        from cluster.controller import follow_orders
-
-        snapshot = self.engine.snapshot(self.actor_id, "data", self.sparsity)
-        try:
-            orders = self.reporter(snapshot.to_dict())
-        except Exception as e:  # the controller may be restarting
-            log.debug("report to the controller failed: %s", e)
-            return
-        changed = follow_orders(self.sparsity, orders)
+    def _apply_orders(self, orders) -> None:
+        """Apply the controller's keep setting to new and queued rows."""
+        changed = orders.applied_to(self.sparsity)
         if changed is not None:
             self._set_sparsity(changed.to_dict())
             self.engine.set_keep(changed.vision_keep, changed.text_keep)
@@ -240,7 +234,8 @@ class GenerateStage:
         if ok:
             results = dict(zip(ok, self.generate_rows(batch["pixels"][ok], [str(batch["prompt"][i]) for i in ok])))
         generated_at = time.time()
-        self.report()
+        if self.controller is not None:  # besides the periodic reports: the batch's rows count at once
+            self.controller.report_once()
         out: dict[str, list] = {c: [] for c in OUTPUT_COLUMNS}
         for i in range(n):
             res = results.get(i, batch["error"][i])
@@ -267,19 +262,6 @@ class GenerateStage:
         return columns
 
 
-def _controller_reporter() -> Callable[[dict], dict] | None:
-    """The running controller's `report` as a blocking call, or None when there is no controller."""
-    import ray
-
-    from cluster.controller import find_controller
-
-    controller = find_controller()
-    if controller is None:
-        log.warning("controller: true, but no controller runs on this cluster; reporting is off")
-        return None
-    return lambda snapshot: ray.get(controller.report.remote(snapshot), timeout=10)
-
-
 class ServeGenerateStage(GenerateStage):
     """The generate stage sent through a running Serve app's replicas (`dynllava caption --serve-app NAME`):
     rows join the replicas' continuous batches beside online traffic, so both share one pool of engines. The
@@ -293,7 +275,7 @@ class ServeGenerateStage(GenerateStage):
         self.max_new_tokens = max_new_tokens
         self.extra_columns = extra_columns
         self.model_name = self.handle.model_name.remote().result()
-        self.reporter = None  # the replicas report for themselves
+        self.controller = None  # the replicas report for themselves
 
     def generate_rows(self, pixels: np.ndarray, prompts: list[str]) -> list[Any]:
         return self.handle.generate_rows.remote(pixels, prompts, self.max_new_tokens, self.sparsity.to_dict()).result()

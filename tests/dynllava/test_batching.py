@@ -63,7 +63,9 @@ def test_rows_joining_and_leaving_decode_as_alone(tiny_model, temperature):
         final = _final(events).output
         alone = _alone(tiny_model, image, prompt, req)
         assert final.token_ids == alone.token_ids
-        assert final.text == alone.text == "".join(e.text for e in events)
+        assert final.text == alone.text
+        assert final.token_ids == [t for e in events for t in e.token_ids], "events carry every token once"
+        assert len(events) == len(final.token_ids), "one event per step"
         for name in STAT_FIELDS:
             assert getattr(final.stats, name) == pytest.approx(getattr(alone.stats, name)), name
     c = engine.counters

@@ -42,3 +42,27 @@ def test_gpu_dense_equals_hf_generate(gpu_model, batch4):
     ref = gpu_model.hf_model.generate(**inputs, max_new_tokens=20, min_new_tokens=20, do_sample=False)
     ours = gpu_model.generate(images[:1], prompts[:1], max_new_tokens=20, ignore_eos=True)[0]
     assert ours.token_ids == ref[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def test_continuous_loop_with_graphs_equals_eager(gpu_model, batch4):
+    """Rows of different lengths join and leave a running batch of 2 (the graph is recaptured as the rows
+    change); every row's tokens and KV bytes equal the eager loop's and its own alone."""
+    from dynllava.batching import ContinuousEngine, EngineRequest
+
+    images, prompts = batch4
+    cfg = SparsityConfig(vision_keep=0.25, text_keep=0.5, vision_scorer="stride", text_scorer="recent")
+
+    def run(graphs: bool, rows: list[int]):
+        engine = ContinuousEngine(gpu_model, max_batch=2, max_prefill_batch=1, cuda_graphs=graphs)
+        outs = {}
+        for i in rows:
+            n = 20 + 30 * i
+            request = EngineRequest(gpu_model.prepare([images[i]], [prompts[i]], n), cfg, n, ignore_eos=True,
+                                    stream=False, on_event=lambda e, i=i: outs.__setitem__(i, e.output))
+            engine.submit(request)
+        engine.run_until_idle()
+        return {i: (o.token_ids, o.stats.kv_bytes_peak) for i, o in outs.items()}
+
+    graphed, eager = run(True, [0, 1, 2, 3]), run(False, [0, 1, 2, 3])
+    assert graphed == eager
+    assert run(True, [3])[3] == graphed[3]

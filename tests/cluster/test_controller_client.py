@@ -1,0 +1,55 @@
+"""The controller client engines share: typed orders from the reply, periodic reports, failures tolerated."""
+
+from __future__ import annotations
+
+import threading
+
+from cluster.controller import ControllerCore
+from cluster.controller_client import ControllerClient, Orders
+from cluster.sla import SLA, OfflineTargets, Pacing
+from dynllava.config import SparsityConfig
+from dynllava.telemetry import TelemetrySnapshot
+
+BASE = SparsityConfig(vision_keep=1.0, text_keep=1.0)
+
+
+def test_orders_from_the_reply_and_what_they_change():
+    assert Orders.from_reply(None) == Orders() and Orders.from_reply({"keep": None, "replicas": None}) == Orders()
+    orders = Orders.from_reply({"keep": {"vision_keep": 0.2, "text_keep": 0.5}, "replicas": 3})
+    assert orders == Orders(0.2, 0.5, 3)
+    assert orders.applied_to(BASE) == BASE.replace(vision_keep=0.2, text_keep=0.5)
+    assert orders.applied_to(BASE.replace(vision_keep=0.2, text_keep=0.5)) is None
+    assert Orders().applied_to(BASE) is None
+
+
+def snapshot() -> TelemetrySnapshot:
+    import time
+
+    return TelemetrySnapshot("data:x", "data", time.time(), 30.0, 0.1, 1.0, None, None, None, None, None, 0, 1, 0,
+                             0, 1, 2, BASE.to_dict(), finished=1)
+
+
+def test_client_reports_periodically_and_survives_a_failing_controller():
+    core = ControllerCore(SLA(offline=OfflineTargets(rows_per_s=1e6), pacing=Pacing(cooldown_s=0)))
+    got, calls = [], []
+    failing = threading.Event()
+
+    def report(snap: dict) -> dict:
+        calls.append(snap["actor_id"])
+        if failing.is_set():
+            raise ConnectionError("controller restarting")
+        return core.report(snap)
+
+    client = ControllerClient(snapshot, got.append, report, period_s=0.02)
+    assert client.report_once() == Orders() and got == [Orders()]
+    core.step()  # the rows/s target is far off: the controller tightens this actor
+    assert client.report_once().vision_keep < 1.0
+    failing.set()
+    assert client.report_once() is None and len(got) == 2, "a failed report applies nothing"
+    failing.clear()
+    client.start()
+    deadline = threading.Event()
+    while len(calls) < 6 and not deadline.wait(0.02):
+        pass
+    client.stop()
+    assert len(calls) >= 6 and len(got) >= 4
