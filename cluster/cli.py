@@ -14,9 +14,11 @@ DEFAULT_CONFIG = "configs/serve.yaml"
 
 
 def _deployment_options(app: dict) -> dict:
-    """The YAML's options for the LlavaServer deployment (Serve's own keys), without its name."""
+    """The YAML's options for the dynllava deployment (Serve's own keys), without its name."""
+    from cluster.serve_handle import DEPLOYMENT_NAME
+
     for entry in app.get("deployments") or []:
-        if entry.get("name") == "LlavaServer":
+        if entry.get("name") == DEPLOYMENT_NAME:
             return {k: v for k, v in entry.items() if k != "name"}
     return {}
 

@@ -29,6 +29,7 @@ from cluster.controller_client import ControllerClient, Orders, ray_reporter
 from cluster.event_bridge import EventBridge
 from cluster.openai_protocol import ApiError
 from cluster.serve_config import ServeConfig
+from cluster.serve_handle import DEPLOYMENT_NAME
 from cluster.serve_metrics import ServerMetrics
 from dynllava.batching import ContinuousEngine, EngineRequest, QueueFull, StreamEvent
 from dynllava.config import SparsityConfig
@@ -54,7 +55,7 @@ def _error_response(error: ApiError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
 
 
-@serve.deployment(name="LlavaServer")
+@serve.deployment(name=DEPLOYMENT_NAME)
 @serve.ingress(app)
 class LlavaServer:
     """One replica: the model, its engine and the HTTP routes."""

@@ -137,8 +137,10 @@ def _init_ray(address: str | None, config: CaptionJobConfig) -> None:
 def _check_serve_app(name: str) -> None:
     from ray import serve
 
-    apps = serve.status().applications
-    if name not in apps or "LlavaServer" not in apps[name].deployments:
+    from cluster.serve_handle import serves_dynllava
+
+    if not serves_dynllava(name):
+        apps = serve.status().applications
         raise ValueError(f"serve app {name!r}: no such `dynllava serve` app on this cluster "
                          f"(running apps: {sorted(apps) or 'none'})")
 

@@ -268,14 +268,14 @@ class ServeGenerateStage(GenerateStage):
     actors of this stage only wait on the handle; they hold no model."""
 
     def __init__(self, app_name: str, sparsity: dict, max_new_tokens: int, extra_columns: tuple[str, ...] = ()):
-        from ray import serve
+        from cluster.serve_handle import ServeEngines
 
-        self.handle = serve.get_deployment_handle("LlavaServer", app_name=app_name)
+        self.engines = ServeEngines(app_name)
         self._set_sparsity(sparsity)
         self.max_new_tokens = max_new_tokens
         self.extra_columns = extra_columns
-        self.model_name = self.handle.model_name.remote().result()
+        self.model_name = self.engines.model_name()
         self.controller = None  # the replicas report for themselves
 
     def generate_rows(self, pixels: np.ndarray, prompts: list[str]) -> list[Any]:
-        return self.handle.generate_rows.remote(pixels, prompts, self.max_new_tokens, self.sparsity.to_dict()).result()
+        return self.engines.generate_rows(pixels, prompts, self.max_new_tokens, self.sparsity)

@@ -25,3 +25,18 @@ def imported_after_importing(package: str) -> set[str]:
                                                ("cluster", {"pipelines"})])
 def test_layers_point_one_way(package, forbidden):
     assert imported_after_importing(package) & forbidden == set()
+
+
+def sources(*packages: str) -> dict[str, str]:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    return {str(p.relative_to(root)): p.read_text() for pkg in packages for p in (root / pkg).rglob("*.py")}
+
+
+def test_the_serve_contract_and_the_controller_client_are_defined_once():
+    """The deployment's name lives in cluster/serve_handle.py only (everything else imports it), and only the
+    shared controller client calls the controller's `report` (replicas and offline actors both use it)."""
+    code = sources("dynllava", "cluster", "pipelines", "benchmarks")
+    assert [f for f, text in code.items() if '"LlavaServer"' in text] == ["cluster/serve_handle.py"]
+    assert [f for f, text in code.items() if ".report.remote(" in text] == ["cluster/controller_client.py"]

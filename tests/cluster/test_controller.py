@@ -12,6 +12,7 @@ import pytest
 
 from cluster.cli import status_table
 from cluster.controller import ControllerCore
+from cluster.serve_handle import DEPLOYMENT_NAME
 from cluster.sla import SLA, Bounds, KeepSetting, OfflineTargets, OnlineTargets, Pacing
 from tests.cluster.conftest import free_port
 from tests.cluster.test_policy import snap
@@ -135,7 +136,7 @@ def controlled_app(ray_local):
 def _running_replicas() -> int:
     from ray import serve
 
-    deployment = serve.status().applications["controlled"].deployments["LlavaServer"]
+    deployment = serve.status().applications["controlled"].deployments[DEPLOYMENT_NAME]
     return deployment.replica_states.get("RUNNING", 0)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.serve_handle import DEPLOYMENT_NAME
 from cluster.sla import SLA, Bounds, KeepSetting, OnlineTargets, Pacing
 from tests.cluster.conftest import free_port
 from tests.conftest import REPO_ROOT
@@ -198,7 +199,7 @@ def _replica_nodes() -> dict[str, str]:
     the dashboard, and neither `serve.status()` nor the replicas expose a node id.)"""
     from ray._private.state import actors
 
-    prefix = f"SERVE_REPLICA::{APP}#LlavaServer#"
+    prefix = f"SERVE_REPLICA::{APP}#{DEPLOYMENT_NAME}#"
     return {info["Name"].removeprefix(prefix): info["Address"]["NodeID"] for info in actors().values()
             if info["Name"].startswith(prefix) and info["State"] == "ALIVE"}
 
@@ -206,7 +207,7 @@ def _replica_nodes() -> dict[str, str]:
 def _running_replicas() -> int:
     from ray import serve
 
-    return serve.status().applications[APP].deployments["LlavaServer"].replica_states.get("RUNNING", 0)
+    return serve.status().applications[APP].deployments[DEPLOYMENT_NAME].replica_states.get("RUNNING", 0)
 
 
 def _wait(what: str, done, seen, timeout_s: float = PHASE_S) -> None:
