@@ -1,13 +1,15 @@
-"""Claim: on the online endpoint, sparsity and continuous batching each raise goodput under a latency SLO.
+"""Claim: on the online endpoint, continuous batching and sparsity each raise goodput under a latency SLO.
 
 Four arms, each a fresh local deployment of one replica (model load excluded from the measurement):
 continuous or static batching (`@serve.batch`) x dense or sparse (the configured vision/text keep). Each arm
-gets the same open-loop load: Poisson arrivals at --rate req/s with a fixed seed for --duration s (at most
---max-requests), loopback HTTP only, streamed chat requests with a held-out synthetic scene and a caption,
-detailed-description or VQA prompt (mixed output lengths), greedy.
-Per arm: throughput, TTFT and end-to-end latency p50/p95/p99, and goodput = requests per second that finished
-within --slo-s. sparse_over_dense_goodput = continuous sparse / continuous dense;
-continuous_over_static_goodput = continuous sparse / static sparse. Prints a table, then one JSON line.
+gets the same open-loop loads, one per rate of the sweep (--rates): Poisson arrivals with a fixed seed for
+--duration s (at most --max-requests), loopback HTTP only, streamed chat requests with a held-out synthetic
+scene and a caption, detailed-description or VQA prompt (mixed output lengths), greedy.
+Per arm and rate: throughput, TTFT, time per output token after the first (TPOT) and end-to-end latency
+percentiles, and goodput = requests per second that finished within --slo-s. Per rate:
+continuous_over_static = continuous goodput / static goodput (dense and sparse; target >= 1 at every rate and
+>= 1.5 at the highest) and sparse_over_dense = sparse goodput / dense goodput (continuous and static; target
+>= 1). Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ TASKS = ("caption", "describe", "vqa")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="model source (default: the embedded tiny)")
-    p.add_argument("--rate", type=float, default=10.0, help="mean arrivals per second (default 10: near a 2-core "
-                   "CPU replica's capacity with tiny)")
-    p.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals per arm (default 40)")
+    p.add_argument("--rates", default="4,8,12,16", help="comma-separated mean arrivals per second, one load each "
+                   "(default 4,8,12,16: below to well above a 2-core CPU replica's capacity with tiny)")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per load (default 30)")
     p.add_argument("--max-requests", type=int, default=400, help="most requests per arm (default 400)")
     p.add_argument("--max-tokens", type=int, default=128, help="max_tokens per request (default 128)")
     p.add_argument("--slo-s", type=float, default=3.0, help="end-to-end latency SLO for goodput (default 3 s)")
@@ -53,12 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def workload(args: argparse.Namespace) -> list[tuple[float, dict]]:
-    """(arrival offset s, request body) for one arm: the same for every arm (fixed seed)."""
+def workload(args: argparse.Namespace, rate: float) -> list[tuple[float, dict]]:
+    """(arrival offset s, request body) for one load: the same for every arm (fixed seed)."""
     rng = random.Random(args.seed)
     t, out = 0.0, []
     while len(out) < args.max_requests:
-        t += rng.expovariate(args.rate)
+        t += rng.expovariate(rate)
         if t > args.duration:
             break
         out.append((t, request_body(rng, len(out), args.max_tokens)))
@@ -72,17 +74,18 @@ def request_body(rng: random.Random, index: int, max_tokens: int) -> dict:
     url = "data:image/png;base64," + base64.b64encode(row.image).decode()
     return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                       {"type": "text", "text": row.prompt}]}],
-            "max_tokens": max_tokens, "temperature": 0, "stream": True}
+            "max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
 
 
 async def one_request(session, url: str, body: dict, start: float, offset: float) -> dict:
-    """Send at start + offset; returns arrival-relative TTFT and latency (s), tokens, the status, and the
-    sparsity the server applied (`dynllava.applied` on the last chunk)."""
+    """Send at start + offset; returns arrival-relative TTFT and latency (s), content chunks, generated tokens
+    (the usage chunk), time per output token after the first, the status, and the sparsity the server applied
+    (`dynllava.applied` on the last chunk)."""
     import aiohttp
 
     await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
     sent = time.perf_counter()
-    ttft, tokens, status, applied = None, 0, 0, None
+    ttft, chunks, tokens, status, applied = None, 0, 0, 0, None
     try:
         async with session.post(url, json=body) as response:
             status = response.status
@@ -94,14 +97,17 @@ async def one_request(session, url: str, body: dict, start: float, offset: float
                     status = 500
                     break
                 applied = chunk.get("dynllava", {}).get("applied", applied)
+                tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
                 for choice in chunk.get("choices", []):
                     if choice["delta"].get("content"):
                         ttft = ttft if ttft is not None else time.perf_counter() - sent
-                        tokens += 1
+                        chunks += 1
     except aiohttp.ClientError:
         status = -1
-    return {"ok": status == 200 and ttft is not None, "status": status, "ttft": ttft,
-            "latency": time.perf_counter() - sent, "chunks": tokens, "sent": sent - start, "applied": applied}
+    latency = time.perf_counter() - sent
+    tpot = (latency - ttft) / (tokens - 1) if ttft is not None and tokens > 1 else None
+    return {"ok": status == 200 and ttft is not None, "status": status, "ttft": ttft, "latency": latency,
+            "chunks": chunks, "tokens": tokens, "tpot": tpot, "sent": sent - start, "applied": applied}
 
 
 async def drive(url: str, load: list[tuple[float, dict]]) -> tuple[list[dict], float]:
@@ -124,10 +130,13 @@ def percentile(values: list[float], q: float) -> float:
 def summarise(results: list[dict], wall: float, slo_s: float) -> dict:
     ok = [r for r in results if r["ok"]]
     lat, ttft = [r["latency"] for r in ok], [r["ttft"] for r in ok]
+    tpot = [r["tpot"] for r in ok if r.get("tpot") is not None]
     good = sum(r["latency"] <= slo_s for r in ok)
     return {"requests": len(results), "ok": len(ok), "errors": len(results) - len(ok), "wall_s": round(wall, 2),
             "throughput_rps": round(len(ok) / wall, 3),
+            "output_tokens_per_s": round(sum(r.get("tokens", 0) for r in ok) / wall, 1),
             "output_chunks_per_s": round(sum(r["chunks"] for r in ok) / wall, 1),
+            "tpot_p50": round(percentile(tpot, 50), 4), "tpot_p95": round(percentile(tpot, 95), 4),
             "ttft_p50": round(percentile(ttft, 50), 3), "ttft_p95": round(percentile(ttft, 95), 3),
             "ttft_p99": round(percentile(ttft, 99), 3), "latency_p50": round(percentile(lat, 50), 3),
             "latency_p95": round(percentile(lat, 95), 3), "latency_p99": round(percentile(lat, 99), 3),
@@ -142,7 +151,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_arm(name: str, args: argparse.Namespace, base: str, load) -> dict:
+def run_arm(name: str, args: argparse.Namespace, base: str, loads: dict[float, list]) -> dict[float, dict]:
+    """Deploy the arm's replica, warm it up, drive each load in turn (rate -> summary), tear down."""
     from ray import serve
 
     from cluster.app import build
@@ -152,17 +162,23 @@ def run_arm(name: str, args: argparse.Namespace, base: str, load) -> dict:
     batching, density = name.split("-")
     sparsity = SparsityConfig(vision_keep=args.vision_keep, text_keep=args.text_keep) if density == "sparse" \
         else SparsityConfig(vision_keep=1.0, text_keep=1.0)
+    most = max(len(load) for load in loads.values())
     config = ServeConfig(model=args.model, device=args.device, sparsity=sparsity, batching=batching,
                          max_batch=args.max_batch, batch_wait_s=args.batch_wait_s,
-                         max_waiting=args.max_requests, threads=int(args.replica_cpus))
+                         max_waiting=most, threads=int(args.replica_cpus))
     options = {"ray_actor_options": {"num_cpus": args.replica_cpus, "num_gpus": args.num_gpus},
-               "max_ongoing_requests": args.max_requests + args.max_batch + 8}
+               "max_ongoing_requests": most + args.max_batch + 8}
     serve.run(build(config, options), name="bench", route_prefix="/")
     url = f"{base}/v1/chat/completions"
-    asyncio.run(drive(url, load[:4]))  # warm-up: first-call costs (allocator, lazy inits) off the clock
-    results, wall = asyncio.run(drive(url, load))
+    first = next(iter(loads.values()))
+    asyncio.run(drive(url, first[:4]))  # warm-up: first-call costs (allocator, lazy inits) off the clock
+    out = {}
+    for rate, load in loads.items():
+        results, wall = asyncio.run(drive(url, load))
+        out[rate] = summarise(results, wall, args.slo_s)
+        print(f"{name} @ {rate}/s: {out[rate]}", file=sys.stderr)
     serve.delete("bench")
-    return summarise(results, wall, args.slo_s)
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -170,37 +186,47 @@ def main(argv: list[str] | None = None) -> dict:
     from ray import serve
 
     args = parse_args(argv)
-    load = workload(args)
+    rates = [float(r) for r in args.rates.split(",")]
+    loads = {rate: workload(args, rate) for rate in rates}
     ray.init(address="local", num_cpus=max(4, int(args.replica_cpus) + 2), num_gpus=int(args.num_gpus) or None,
              include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    arms = {}
+    arms: dict[str, dict[float, dict]] = {}
     try:
         for name in args.arms.split(","):
-            arms[name] = run_arm(name, args, f"http://127.0.0.1:{port}", load)
-            print(f"{name}: {arms[name]}", file=sys.stderr)
+            arms[name] = run_arm(name, args, f"http://127.0.0.1:{port}", loads)
     finally:
         serve.shutdown()
         ray.shutdown()
-    cols = ("ok", "throughput_rps", "ttft_p50", "ttft_p95", "ttft_p99", "latency_p50", "latency_p95",
-            "latency_p99", "slo_attainment", "goodput_rps")
-    print(f"{len(load)} requests per arm, Poisson {args.rate}/s over {args.duration}s, SLO {args.slo_s}s")
-    print(f"{'arm':<20}" + "".join(f"{c:>15}" for c in cols))
-    for name, row in arms.items():
-        print(f"{name:<20}" + "".join(f"{row[c]:>15}" for c in cols))
+    cols = ("ok", "goodput_rps", "slo_attainment", "ttft_p50", "ttft_p95", "tpot_p50", "tpot_p95", "latency_p50",
+            "latency_p95", "output_tokens_per_s", "output_chunks_per_s")
+    print(f"Poisson loads over {args.duration}s each, SLO {args.slo_s}s, max_tokens {args.max_tokens}, "
+          f"max_batch {args.max_batch}")
+    print(f"{'arm':<20}{'rate':>6}" + "".join(f"{c:>14}" for c in cols))
+    for name, by_rate in arms.items():
+        for rate, row in by_rate.items():
+            print(f"{name:<20}{rate:>6}" + "".join(f"{row[c]:>14}" for c in cols))
 
-    def ratio(a: str, b: str) -> float | None:
-        if a in arms and b in arms and arms[b]["goodput_rps"]:
-            return round(arms[a]["goodput_rps"] / arms[b]["goodput_rps"], 3)
+    def ratio(a: str, b: str, rate: float) -> float | None:
+        if a in arms and b in arms and arms[b][rate]["goodput_rps"]:
+            return round(arms[a][rate]["goodput_rps"] / arms[b][rate]["goodput_rps"], 3)
         return None
 
+    ratios = {str(rate): {"continuous_over_static_dense": ratio("continuous-dense", "static-dense", rate),
+                          "continuous_over_static_sparse": ratio("continuous-sparse", "static-sparse", rate),
+                          "sparse_over_dense_continuous": ratio("continuous-sparse", "continuous-dense", rate),
+                          "sparse_over_dense_static": ratio("static-sparse", "static-dense", rate)}
+              for rate in rates}
+    for rate, r in ratios.items():
+        print(f"rate {rate}: " + ", ".join(f"{k} {v}" for k, v in r.items()))
     result = {"bench": "serve", "model": args.model, "hardware": hardware("cuda" if args.num_gpus else "cpu"),
-              "commit": commit(), "rate": args.rate, "duration_s": args.duration, "requests": len(load),
-              "max_tokens": args.max_tokens, "max_batch": args.max_batch, "slo_s": args.slo_s,
-              "sparsity": {"vision_keep": args.vision_keep, "text_keep": args.text_keep}, "arms": arms,
-              "sparse_over_dense_goodput": ratio("continuous-sparse", "continuous-dense"),
-              "continuous_over_static_goodput": ratio("continuous-sparse", "static-sparse")}
+              "commit": commit(), "rates": rates, "duration_s": args.duration,
+              "requests": {str(r): len(load) for r, load in loads.items()}, "max_tokens": args.max_tokens,
+              "max_batch": args.max_batch, "slo_s": args.slo_s,
+              "sparsity": {"vision_keep": args.vision_keep, "text_keep": args.text_keep},
+              "arms": {name: {str(r): row for r, row in by_rate.items()} for name, by_rate in arms.items()},
+              "ratios": ratios}
     emit(result, args.output)
     return result
 
