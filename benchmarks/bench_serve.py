@@ -45,7 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-wait-s", type=float, default=0.05, help="static: @serve.batch wait (default 0.05)")
     p.add_argument("--vision-keep", type=float, default=0.2)
     p.add_argument("--text-keep", type=float, default=0.5)
-    p.add_argument("--replica-cpus", type=float, default=2, help="CPUs (torch threads) of the replica")
+    p.add_argument("--replica-cpus", type=float, default=2, help="CPUs of the replica")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of the replica (default: its CPUs - 1, "
+                   "at least 1: on a small machine the HTTP proxy, request preprocessing and this load generator "
+                   "need a core, and torch's threads stall when one of them is descheduled)")
     p.add_argument("--num-gpus", type=float, default=0, help="GPUs of the replica")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when the replica has a GPU)")
     p.add_argument("--arms", default="continuous-dense,continuous-sparse,static-dense,static-sparse",
@@ -165,7 +168,7 @@ def run_arm(name: str, args: argparse.Namespace, base: str, loads: dict[float, l
     most = max(len(load) for load in loads.values())
     config = ServeConfig(model=args.model, device=args.device, sparsity=sparsity, batching=batching,
                          max_batch=args.max_batch, batch_wait_s=args.batch_wait_s,
-                         max_waiting=most, threads=int(args.replica_cpus))
+                         max_waiting=most, threads=args.threads or max(1, int(args.replica_cpus) - 1))
     options = {"ray_actor_options": {"num_cpus": args.replica_cpus, "num_gpus": args.num_gpus},
                "max_ongoing_requests": most + args.max_batch + 8}
     serve.run(build(config, options), name="bench", route_prefix="/")

@@ -91,6 +91,22 @@ MUTATIONS = (
     Mutation("decode FLOPs without the token itself", "dynllava/engine.py",
              "ctx_sparse = row.n_kept_prompt + row.n_admitted + 1",
              "ctx_sparse = row.n_kept_prompt + row.n_admitted", ("tests/dynllava/test_accounting.py",)),
+    Mutation("the scheduler ignores the KV budget", "dynllava/scheduler.py",
+             "layout.allocation_bytes(reserves + [head.reserve], head.signature[0]) > limits.kv_budget_bytes",
+             "False", ("tests/dynllava/test_scheduler.py",)),
+    Mutation("a later request overtakes a waiting head", "dynllava/scheduler.py",
+             "        if reason is not None:\n            break",
+             "        if reason is not None:\n            reason = None\n            continue",
+             ("tests/dynllava/test_scheduler.py",)),
+    Mutation("a partial character is streamed", "dynllava/streaming.py",
+             'if len(full) > len(prefix) and not full.endswith("\\ufffd"):', "if len(full) > len(prefix):",
+             ("tests/dynllava/test_streaming.py",)),
+    Mutation("streaming decodes the whole answer each step", "dynllava/streaming.py",
+             "self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)",
+             "self.read_offset = len(self.tokens)", ("tests/dynllava/test_streaming.py",)),
+    Mutation("no_cache rows keep the prompt's pruning off", "dynllava/engine.py",
+             "            keep[:, :t] = res.keep\n", "            keep[:, :t] = self.valid\n",
+             ("tests/dynllava/test_exactness.py",)),
 )
 
 
