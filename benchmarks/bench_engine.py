@@ -2,11 +2,11 @@
 
 The same mixed rows (held-out synthetic scenes: captions, descriptions and short VQA answers, so answer lengths
 differ a lot) through `DynamicLlava.generate`, in one process, two scheduling policies of the same engine:
-- static: batches of B rows, each batch runs until its longest row finishes (join_running=False);
-- loop: at most B rows decode at once and a finished row's place goes to the next waiting row.
+- static: batches of --static-batch rows, each runs until its longest row finishes (join_running=False);
+- loop: at most --max-batch rows decode at once and a finished row's place goes to the next waiting row.
 Each arm runs dense (keep 1.0) and sparse (--vision-keep / --text-keep). Images are decoded before timing;
 one untimed warm-up call precedes the runs. loop_over_static = loop rows/s / static rows/s (target >= 1.25
-at B = 16, dense and sparse). Prints a table, then one JSON line with the device and commit.
+against static batches of 16, dense and sparse). Prints a table, then one JSON line with the device and commit.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="model source (default: the embedded tiny)")
     p.add_argument("--rows", type=int, default=500, help="mixed rows per run (default 500)")
-    p.add_argument("--max-batch", type=int, default=16, help="rows decoding at once, both arms (default 16)")
+    p.add_argument("--static-batch", type=int, default=16, help="rows per static batch (default 16)")
+    p.add_argument("--max-batch", type=int, default=32, help="the loop's most rows decoding at once (default 32, "
+                   "the engine's default)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="per row (default 64)")
     p.add_argument("--vision-keep", type=float, default=0.2)
     p.add_argument("--text-keep", type=float, default=0.5)
@@ -52,16 +54,17 @@ def main(argv: list[str] | None = None) -> None:
     model.generate(images[:4], prompts[:4], sparsity=settings["sparse"], max_new_tokens=4)  # warm-up
     results, tokens = {}, {}
     for setting, sparsity in settings.items():
-        for policy, join in (("static", False), ("loop", True)):
+        for policy, join, width in (("static", False, args.static_batch), ("loop", True, args.max_batch)):
             started = time.perf_counter()
             outs = model.generate(images, prompts, sparsity=sparsity, max_new_tokens=args.max_new_tokens,
-                                  max_batch=args.max_batch, join_running=join)
+                                  max_batch=width, join_running=join)
             wall = time.perf_counter() - started
             results[f"{policy} {setting}"] = len(rows) / wall
             tokens[f"{policy} {setting}"] = sum(o.stats.n_text_generated for o in outs)
     assert tokens["static dense"] == tokens["loop dense"], "both policies must generate the same tokens"
     device = str(model.device)
-    out = {"bench": "engine", "model": args.model, "rows": args.rows, "max_batch": args.max_batch,
+    out = {"bench": "engine", "model": args.model, "rows": args.rows, "static_batch": args.static_batch,
+           "max_batch": args.max_batch,
            "max_new_tokens": args.max_new_tokens, "sparsity": settings["sparse"].to_dict(),
            "rows_per_s": {k: round(v, 3) for k, v in results.items()},
            "tokens": tokens,

@@ -40,7 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--text-keep", type=float, default=0.5)
     p.add_argument("--vision-scorer", default="learned")
     p.add_argument("--text-scorer", default="learned")
-    p.add_argument("--actor-cpus", type=float, default=2, help="CPUs (torch threads) of the engine actor")
+    p.add_argument("--actor-cpus", type=float, default=2, help="CPUs of the engine actor")
+    p.add_argument("--actor-threads", type=int, default=None, help="torch threads of the engine actor (default: "
+                   "its CPUs - 1, at least 1: the decode tasks and Ray Data share the machine)")
     p.add_argument("--num-gpus", type=float, default=0, help="GPUs of the engine actor")
     p.add_argument("--decode-tasks", type=int, default=1, help="most decode tasks at once (default 1: 2 cores)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
@@ -102,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
         config = CaptionJobConfig(model=args.model, sparsity=sparsity, max_new_tokens=args.max_new_tokens,
                                   batch_size=args.batch_size, max_batch=args.max_batch, device=args.device,
                                   decode_tasks=args.decode_tasks,
-                                  actors=ActorPool(1, 1, num_cpus=args.actor_cpus, num_gpus=args.num_gpus))
+                                  actors=ActorPool(1, 1, num_cpus=args.actor_cpus, num_gpus=args.num_gpus,
+                                                   threads=args.actor_threads or max(1, int(args.actor_cpus) - 1)))
         started = time.time()
         summary = run_caption_job(str(data), work / name.replace(" ", "_"), config)
         assert summary.rows == args.rows and summary.errors == 0, summary
@@ -113,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     sparse_over_dense = results["pipeline sparse"] / results["pipeline dense"]
     out = {"bench": "pipeline", "model": args.model, "rows": args.rows, "batch_size": args.batch_size,
            "max_batch": args.max_batch, "max_new_tokens": args.max_new_tokens, "sparsity": sparse.to_dict(),
+           "actor_threads": args.actor_threads or max(1, int(args.actor_cpus) - 1),
            "rows_per_s": {k: round(v, 3) for k, v in results.items()},
            "job_rows_per_s_with_startup": whole, "job_startup_s": {k: round(v, 1) for k, v in startup.items()},
            "pipeline_over_loop": round(results["pipeline sparse"] / results["loop sparse"], 3),

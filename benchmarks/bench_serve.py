@@ -224,7 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
     for rate, r in ratios.items():
         print(f"rate {rate}: " + ", ".join(f"{k} {v}" for k, v in r.items()))
     result = {"bench": "serve", "model": args.model, "hardware": hardware("cuda" if args.num_gpus else "cpu"),
-              "commit": commit(), "rates": rates, "duration_s": args.duration,
+              "commit": commit(), "replica_threads": args.threads or max(1, int(args.replica_cpus) - 1),
+              "rates": rates, "duration_s": args.duration,
               "requests": {str(r): len(load) for r, load in loads.items()}, "max_tokens": args.max_tokens,
               "max_batch": args.max_batch, "slo_s": args.slo_s,
               "sparsity": {"vision_keep": args.vision_keep, "text_keep": args.text_keep},

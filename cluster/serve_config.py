@@ -87,7 +87,8 @@ class ServeConfig:
     batch_wait_s: float = 0.05  # static: how long @serve.batch waits to fill a batch
     kv_budget_mib: float | None = None  # cap on the KV cache's worst-case allocation (None: max_batch bounds it)
     max_waiting: int = 64  # queued requests per replica beyond which new ones get 429
-    threads: int = 0  # torch CPU threads per replica (0: torch's default)
+    threads: int = 0  # torch CPU threads per replica (0: torch's default; on a CPU replica, one less than its CPUs
+    #                   leaves a core to the event loop and preprocessing: see README, where a replica's CPU goes)
     limits: Limits = field(default_factory=Limits)
     allow_remote_images: bool = False  # fetch http(s) image_url parts (off: only data: URLs)
     api_key_env: str | None = None  # name of an env var holding the API key; requests then need `Bearer <key>`

@@ -85,7 +85,8 @@ def build_stages(config: CaptionJobConfig, spec: InputSpec, loader: Callable | N
         Stage("generate", GenerateStage, DECODED_COLUMNS,
               {"model": config.model, "sparsity": config.sparsity.to_dict(), "max_new_tokens": config.max_new_tokens,
                "device": config.device, "dtype": config.dtype, "loader": loader, "extra_columns": id_extra,
-               "controller": config.controller, "engine": config.engine_limits()}),
+               "controller": config.controller, "engine": config.engine_limits(),
+               "threads": config.actors.threads}),
     ]
 
 

@@ -27,18 +27,23 @@ class Columns:
 @dataclass(frozen=True)
 class ActorPool:
     """The engine actors: Ray Data autoscales the pool between min_size and max_size; each actor reserves
-    num_cpus / num_gpus."""
+    num_cpus / num_gpus and runs torch on `threads` CPU threads."""
 
     min_size: int = 1
     max_size: int = 1
     num_cpus: float = 2.0
     num_gpus: float = 0.0
+    threads: int | None = None  # torch CPU threads per actor (None: Ray's default, its num_cpus; on a CPU-only
+    #                             machine shared with the decode tasks, one less than num_cpus runs faster)
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_size <= self.max_size:
             raise ValueError(f"actors: need 1 <= min_size <= max_size, got {self.min_size}, {self.max_size}")
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ValueError("actors: num_cpus and num_gpus must be >= 0")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int) or
+                                         self.threads < 1):
+            raise ValueError(f"actors: threads must be null or an integer >= 1, got {self.threads!r}")
 
 
 @dataclass(frozen=True)

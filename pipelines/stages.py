@@ -134,14 +134,19 @@ class GenerateStage:
     carry an error pass through; a row the engine rejects (e.g. prompt longer than the context) or that fails
     (a prefill out of memory even alone) gets its own error without failing the others.
     `loader(model, device=, dtype=)` builds the model (injected by tests); `engine` holds ContinuousEngine's
-    scheduling knobs (max_batch, max_prefill_batch, max_prefill_tokens)."""
+    scheduling knobs (max_batch, max_prefill_batch, max_prefill_tokens); `threads`: torch CPU threads."""
 
     def __init__(self, model: str, sparsity: dict, max_new_tokens: int, device: str | None = None,
                  dtype: str | None = None, loader: Callable | None = None, extra_columns: tuple[str, ...] = (),
                  controller: bool = False, reporter: Callable[[dict], dict] | None = None,
-                 engine: dict | None = None):
+                 engine: dict | None = None, threads: int | None = None):
+        import torch
+
         from dynllava.batching import ContinuousEngine
         from dynllava.model import DynamicLlava
+
+        if threads:
+            torch.set_num_threads(threads)
 
         self.model = (loader or DynamicLlava.from_pretrained)(model, device=device, dtype=dtype)
         self._set_sparsity(sparsity)
