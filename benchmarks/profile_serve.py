@@ -31,6 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=30.0, help="seconds of load (default 30)")
     p.add_argument("--sample-s", type=float, default=15.0, help="seconds of sampling, mid-load (default 15)")
     p.add_argument("--top", type=int, default=12, help="functions to list per process (default 12)")
+    p.add_argument("--max-tokens", type=int, default=128, help="max_tokens per request (default 128)")
     p.add_argument("--output", default=None, help="also write the JSON result to this file")
     return p.parse_args(argv)
 
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
     from ray import serve
 
     args = parse_args(argv)
-    sargs = serve_args(["--rates", str(args.rate), "--duration", str(args.duration), "--arms", args.arm])
+    sargs = serve_args(["--rates", str(args.rate), "--duration", str(args.duration), "--arms", args.arm,
+                        "--max-tokens", str(args.max_tokens)])
     load = workload(sargs, args.rate)
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     port = free_port()
