@@ -167,8 +167,7 @@ class ContinuousEngine:
         self.model = model
         self.limits = SchedulerLimits(max_batch, max_prefill_batch, max_prefill_tokens, kv_budget_bytes,
                                       join_running)
-        self.max_batch, self.max_prefill_batch = max_batch, max_prefill_batch
-        self.kv_budget_bytes, self.max_waiting, self.join_running = kv_budget_bytes, max_waiting, join_running
+        self.kv_budget_bytes, self.max_waiting = kv_budget_bytes, max_waiting
         self.use_graphs = cuda_graphs and model.device.type == "cuda"
         self.isolate_failures = isolate_failures
         self.dims = model_dims(model)
@@ -330,7 +329,7 @@ class ContinuousEngine:
 
     def _admit(self) -> list[_Live]:
         """The waiting requests the scheduler admits this step (the head of the queue)."""
-        candidates = list(itertools.islice(self._waiting, self.max_prefill_batch))
+        candidates = list(itertools.islice(self._waiting, self.limits.max_prefill_batch))
         for live in candidates:
             self._follow_keep(live)
         plan = schedule([live.scheduled() for live in candidates], [live.scheduled() for live in self._running],

@@ -329,7 +329,6 @@ class StaticBatch:
         self.prepared = prepared
         self.sparsities = sparsities
         self.max_new_tokens = max_new_tokens
-        self.text_dense = _is_text_dense(sparsities)
         self.image_mask = (self.input_ids == model.image_token_id) & self.valid
         self.cache: SparseKVCache | None = None
         self.decoding: CachedDecoding | RecomputeDecoding | None = None
@@ -382,14 +381,6 @@ class StaticBatch:
     def step(self, tokens: list[int], rows: list[DecodingRow], active: list[bool]) -> torch.Tensor:
         """Feed each row's last token; returns next-token logits [B, V]."""
         return self.decoding.step(tokens, rows, active)
-
-    def step_flops(self, rows: list[DecodingRow], active: list[bool]) -> None:
-        """Add this step's analytic FLOPs (dense and as run) to each active row, before its counters move."""
-        row_step_flops(self.dims, rows, active, self.cfg.mode, not self.text_dense)
-
-    def kv_bytes(self, i: int) -> int:
-        """Bytes of K/V row i holds in the cache (0 in no_cache mode)."""
-        return self.decoding.kv_bytes(i)
 
 
 def new_row(prompt_len: int, sparsity: SparsityConfig, device: torch.device, max_new_tokens: int,
