@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.bench_serve import drive, free_port, percentile, request_body  # noqa: E402
 from benchmarks.plot import Panel, save_panels  # noqa: E402
 from benchmarks.provenance import commit, emit, hardware  # noqa: E402
-from cluster.sla import SLA, KeepSetting, OnlineTargets  # noqa: E402
+from cluster.sla import SLA, Bounds, KeepSetting, OnlineTargets  # noqa: E402
 
 ARMS = ("dense-default", "fixed-default", "controller")
 APP = "autoscale"
@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sla", default="configs/sla.yaml", help="SLA file: TTFT target, floor, preferred setting, "
                    "replica bounds, pacing (default configs/sla.yaml)")
     p.add_argument("--ttft-s", type=float, default=None, help="override the SLA's online.ttft_p95_s")
+    p.add_argument("--max-replicas", type=int, default=None, help="override the SLA's replicas.max (every arm's "
+                   "bound; e.g. the machine's cores on a CPU box, where more replicas only share them)")
     p.add_argument("--base-rate", type=float, default=3.5, help="arrivals per second outside the step (default 3.5: "
                    "4x that is over one dense 1-CPU replica of tiny and under one at the floor)")
     p.add_argument("--step-factor", type=float, default=4.0, help="the step's rate as a multiple (default 4)")
@@ -59,11 +61,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=24, help="max_tokens per request (default 24: short answers "
                    "and captions, so TTFT is mostly prefill and queueing)")
     p.add_argument("--max-batch", type=int, default=16, help="rows per replica batch (default 16)")
+    p.add_argument("--max-prefill-tokens", type=int, default=None, help="prompt tokens prefilled per engine step "
+                   "(default: ServeConfig's); with long prompts on a CPU, about one prompt keeps the queue visible "
+                   "to the controller and lets its orders reach the requests still waiting")
     p.add_argument("--replica-cpus", type=float, default=1, help="CPUs (torch threads) per replica (default 1)")
     p.add_argument("--num-gpus", type=float, default=0, help="GPUs per replica (default 0)")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when the replica has a GPU)")
     p.add_argument("--fixed-vision-keep", type=float, default=0.2, help="fixed-default arm's vision keep")
     p.add_argument("--fixed-text-keep", type=float, default=0.5, help="fixed-default arm's text keep")
+    p.add_argument("--vision-scorer", default="learned", help="every arm's vision scorer (default learned; a "
+                   "random-weight shape such as configs/models/tiny.yaml has no predictors: use stride)")
+    p.add_argument("--text-scorer", default="learned", help="every arm's text scorer (default learned; recent for "
+                   "a random-weight shape)")
     p.add_argument("--window-s", type=float, default=10.0, help="controller arm: replicas' telemetry window")
     p.add_argument("--report-period-s", type=float, default=1.0, help="controller arm: report and step period")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
@@ -127,8 +136,10 @@ def arm_deployment(name: str, args: argparse.Namespace, sla: SLA, n_requests: in
 
     keep = {"dense-default": sla.preferred, "controller": sla.preferred,
             "fixed-default": KeepSetting(args.fixed_vision_keep, args.fixed_text_keep)}[name]
-    config = ServeConfig(model=args.model, device=args.device, max_batch=args.max_batch,
-                         sparsity=SparsityConfig(vision_keep=keep.vision_keep, text_keep=keep.text_keep),
+    prefill = {} if args.max_prefill_tokens is None else {"max_prefill_tokens": args.max_prefill_tokens}
+    config = ServeConfig(model=args.model, device=args.device, max_batch=args.max_batch, **prefill,
+                         sparsity=SparsityConfig(vision_keep=keep.vision_keep, text_keep=keep.text_keep,
+                                                 vision_scorer=args.vision_scorer, text_scorer=args.text_scorer),
                          max_waiting=n_requests, threads=max(1, int(args.replica_cpus)),
                          controller=name == "controller", report_period_s=args.report_period_s,
                          telemetry_window_s=args.window_s)
@@ -141,6 +152,13 @@ def arm_deployment(name: str, args: argparse.Namespace, sla: SLA, n_requests: in
     options = {"ray_actor_options": {"num_cpus": args.replica_cpus, "num_gpus": args.num_gpus},
                "max_ongoing_requests": n_requests + args.max_batch + 8, "autoscaling_config": autoscaling}
     return config, options
+
+
+def config_prefill(args: argparse.Namespace) -> int | None:
+    """The replicas' max_prefill_tokens (the flag, else ServeConfig's default)."""
+    from cluster.serve_config import ServeConfig
+
+    return args.max_prefill_tokens if args.max_prefill_tokens is not None else ServeConfig.max_prefill_tokens
 
 
 def run_arm(name: str, args: argparse.Namespace, sla: SLA, base: str, load) -> dict:
@@ -156,7 +174,9 @@ def run_arm(name: str, args: argparse.Namespace, sla: SLA, base: str, load) -> d
     try:
         serve.run(build(config, options), name=APP, route_prefix="/")
         url = f"{base}/v1/chat/completions"
-        asyncio.run(drive(url, [(0.0, body) for _, body in load[:4]]))  # first-call costs off the clock
+        for _, body in load[:4]:  # first-call costs off the clock, one at a time: no queue the controller sees
+            asyncio.run(drive(url, [(0.0, body)]))
+        time.sleep(args.window_s + 2 * args.report_period_s)  # the replicas' telemetry window forgets the warm-up
         t0 = time.perf_counter()
         sampler = ReplicaSampler(t0)
         results, wall = asyncio.run(drive(url, load))
@@ -265,6 +285,8 @@ def main(argv: list[str] | None = None) -> dict:
     sla = SLA.from_yaml(args.sla)
     if args.ttft_s is not None:
         sla = replace(sla, online=OnlineTargets(ttft_p95_s=args.ttft_s))
+    if args.max_replicas is not None:
+        sla = replace(sla, replicas=Bounds(sla.replicas.min, args.max_replicas))
     target = sla.online.ttft_p95_s
     if target is None:
         raise SystemExit(f"{args.sla}: online.ttft_p95_s is null; this benchmark measures against a TTFT target")
@@ -295,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"bench": "autoscale", "model": args.model, "hardware": hardware("cuda" if args.num_gpus else "cpu"),
               "commit": commit(), "base_rate": args.base_rate, "step_factor": args.step_factor,
               "phases_s": args.phases, "requests": len(load), "max_tokens": args.max_tokens,
-              "max_batch": args.max_batch, "replica_cpus": args.replica_cpus, "ttft_target_s": target,
+              "max_batch": args.max_batch, "max_prefill_tokens": config_prefill(args), "replica_cpus": args.replica_cpus, "ttft_target_s": target,
               "sla": asdict(sla), "autoscaling": {n: r["autoscaling"] for n, r in raw.items()}, "arms": arms,
               "slo_attainment": {n: a["slo_attainment"] for n, a in arms.items()},
               "replica_seconds": {n: a["replica_seconds"] for n, a in arms.items()}, "plot": plot_path}

@@ -6,7 +6,10 @@ gets the same open-loop loads, one per rate of the sweep (--rates): Poisson arri
 --duration s (at most --max-requests), loopback HTTP only, streamed chat requests with a held-out synthetic
 scene and a caption, detailed-description or VQA prompt (mixed output lengths), greedy.
 Per arm and rate: throughput, TTFT, time per output token after the first (TPOT) and end-to-end latency
-percentiles, and goodput = requests per second that finished within --slo-s. Per rate:
+percentiles, and goodput = requests that finished within --slo-s per second of offered load (the arrival
+window, first to last arrival, as in DistServe: an arm that serves every request within the SLO has goodput =
+the offered rate; dividing by the wall clock instead would charge the drain, i.e. the last request's own
+latency, and make two arms that both serve everything differ by noise). Per rate:
 continuous_over_static = continuous goodput / static goodput (dense and sparse; target >= 1 at every rate and
 >= 1.5 at the highest) and sparse_over_dense = sparse goodput / dense goodput (continuous and static; target
 >= 1). Prints a table, then one JSON line.
@@ -130,7 +133,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-def summarise(results: list[dict], wall: float, slo_s: float) -> dict:
+def summarise(results: list[dict], wall: float, slo_s: float, window: float) -> dict:
+    """One arm at one rate; `wall` is first send to last answer, `window` the arrival window (s)."""
     ok = [r for r in results if r["ok"]]
     lat, ttft = [r["latency"] for r in ok], [r["ttft"] for r in ok]
     tpot = [r["tpot"] for r in ok if r.get("tpot") is not None]
@@ -145,7 +149,7 @@ def summarise(results: list[dict], wall: float, slo_s: float) -> dict:
             "latency_p95": round(percentile(lat, 95), 3), "latency_p99": round(percentile(lat, 99), 3),
             "mean_latency": round(statistics.fmean(lat), 3) if lat else None,
             "slo_attainment": round(good / len(results), 4) if results else 0.0,
-            "goodput_rps": round(good / wall, 3)}
+            "window_s": round(window, 2), "goodput_rps": round(good / window, 3)}
 
 
 def free_port() -> int:
@@ -178,7 +182,7 @@ def run_arm(name: str, args: argparse.Namespace, base: str, loads: dict[float, l
     out = {}
     for rate, load in loads.items():
         results, wall = asyncio.run(drive(url, load))
-        out[rate] = summarise(results, wall, args.slo_s)
+        out[rate] = summarise(results, wall, args.slo_s, window=load[-1][0])
         print(f"{name} @ {rate}/s: {out[rate]}", file=sys.stderr)
     serve.delete("bench")
     return out
