@@ -69,7 +69,7 @@ def open_image(url: str, field: str, limits: Limits, allow_remote: bool) -> Imag
     if fmt not in ("PNG", "JPEG", "WEBP"):
         raise ApiError(400, f"{field}: not a PNG, JPEG or WebP image", param=field)
     try:
-        return load_image(data, field, limits.max_image_pixels)
+        return load_image(data, field, limits.max_image_pixels, limits.max_image_aspect_ratio)
     except ValueError as e:
         raise ApiError(400, str(e), param=field) from None
 
@@ -77,9 +77,14 @@ def open_image(url: str, field: str, limits: Limits, allow_remote: bool) -> Imag
 def to_prompt(processor, messages: list[Message], limits: Limits, allow_remote: bool) -> tuple[str, list[Any]]:
     """(prompt text in the model's chat template, images in placeholder order)."""
     token = processor.image_token
+    chars = sum(len(p) if isinstance(p, str) else len(getattr(p, "text", "") or "") for m in messages
+                for p in ([m.content] if isinstance(m.content, str) else m.content or []))
+    if chars > limits.max_prompt_chars:
+        raise ApiError(400, f"messages: {chars} characters of text, over this server's limit of "
+                            f"{limits.max_prompt_chars} (max_prompt_chars)", param="messages")
     turns, images = [], []
     for m_index, message in enumerate(messages):
-        parts = [message.content] if isinstance(message.content, str) else message.content
+        parts = [message.content] if isinstance(message.content, str) else message.content or []
         pieces = []
         for p_index, part in enumerate(parts):
             field = f"messages.{m_index}.content" + ("" if isinstance(message.content, str) else f".{p_index}")

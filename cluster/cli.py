@@ -23,6 +23,14 @@ def _deployment_options(app: dict) -> dict:
     return {}
 
 
+def metrics_urls() -> list[str]:
+    """Every alive node's Ray metrics endpoint, where the replicas' dynllava_* series are exported."""
+    import ray
+
+    return [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics" for n in ray.nodes()
+            if n.get("Alive") and n.get("MetricsExportPort")]
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
@@ -43,8 +51,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     http.update({k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None})
     if args.address:
         ray.init(address=args.address)
-    else:
-        ray.init(address="local", include_dashboard=False)  # a new local cluster, as --help says
+    else:  # a new local cluster, as --help says, with Prometheus metrics on a known port
+        ray.init(address="local", include_dashboard=False, _metrics_export_port=args.metrics_port)
+    print("Prometheus metrics (ray_dynllava_* series, per node): " + ", ".join(metrics_urls()), flush=True)
     if config.controller:
         from cluster.controller import start_controller
 
@@ -53,7 +62,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name, prefix = app.get("name", "dynllava"), app.get("route_prefix", "/")
     serve.run(build(config, options), name=name, route_prefix=prefix, blocking=False)
     url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}{prefix.rstrip('/')}"
-    print(f"serving {config.model} as app {name!r} at {url}/v1/chat/completions ({config.batching} batching)")
+    print(f"serving {config.model} as app {name!r} at {url}/v1/chat/completions ({config.batching} batching)",
+          flush=True)
     if args.detach:
         return 0
     print("Ctrl-C stops the app")
@@ -125,6 +135,8 @@ def register(sub) -> None:
     s.add_argument("--replicas", type=int, default=None, help="fixed replica count (drops autoscaling_config)")
     s.add_argument("--host", default=None, help="HTTP host (default from the config: 127.0.0.1)")
     s.add_argument("--port", type=int, default=None, help="HTTP port (default from the config: 8000)")
+    s.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port of the local Ray "
+                   "started here (default 8080; with --address the cluster's own ports apply: both are printed)")
     s.add_argument("--detach", action="store_true",
                    help="return once deployed (with --address the app keeps running on the cluster)")
     s.add_argument("--sla", default=None, help=f"SLA YAML for the controller when the config has `controller: "

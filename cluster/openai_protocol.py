@@ -56,9 +56,17 @@ Part = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
 
 
 class Message(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[Part]]
+    role: Literal["system", "developer", "user", "assistant", "tool"]  # "tool" is refused with a clear 400
+    content: Union[str, list[Part], None] = None  # None only in an assistant turn (OpenAI sends it with tool calls)
     name: str | None = None
+    tool_calls: list[Any] | None = None  # accepted in the schema only to be refused by name
+    tool_call_id: str | None = None
+    refusal: str | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]  # only "text" is supported (else 400)
+    json_schema: dict[str, Any] | None = None
 
 
 class StreamOptions(_Strict):
@@ -86,12 +94,25 @@ class ChatCompletionRequest(_Strict):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # what a torch.Generator accepts
     stop: Union[str, list[str], None] = None
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> -100..100
+    logprobs: bool = False  # refused for now (400), listed so the error names it
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[Any] | None = None  # refused when non-empty
+    tool_choice: Any = None  # refused unless "none"
+    parallel_tool_calls: bool | None = None
+    functions: list[Any] | None = None  # the legacy form of tools: refused when non-empty
+    function_call: Any = None
+    ignore_eos: bool = False  # vLLM's extension: generate all max_tokens even past end-of-sequence
+    min_tokens: int = Field(default=0, ge=0)  # vLLM's extension: no end-of-sequence before this many tokens
     dynllava: DynllavaOptions | None = None
 
 
@@ -107,6 +128,25 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
         raise ApiError(400, f"{where or 'body'}: {first['msg']}", param=where or None) from None
     if request.n != 1:
         raise ApiError(400, "n: only n=1 is supported", param="n")
+    unsupported = {"tools": bool(request.tools), "functions": bool(request.functions),
+                   "tool_choice": request.tool_choice not in (None, "none"),
+                   "function_call": request.function_call not in (None, "none"),
+                   "logprobs": request.logprobs or bool(request.top_logprobs),
+                   "response_format": request.response_format is not None and request.response_format.type != "text"}
+    for name, used in unsupported.items():
+        if used:
+            raise ApiError(400, f"{name}: not supported by this server (see the README's list of supported "
+                                f"fields)", param=name)
+    for i, message in enumerate(request.messages):
+        if message.role == "tool" or message.tool_calls or message.tool_call_id:
+            raise ApiError(400, f"messages.{i}: tool messages and tool calls are not supported by this server",
+                           param=f"messages.{i}")
+        if message.content is None and message.role != "assistant":
+            raise ApiError(400, f"messages.{i}.content: required in a {message.role} message",
+                           param=f"messages.{i}.content")
+    for key in request.logit_bias or {}:
+        if not key.isdigit():
+            raise ApiError(400, f"logit_bias: keys must be token ids, got {key!r}", param="logit_bias")
     stops = [request.stop] if isinstance(request.stop, str) else (request.stop or [])
     if len(stops) > 4:
         raise ApiError(400, "stop: at most 4 sequences", param="stop")
@@ -135,12 +175,14 @@ def completion_body(cid: str, model: str, text: str, finish_reason: str, usage_:
 
 
 def chunk_body(cid: str, model: str, delta: dict, finish_reason: str | None = None,
-               usage_: dict | None = None, extension: dict | None = None, no_choices: bool = False) -> dict:
-    """One chat.completion.chunk (the usage chunk has no choices)."""
+               usage_: dict | None = None, extension: dict | None = None, no_choices: bool = False,
+               include_usage: bool = False) -> dict:
+    """One chat.completion.chunk (the usage chunk has no choices). include_usage: the client asked for usage,
+    so every chunk has a `usage` key, null until the last (as OpenAI sends it)."""
     body = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
             "choices": [] if no_choices else [{"index": 0, "delta": delta, "logprobs": None,
                                                "finish_reason": finish_reason}]}
-    if usage_ is not None:
+    if usage_ is not None or include_usage:
         body["usage"] = usage_
     if extension is not None:
         body["dynllava"] = extension

@@ -57,6 +57,11 @@ class Limits:
     max_images: int = 4  # images per request (all messages)
     max_image_bytes: int = 8 * 2**20  # one encoded image
     max_image_pixels: int = 16_000_000  # one decoded image (checked from its header)
+    max_image_aspect_ratio: float = 20.0  # long side / short side (checked from the header: the resize to the
+    #                                       vision tower's short side would otherwise blow up a 1 x 10000 image)
+    max_prompt_chars: int = 65_536  # characters of message text, all messages (checked before tokenizing)
+    max_stop_chars: int = 256  # characters of one stop string (at most 4 strings)
+    max_logit_bias: int = 300  # entries in a request's logit_bias
     max_tokens: int = 512  # largest max_tokens a request may ask for
     default_max_tokens: int = 128  # when the request gives none
     remote_image_timeout_s: float = 10.0  # fetching an http(s) image_url (when allowed)

@@ -58,7 +58,8 @@ class ServerMetrics:
         if stats.n_text_generated > 1:
             self.text_keep.observe(stats.n_text_admitted / (stats.n_text_generated - 1))
         self.kv_peak.observe(stats.kv_bytes_peak)
-        self.output_tokens.inc(stats.n_text_generated)
+        if stats.n_text_generated:  # Ray's counters refuse an increment of 0
+            self.output_tokens.inc(stats.n_text_generated)
 
     def sample(self, counters: EngineCounters) -> None:
         self.running.set(counters.running)

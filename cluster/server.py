@@ -20,8 +20,10 @@ from typing import Any, AsyncIterator
 
 import torch
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from starlette.exceptions import HTTPException
 
 from cluster import openai_protocol as proto
 from cluster.chat_inputs import to_prompt
@@ -33,7 +35,7 @@ from cluster.serve_handle import DEPLOYMENT_NAME
 from cluster.serve_metrics import ServerMetrics
 from dynllava.batching import ContinuousEngine, EngineRequest, QueueFull, StreamEvent
 from dynllava.config import SparsityConfig
-from dynllava.engine import GenerationOutput
+from dynllava.engine import GenerationOutput, LogitRules
 from dynllava.inputs import normalise_pixels
 from dynllava.model import DynamicLlava
 from dynllava.streaming import TextStream
@@ -53,6 +55,26 @@ class GenerationFailed(RuntimeError):
 
 def _error_response(error: ApiError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
+
+
+def _internal(e: BaseException) -> ApiError:
+    """Anything unexpected: a 500 in OpenAI's shape (the details go to the log, not to the client)."""
+    if isinstance(e, GenerationFailed):
+        return ApiError(500, f"generation failed: {e}")
+    return ApiError(500, f"internal error ({type(e).__name__}); the server log has the details")
+
+
+@app.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """Unknown routes and methods answer in OpenAI's error shape, as every other error does."""
+    message = {404: f"no route {request.method} {request.url.path}",
+               405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
+    return _error_response(ApiError(exc.status_code, str(message)))
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return _error_response(ApiError(400, f"invalid request: {exc.errors()[:1]}"))
 
 
 @serve.deployment(name=DEPLOYMENT_NAME)
@@ -106,8 +128,21 @@ class LlavaServer:
             self._authorize(request)
         except ApiError as e:
             return _error_response(e)
-        return JSONResponse({"object": "list", "data": [{"id": self.served_name, "object": "model", "created": 0,
-                                                          "owned_by": "dynllava"}]})
+        return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str, request: Request) -> Response:
+        try:
+            self._authorize(request)
+            if model_id != self.served_name:
+                raise ApiError(404, f"model {model_id!r} is not served here (this server has {self.served_name!r})",
+                               param="model", code="model_not_found")
+        except ApiError as e:
+            return _error_response(e)
+        return JSONResponse(self._model_card())
+
+    def _model_card(self) -> dict[str, Any]:
+        return {"id": self.served_name, "object": "model", "created": 0, "owned_by": "dynllava"}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
@@ -128,6 +163,10 @@ class LlavaServer:
         except ApiError as e:
             self.metrics.outcome("busy" if e.status in (429, 503) else "rejected")
             return _error_response(e)
+        except Exception as e:  # MemoryError, a bug: this request fails, in OpenAI's shape, counted
+            log.exception("request failed before reaching the engine")
+            self.metrics.outcome("error")
+            return _error_response(_internal(e))
         prompt_tokens = engine_request.prepared.lengths[0]
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
@@ -287,6 +326,20 @@ class LlavaServer:
                            param="dynllava") from None
         return sparsity, "vision_keep" not in asked and "text_keep" not in asked
 
+    def _logit_rules(self, chat: proto.ChatCompletionRequest, max_tokens: int) -> LogitRules:
+        """The request's penalties, logit bias and min_tokens, checked against the model (400 naming the field)."""
+        bias = chat.logit_bias or {}
+        if len(bias) > self.config.limits.max_logit_bias:
+            raise ApiError(400, f"logit_bias has {len(bias)} entries, over this server's limit of "
+                                f"{self.config.limits.max_logit_bias} (max_logit_bias)", param="logit_bias")
+        rules = LogitRules(chat.frequency_penalty, chat.presence_penalty,
+                           tuple((int(k), float(v)) for k, v in bias.items()), chat.min_tokens)
+        try:
+            rules.check(self.model.config.text_config.vocab_size, max_tokens)
+        except ValueError as e:
+            raise ApiError(400, str(e), param=str(e).split(" ")[0].rstrip(":")) from None
+        return rules
+
     def _engine_request(self, chat: proto.ChatCompletionRequest) -> EngineRequest:
         """Validate limits, decode images and tokenize (on a worker thread)."""
         limits = self.config.limits
@@ -295,6 +348,11 @@ class LlavaServer:
             field = "max_completion_tokens" if chat.max_completion_tokens else "max_tokens"
             raise ApiError(400, f"{field} {max_tokens} is over this server's limit of {limits.max_tokens}",
                            param=field)
+        for i, stop in enumerate(proto.stop_list(chat)):
+            if len(stop) > limits.max_stop_chars:
+                raise ApiError(400, f"stop[{i}] has {len(stop)} characters, over this server's limit of "
+                                    f"{limits.max_stop_chars} (max_stop_chars)", param="stop")
+        rules = self._logit_rules(chat, max_tokens)
         sparsity, follows = self._sparsity(chat)
         prompt, images = to_prompt(self.model.processor, chat.messages, limits, self.config.allow_remote_images)
         try:
@@ -304,7 +362,8 @@ class LlavaServer:
                            param="messages") from None
         return EngineRequest(prepared, sparsity, max_tokens, temperature=chat.temperature, top_p=chat.top_p,
                              seed=chat.seed, stop=proto.stop_list(chat), follows_engine=follows,
-                             ignore_eos=bool(chat.dynllava and chat.dynllava.ignore_eos))
+                             ignore_eos=chat.ignore_eos or bool(chat.dynllava and chat.dynllava.ignore_eos),
+                             rules=rules)
 
     async def _submit(self, engine_request: EngineRequest) -> int:
         if self.config.batching == "static":
@@ -331,10 +390,12 @@ class LlavaServer:
             async with contextlib.aclosing(self._follow(ticket, events)) as outputs:
                 out = [item async for item in outputs][-1]
             finished = True
-        except GenerationFailed as e:
+        except Exception as e:
             finished = True
+            if not isinstance(e, GenerationFailed):
+                log.exception("request %d failed", ticket)
             self.metrics.outcome("error")
-            return _error_response(ApiError(500, f"generation failed: {e}"))
+            return _error_response(_internal(e))
         finally:
             if not finished:  # the client went away (Serve cancelled this coroutine)
                 self.metrics.outcome("cancelled")
@@ -347,22 +408,25 @@ class LlavaServer:
                       include_usage: bool) -> AsyncIterator[str]:
         cid, name, finished = proto.completion_id(), self.served_name, False
         try:
-            yield _sse(proto.chunk_body(cid, name, {"role": "assistant", "content": ""}))
+            yield _sse(proto.chunk_body(cid, name, {"role": "assistant", "content": ""}, include_usage=include_usage))
             async with contextlib.aclosing(self._follow(ticket, events, text)) as items:
                 async for item in items:
                     if isinstance(item, str):
-                        yield _sse(proto.chunk_body(cid, name, {"content": item}))
+                        yield _sse(proto.chunk_body(cid, name, {"content": item}, include_usage=include_usage))
                         continue
                     finished = True
                     self.metrics.outcome("ok")
-                    yield _sse(proto.chunk_body(cid, name, {}, item.finish_reason, extension=self._extension(item)))
+                    yield _sse(proto.chunk_body(cid, name, {}, item.finish_reason, extension=self._extension(item),
+                                                include_usage=include_usage))
                     if include_usage:
                         yield _sse(proto.chunk_body(cid, name, {}, usage_=proto.usage(
                             prompt_tokens, item.stats.n_text_generated), no_choices=True))
-        except GenerationFailed as e:
+        except Exception as e:
             finished = True
+            if not isinstance(e, GenerationFailed):
+                log.exception("stream of request %d failed", ticket)
             self.metrics.outcome("error")
-            yield _sse(ApiError(500, f"generation failed: {e}").body())
+            yield _sse(_internal(e).body())
         finally:
             if not finished:  # disconnected mid-stream
                 self.metrics.outcome("cancelled")

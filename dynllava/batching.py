@@ -35,8 +35,8 @@ import torch
 from dynllava import ops
 from dynllava.config import SparsityConfig
 from dynllava.engine import (CACHE_BLOCK_TOKENS, GRAPH_CACHE_BLOCK_TOKENS, DecodingRow, GenerationOutput,
-                             StaticBatch, check_generation_args, check_stop, decoding_bytes, finish_row, model_dims,
-                             new_row, per_row, row_step_flops, sample_next)
+                             LogitRules, StaticBatch, check_generation_args, check_seed, check_stop, decoding_bytes,
+                             finish_row, model_dims, new_row, per_row, row_step_flops, sample_next)
 from dynllava.inputs import PreparedBatch, concat_prepared, split_prepared
 from dynllava.scheduler import KVLayout, Scheduled, SchedulerLimits, schedule
 from dynllava.scorers import RATE_SLACK_TOKENS
@@ -62,6 +62,7 @@ class EngineRequest:
     seed: int | None = None
     stop: Sequence[str] = ()
     ignore_eos: bool = False
+    rules: LogitRules = field(default_factory=LogitRules)  # penalties, logit bias, min_tokens (checked by the caller)
     on_event: Callable[["StreamEvent"], None] | None = None  # called on the engine thread: keep it cheap
     stream: bool = True  # False: on_event gets only the final event
     arrived_at: float | None = None  # time.perf_counter() when the request arrived (TTFT's start; default: submit)
@@ -113,7 +114,8 @@ class _Live:
     prefill_s: float = 0.0
     first_token_at: float = 0.0
     reserve: tuple[int, int] = (0, 0)  # worst-case slots in the dense and sparse layer groups
-    solo: bool = False  # prefill alone: a batched prefill with this request ran out of device memory
+    solo: bool = False  # prefill alone: a batched prefill with this request failed (out of memory or an error)
+    error: str | None = None  # this row failed after its prefill (sampling, stop check): it leaves with this error
 
     def scheduled(self) -> Scheduled:
         s = self.request.sparsity
@@ -349,31 +351,32 @@ class ContinuousEngine:
             live.request, live.reserve = request, reserve
 
     def _prefill(self, group: list[_Live]) -> None:
-        """Prefill the joining requests (one pass per vision scorer), emit their first tokens, merge their caches."""
+        """Prefill the joining requests (one pass per vision scorer), emit their first tokens, merge their caches.
+        A pass that fails (out of memory or any error) is retried with each request alone, first in the queue,
+        so only a request that fails by itself fails."""
         by_scorer: dict[str, list[_Live]] = {}
         for live in group:
             by_scorer.setdefault(live.request.sparsity.vision_scorer, []).append(live)
         for members in by_scorer.values():
             try:
                 self._prefill_group(members)
-            except torch.OutOfMemoryError as e:
+            except Exception as e:  # a bad request must not take the engine or its batch-mates down
                 if not self.isolate_failures:
                     raise
-                self._free_device_memory()
-                if len(members) > 1:  # retry each alone, first in the queue: the rows that fit still run
-                    log.warning("prefill of %d requests ran out of memory; retrying each alone", len(members))
+                oom = isinstance(e, torch.OutOfMemoryError)
+                if oom:
+                    self._free_device_memory()
+                if len(members) > 1:
+                    log.warning("prefill of %d requests failed (%s); retrying each alone", len(members),
+                                type(e).__name__)
                     for live in reversed(members):
                         live.solo = True
                         self._waiting.appendleft(live)
                     continue
-                for live in members:
-                    self._fail(live, f"{type(e).__name__}: {e}")
-            except Exception as e:  # a bad batch must not take the engine down: fail just these requests
-                if not self.isolate_failures:
-                    raise
-                log.exception("prefill failed for %d request(s)", len(members))
-                for live in members:
-                    self._fail(live, f"prefill failed: {type(e).__name__}: {e}")
+                if not oom:
+                    log.exception("prefill failed for request %d", members[0].ticket)
+                message = f"{type(e).__name__}: {e}" if oom else f"prefill failed: {type(e).__name__}: {e}"
+                self._fail(members[0], message)
 
     @staticmethod
     def _free_device_memory() -> None:
@@ -388,19 +391,18 @@ class ContinuousEngine:
         for live in members:
             r = live.request
             live.row = new_row(r.prepared.lengths[0], r.sparsity, model.device, r.max_new_tokens, r.temperature,
-                               r.top_p, r.seed, r.stop, r.ignore_eos)
+                               r.top_p, r.seed, r.stop, r.ignore_eos, r.rules, model.eos_token_ids)
         rows = [live.row for live in members]
         batch = StaticBatch(model, prepared, sparsities, max(r.max_new_tokens for r in rows),
                             cuda_graphs=self.use_graphs)
         logits = batch.prefill()
         batch.record_prefill(rows)
-        tokens = sample_next(logits, rows)
+        failed: dict[int, str] = {}
+        tokens = sample_next(logits, rows, failed if self.isolate_failures else None)
         now = time.perf_counter()
-        for live, tok in zip(members, tokens):
+        for i, (live, tok) in enumerate(zip(members, tokens)):
             live.prefill_s, live.first_token_at = now - started, now
-            live.row.tokens.append(tok)
-            live.row.finished_at = now
-            check_stop(model, live.row)
+            self._take_token(live, tok, now, failed.get(i))
         # merge every new row (finished ones leave right after, through the same path as all others)
         if self._decoding is None:
             self._decoding = batch.decoding
@@ -418,8 +420,9 @@ class ContinuousEngine:
             logits = self._decoding.step(self._tokens, rows, active)
             for row in rows:
                 row.n_fed += 1
-            new = sample_next(logits, rows)
-        except Exception as e:  # fail the running requests, keep serving
+            failed: dict[int, str] = {}
+            new = sample_next(logits, rows, failed if self.isolate_failures else None)
+        except Exception as e:  # the shared step failed: fail the running requests, keep serving
             if not self.isolate_failures:
                 raise
             if isinstance(e, torch.OutOfMemoryError):
@@ -430,19 +433,37 @@ class ContinuousEngine:
             self._running, self._tokens, self._decoding = [], [], None
             return
         now = time.perf_counter()
-        for i, (row, tok) in enumerate(zip(rows, new)):
-            row.tokens.append(tok)
-            row.finished_at = now
+        for i, (live, tok) in enumerate(zip(self._running, new)):
             self._tokens[i] = tok
-            check_stop(self.model, row)
+            self._take_token(live, tok, now, failed.get(i))
         self._emit_and_retire()
+
+    def _take_token(self, live: _Live, token: int, now: float, error: str | None) -> None:
+        """Append a row's new token and check whether it finished; a row whose sampling or stop check failed
+        is marked to leave with its error (its batch-mates go on)."""
+        row = live.row
+        row.finished_at = now
+        if error is not None:
+            live.error, row.finish_reason = error, "error"
+            return
+        row.tokens.append(token)
+        try:
+            check_stop(self.model, row)
+        except Exception as e:
+            if not self.isolate_failures:
+                raise
+            log.exception("stop check failed for request %d", live.ticket)
+            live.error, row.finish_reason = f"stop check failed: {type(e).__name__}: {e}", "error"
 
     def _emit_and_retire(self) -> None:
         """Stream every running row's new text; finished rows get their final event and leave the batch."""
         done = []
         for i, live in enumerate(self._running):
             row = live.row
-            if row.finish_reason is not None:
+            if live.error is not None:
+                self._fail(live, live.error)
+                done.append(i)
+            elif row.finish_reason is not None:
                 output = finish_row(self.model, self.dims, row, self._decoding.kv_bytes(i), live.prefill_s,
                                     live.first_token_at - live.submitted_at, live.first_token_at)
                 self._send(live, output)
@@ -518,6 +539,8 @@ def generate(model, images: Sequence[Any], prompts: Sequence[str],
     for s in sparsities:
         model.check_scorers(s)
     seeds = per_row(seed, n, "seed")
+    for i, sd in enumerate(seeds):
+        check_seed(sd, f"seed[{i}]" if isinstance(seed, (list, tuple)) else "seed")
     prepared = split_prepared(model.prepare(images, prompts, max_new_tokens))
     width = max_batch or n
     engine = ContinuousEngine(model, max_batch=width, max_prefill_batch=width, max_waiting=n,

@@ -54,6 +54,48 @@ class GenerationOutput:
     sparsity: SparsityConfig
 
 
+@dataclass(frozen=True)
+class LogitRules:
+    """A request's changes to its next-token logits before the token is chosen (OpenAI's frequency and presence
+    penalties and logit_bias, vLLM's min_tokens). Each depends only on the row's own answer, so a row chooses
+    the same tokens alone or in any batch."""
+
+    frequency_penalty: float = 0.0  # subtracted from a token's logit once per time it occurs in the answer so far
+    presence_penalty: float = 0.0  # subtracted once from the logit of every token the answer contains
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, value added to its logit), -100..100
+    min_tokens: int = 0  # end-of-sequence cannot be chosen before the answer has this many tokens
+
+    @property
+    def active(self) -> bool:
+        return bool(self.frequency_penalty or self.presence_penalty or self.logit_bias or self.min_tokens)
+
+    def check(self, vocab_size: int, max_new_tokens: int) -> None:
+        """ValueError naming the first field out of range (checked before any work is queued)."""
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        for token, bias in self.logit_bias:
+            if not 0 <= token < vocab_size:
+                raise ValueError(f"logit_bias: token id {token} is not in this model's vocabulary "
+                                 f"(0..{vocab_size - 1})")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias: the bias of token {token} must be in [-100, 100], got {bias!r}")
+        if not 0 <= self.min_tokens <= max_new_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens={max_new_tokens}], got {self.min_tokens!r}")
+
+    def apply(self, logits: torch.Tensor, answer: list[int], eos_ids: Sequence[int]) -> torch.Tensor:
+        """[V] logits of one row -> adjusted copy, given the row's answer so far."""
+        out = logits.clone()
+        if answer and (self.frequency_penalty or self.presence_penalty):
+            ids, counts = torch.tensor(answer, device=out.device).unique(return_counts=True)
+            out[ids] -= (self.frequency_penalty * counts + self.presence_penalty).to(out.dtype)
+        for token, bias in self.logit_bias:
+            out[token] += bias
+        if len(answer) < self.min_tokens and eos_ids:
+            out[list(eos_ids)] = -float("inf")
+        return out
+
+
 @dataclass
 class DecodingRow:
     """Mutable per-request decoding state: everything a request needs to be decoded in any batch."""
@@ -66,6 +108,8 @@ class DecodingRow:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    rules: LogitRules = field(default_factory=LogitRules)  # penalties, logit bias, min_tokens
+    eos_ids: tuple[int, ...] = ()  # the model's end-of-sequence ids (what min_tokens holds back)
     tokens: list[int] = field(default_factory=list)
     n_fed: int = 0  # generated tokens fed back through decoding (all but the last one sampled)
     finish_reason: str | None = None
@@ -85,6 +129,18 @@ class DecodingRow:
         """Generated tokens whose K/V entered layers >= K."""
         rate = self.sparsity.text_keep
         return self.n_fed if rate is not None and rate >= 1.0 else self.admission.n_admitted
+
+
+SAMPLING_EPS = 1e-5  # temperatures below this decode greedily (as vLLM): dividing by ~0 would overflow the logits
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+
+
+def check_seed(seed: int | None, name: str = "seed") -> None:
+    """ValueError unless `seed` is None or an integer a generator accepts (checked before any work is queued)."""
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ValueError(f"{name} must be an integer in [-2**63, 2**64 - 1], got {seed!r}")
 
 
 def check_generation_args(model, max_new_tokens: int, temperature: float, top_p: float) -> None:
@@ -109,22 +165,36 @@ def per_row(value, n: int, name: str) -> list:
     return [value] * n
 
 
-def sample_next(logits: torch.Tensor, rows: list[DecodingRow]) -> list[int]:
-    """Next token per row [B, V] -> B ids: greedy when the row's temperature is 0, else temperature + nucleus
-    sampling with the row's own generator (so a row samples the same tokens alone or in any batch)."""
+def sample_next(logits: torch.Tensor, rows: list[DecodingRow], failed: dict[int, str] | None = None) -> list[int]:
+    """Next token per row [B, V] -> B ids: the row's LogitRules first (when it has any), then greedy when its
+    temperature is below SAMPLING_EPS, else temperature + nucleus sampling with the row's own generator (so a
+    row chooses the same tokens alone or in any batch). With `failed`, a row whose choice raises is recorded
+    there (row index -> message, its id is -1) and the other rows are chosen as usual; without it the error
+    propagates."""
     greedy = logits.argmax(-1).tolist()
     out = []
     for i, row in enumerate(rows):
-        if row.temperature == 0.0:
-            out.append(greedy[i])
-            continue
-        probs = (logits[i] / row.temperature).softmax(-1)
-        if row.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            drop = sorted_p.cumsum(-1) - sorted_p > row.top_p
-            probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-        out.append(int(torch.multinomial(probs, 1, generator=row.generator)))
+        try:
+            if row.rules.active:
+                adjusted = row.rules.apply(logits[i], row.tokens, row.eos_ids)
+                out.append(int(adjusted.argmax()) if row.temperature < SAMPLING_EPS else _sample_row(adjusted, row))
+            else:
+                out.append(greedy[i] if row.temperature < SAMPLING_EPS else _sample_row(logits[i], row))
+        except Exception as e:
+            if failed is None:
+                raise
+            failed[i] = f"sampling failed: {type(e).__name__}: {e}"
+            out.append(-1)
     return out
+
+
+def _sample_row(logits: torch.Tensor, row: DecodingRow) -> int:
+    probs = (logits / row.temperature).softmax(-1)
+    if row.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > row.top_p
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    return int(torch.multinomial(probs, 1, generator=row.generator))
 
 
 def model_dims(model) -> costs.ModelDims:
@@ -385,14 +455,15 @@ class StaticBatch:
 
 def new_row(prompt_len: int, sparsity: SparsityConfig, device: torch.device, max_new_tokens: int,
             temperature: float, top_p: float, seed: int | None, stop: Sequence[str] | None,
-            ignore_eos: bool) -> DecodingRow:
+            ignore_eos: bool, rules: LogitRules = LogitRules(), eos_ids: Sequence[int] = ()) -> DecodingRow:
     """A request's decoding state; its sampler is seeded (or from OS entropy) only when it samples."""
     generator = None
-    if temperature > 0:  # a row's own generator, never torch's global RNG
+    if temperature >= SAMPLING_EPS:  # a row's own generator, never torch's global RNG
         generator = torch.Generator(device=device)
         generator.seed() if seed is None else generator.manual_seed(seed)
     return DecodingRow(prompt_len, sparsity, generator, max_new_tokens=max_new_tokens, temperature=temperature,
-                       top_p=top_p, stop=[s for s in (stop or []) if s], ignore_eos=ignore_eos)
+                       top_p=top_p, stop=[s for s in (stop or []) if s], ignore_eos=ignore_eos, rules=rules,
+                       eos_ids=tuple(sorted(eos_ids)))
 
 
 def check_stop(model, row: DecodingRow) -> None:

@@ -43,9 +43,11 @@ def image_token_count(processor, height: int, width: int) -> int:
     return n - 1 if processor.vision_feature_select_strategy == "default" else n
 
 
-def load_image(image: ImageInput, field: str, max_pixels: int | None = None) -> Image.Image:
+def load_image(image: ImageInput, field: str, max_pixels: int | None = None,
+               max_aspect_ratio: float | None = None) -> Image.Image:
     """Open an image given as PIL image, path or encoded bytes; ValueError naming `field` if unreadable, or if
-    it has more than `max_pixels` pixels (checked from the header, before the pixels are decoded)."""
+    it has more than `max_pixels` pixels or a long side over `max_aspect_ratio` times its short side (both
+    checked from the header, before the pixels are decoded)."""
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     try:
@@ -58,6 +60,9 @@ def load_image(image: ImageInput, field: str, max_pixels: int | None = None) -> 
         if max_pixels is not None and img.width * img.height > max_pixels:
             raise ValueError(f"{field} is {img.width}x{img.height} = {img.width * img.height} pixels, over the "
                              f"limit of {max_pixels} (max_image_pixels)")
+        if max_aspect_ratio is not None and max(img.size) > max_aspect_ratio * max(1, min(img.size)):
+            raise ValueError(f"{field} is {img.width}x{img.height}, over the aspect-ratio limit of "
+                             f"{max_aspect_ratio:g}:1 (max_image_aspect_ratio)")
         img.load()  # decode now: truncated files fail here, not later
         return img.convert("RGB")
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError, SyntaxError) as e:

@@ -30,6 +30,17 @@ def _answers(base: str, process: subprocess.Popen, timeout_s: float = 240) -> di
     return reply.json()
 
 
+def _wait_for_metric(url: str, name: str, timeout_s: float = 60) -> None:
+    """Poll a Prometheus endpoint until a sample of `name` appears (Ray exports every few seconds)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        reply = request("GET", url)
+        if reply.status == 200 and any(line.startswith(name) for line in reply.body.decode().splitlines()):
+            return
+        assert time.monotonic() < deadline, f"no {name} at {url}"
+        time.sleep(2)
+
+
 def _stop(process: subprocess.Popen) -> None:
     process.send_signal(signal.SIGINT)
     try:
@@ -85,8 +96,9 @@ def test_the_yaml_starts_a_working_endpoint(how, tmp_path):
         config["applications"][0]["args"].update(batching="static", max_batch=4, batch_wait_s=0.5)
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
-    command = [str(BIN / "dynllava"), "serve", "--config", str(path)] if how == "dynllava serve" else \
-        [str(BIN / "serve"), "run", str(path)]
+    metrics_port = free_port()
+    command = [str(BIN / "dynllava"), "serve", "--config", str(path), "--metrics-port", str(metrics_port)] \
+        if how == "dynllava serve" else [str(BIN / "serve"), "run", str(path)]
     ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # its own Ray temp dir: nothing left in /tmp/ray
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": ray_tmp}
     log = tmp_path / "server.log"
@@ -97,5 +109,8 @@ def test_the_yaml_starts_a_working_endpoint(how, tmp_path):
             assert body["model"] == "tiny" and body["dynllava"]["applied"]["vision_keep"] == 0.2, log.read_text()
             if how == "serve run":
                 _static_batches_run_to_completion(f"http://127.0.0.1:{port}")
+            else:  # the printed metrics port serves the request just answered
+                assert f":{metrics_port}/metrics" in log.read_text()
+                _wait_for_metric(f"http://127.0.0.1:{metrics_port}/metrics", "ray_dynllava_requests_total")
         finally:
             _stop(process)

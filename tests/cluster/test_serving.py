@@ -175,6 +175,17 @@ BAD_REQUESTS = {
     "image too large": _msg(data_url(_png((400, 400), noise=True))),
     "too many images": {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": data_url(_png((16, 16)))}}] * 3 + [{"type": "text", "text": "?"}]}]},
+    "stop string over max_stop_chars": {**HELLO, "stop": "x" * 1_000_000},
+    "text over max_prompt_chars": {"messages": [{"role": "user", "content": "a" * 70_000}], "max_tokens": 4},
+    "1 x 10000 image (aspect ratio)": _msg(data_url(_png((1, 10_000)))),
+    "seed beyond 2**64": {**HELLO, "seed": 2**70},
+    "tools": {**HELLO, "tools": [{"type": "function", "function": {"name": "f"}}]},
+    "logprobs": {**HELLO, "logprobs": True, "top_logprobs": 2},
+    "json mode": {**HELLO, "response_format": {"type": "json_object"}},
+    "a tool message": {"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"},
+                                    {"role": "user", "content": "hi"}]},
+    "logit_bias token outside the vocabulary": {**HELLO, "logit_bias": {"99999999": 5}},
+    "min_tokens over max_tokens": {**HELLO, "min_tokens": 5},
     "image in an assistant turn": {"messages": [
         {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": data_url(_png((16, 16)))}}]},
         {"role": "user", "content": "hi"}]},
@@ -187,6 +198,52 @@ def test_bad_requests_get_400_in_openai_shape(serve_urls, case):
     assert response.status == 400, response.body
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["message"]
+
+
+def test_fields_openai_clients_send_are_accepted(serve_urls, client):
+    """What the official client and load generators send: penalties at 0 and not, logit_bias, user, vLLM's
+    ignore_eos and min_tokens, response_format text, tool_choice none, an assistant turn with content null, and
+    the text part before the image part (OpenAI's own docs' order; an answer of zero tokens used to be a 500)."""
+    url = f"{serve_urls['open']}/v1/chat/completions"
+    png = data_url(_png((24, 24)))
+    body = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None},
+                         {"role": "user", "content": [{"type": "text", "text": "what is this?"},
+                                                      {"type": "image_url", "image_url": {"url": png}}]}],
+            "max_tokens": 6, "frequency_penalty": 0, "presence_penalty": 0.5, "logit_bias": {"13": 2.0},
+            "user": "u1", "ignore_eos": True, "min_tokens": 2, "response_format": {"type": "text"},
+            "tool_choice": "none", "seed": 3, "temperature": 1e-300}
+    reply = _post(url, body)
+    assert reply.status == 200, reply.body
+    assert reply.json()["usage"]["completion_tokens"] == 6, "ignore_eos runs to max_tokens"
+    first_text = {"messages": [{"role": "user", "content": [{"type": "text", "text": "describe"},
+                                                            {"type": "image_url", "image_url": {"url": png}}]}],
+                  "max_tokens": 4}
+    assert _post(url, first_text).status == 200
+    chunks = client.chat.completions.create(model="tiny", messages=HELLO["messages"], max_tokens=3, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(chunks)
+    assert all(c.usage is None for c in chunks[:-1]) and chunks[-1].usage.completion_tokens >= 1
+
+
+def test_limit_errors_name_the_field_and_the_limit(serve_urls):
+    url = f"{serve_urls['open']}/v1/chat/completions"
+    stop = _post(url, BAD_REQUESTS["stop string over max_stop_chars"]).json()["error"]
+    assert stop["param"] == "stop" and "max_stop_chars" in stop["message"]
+    aspect = _post(url, BAD_REQUESTS["1 x 10000 image (aspect ratio)"]).json()["error"]
+    assert "max_image_aspect_ratio" in aspect["message"] and aspect["param"].endswith("image_url")
+    assert _post(url, BAD_REQUESTS["text over max_prompt_chars"]).json()["error"]["param"] == "messages"
+
+
+def test_every_route_answers_in_openai_shape(serve_urls):
+    """Unknown routes and methods, and GET /v1/models/{id} (client.models.retrieve), answer like OpenAI's API."""
+    base = serve_urls["open"]
+    for method, path, status in (("GET", "/v1/nothing", 404), ("GET", "/v1/chat/completions", 405),
+                                 ("GET", "/v1/models/gpt-9", 404)):
+        response = request(method, base + path, None)
+        assert response.status == status and response.json()["error"]["message"], (method, path, response.body)
+    name = request("GET", base + "/v1/models", None).json()["data"][0]["id"]
+    card = request("GET", f"{base}/v1/models/{name}", None)
+    assert card.status == 200 and card.json()["id"] == name and card.json()["object"] == "model"
 
 
 def test_other_statuses_and_the_replica_survives(serve_urls):

@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from dynllava.batching import ContinuousEngine, EngineRequest, QueueFull, reserved_slots
 from dynllava.config import SparsityConfig
@@ -213,3 +214,105 @@ def test_queued_requests_that_follow_the_engine_take_its_new_keep_setting(tiny_m
     assert _final(chosen_events).output.sparsity.vision_keep == 1.0
     alone = _alone(tiny_model, image, prompt, EngineRequest(following.prepared, ran.sparsity, 4))
     assert ran.token_ids == alone.token_ids and ran.stats.n_image_kept == alone.stats.n_image_kept < 16
+
+
+@pytest.mark.parametrize("phase", ["prefill", "sampling", "stop_check"])
+def test_a_row_that_fails_fails_alone_and_its_batch_mates_are_untouched(tiny_model, monkeypatch, phase):
+    """One request of a prefill group fails on purpose in one phase (its prefill raises; its sampler raises; its
+    stop check raises). It gets an error event; the 4 requests prefilled and decoded with it finish with exactly
+    the tokens they give alone, and the engine keeps serving."""
+    import dynllava.batching as batching
+    import dynllava.engine as engine_module
+
+    made = [_request(tiny_model, i, SPARSE if i % 2 else DENSE, max_new=6, temperature=0.9, seed=7 + i,
+                     stop=("zzz-poison",) if i == 2 else ()) for i in range(5)]
+    poison = made[2][0]
+    if phase == "prefill":  # any pass whose batch holds the poisoned prompt raises
+        real_prefill = engine_module.StaticBatch.prefill
+
+        def prefill(self):
+            rows = self.prepared.input_ids
+            if any(torch.equal(r[: len(p)], p) for r in rows for p in poison.prepared.input_ids):
+                raise RuntimeError("poisoned prompt")
+            return real_prefill(self)
+        monkeypatch.setattr(engine_module.StaticBatch, "prefill", prefill)
+    elif phase == "sampling":
+        real_sample = engine_module._sample_row
+
+        def sample_row(logits, row):
+            if row.stop == ["zzz-poison"]:
+                raise RuntimeError("poisoned sampler")
+            return real_sample(logits, row)
+        monkeypatch.setattr(engine_module, "_sample_row", sample_row)
+    else:
+        real_check = batching.check_stop
+
+        def check_stop(model, row):
+            if row.stop == ["zzz-poison"] and len(row.tokens) == 3:
+                raise RuntimeError("poisoned stop check")
+            return real_check(model, row)
+        monkeypatch.setattr(batching, "check_stop", check_stop)
+    engine = ContinuousEngine(tiny_model, max_batch=8, max_prefill_batch=5)
+    for req, _ in made:
+        engine.submit(req)
+    engine.run_until_idle()
+    monkeypatch.undo()
+    for i, (req, (image, prompt, events)) in enumerate(made):
+        final = _final(events)
+        if i == 2:
+            assert final.error is not None and "poisoned" in final.error
+            continue
+        assert final.error is None, final.error
+        assert final.output.token_ids == _alone(tiny_model, image, prompt, req).token_ids
+    assert engine.counters.failed == 1
+    again, (image, prompt, events) = _request(tiny_model, 0, max_new=3)
+    engine.submit(again)
+    engine.run_until_idle()
+    assert _final(events).output.token_ids == _alone(tiny_model, image, prompt, again).token_ids
+
+
+def _run(model, requests) -> list:
+    engine = ContinuousEngine(model, max_batch=8, max_prefill_batch=8)
+    for req, _ in requests:
+        engine.submit(req)
+    engine.run_until_idle()
+    return [_final(events).output for _, (_, _, events) in requests]
+
+
+def test_logit_rules_act_and_a_row_chooses_the_same_tokens_alone_and_batched(tiny_model):
+    """Penalties, logit_bias and min_tokens change what a row chooses (greedy and sampled), and depend only on
+    the row's own answer: each row gives the same tokens alone as in a batch with rows under other rules."""
+    from dynllava.engine import LogitRules
+
+    eos = sorted(tiny_model.eos_token_ids)[0]
+    rules = [LogitRules(), LogitRules(frequency_penalty=2.0), LogitRules(presence_penalty=-2.0),
+             LogitRules(logit_bias=((7, 100.0),)), LogitRules(logit_bias=((eos, 100.0),), min_tokens=3)]
+
+    def made(i, temperature):
+        req, extra = _request(tiny_model, i, max_new=6, temperature=temperature, seed=5 + i, rules=rules[i])
+        req.ignore_eos = i != 4  # the EOS-biased row must be free to stop
+        return req, extra
+
+    for temperature in (0.0, 0.8):
+        batched = _run(tiny_model, [made(i, temperature) for i in range(5)])
+        alone = [_run(tiny_model, [made(i, temperature)])[0] for i in range(5)]
+        assert [o.token_ids for o in batched] == [o.token_ids for o in alone]
+        assert batched[3].token_ids == [7] * 6, "a +100 bias decides"
+        assert len(batched[4].token_ids) == 3 and batched[4].finish_reason == "stop", "EOS held back to min_tokens"
+        repeats = lambda ids: len(ids) - len(set(ids))  # noqa: E731
+        for i, sign in ((1, -1), (2, 1)):  # the frequency penalty repeats less, a negative presence penalty more
+            unruled, extra = made(i, temperature)
+            unruled.rules = LogitRules()
+            plain = _run(tiny_model, [(unruled, extra)])[0].token_ids
+            assert sign * (repeats(batched[i].token_ids) - repeats(plain)) >= 0, (i, batched[i].token_ids, plain)
+
+
+def test_logit_rules_are_checked_before_queueing():
+    from dynllava.engine import LogitRules
+
+    with pytest.raises(ValueError, match="frequency_penalty"):
+        LogitRules(frequency_penalty=3.0).check(100, 8)
+    with pytest.raises(ValueError, match="vocabulary"):
+        LogitRules(logit_bias=((100, 1.0),)).check(100, 8)
+    with pytest.raises(ValueError, match="min_tokens"):
+        LogitRules(min_tokens=9).check(100, 8)
