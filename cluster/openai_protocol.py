@@ -103,7 +103,7 @@ class ChatCompletionRequest(_Strict):
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> -100..100
-    logprobs: bool = False  # refused for now (400), listed so the error names it
+    logprobs: bool = False  # each answer token's log-probability (the model's raw distribution)
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     tools: list[Any] | None = None  # refused when non-empty
@@ -131,7 +131,6 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
     unsupported = {"tools": bool(request.tools), "functions": bool(request.functions),
                    "tool_choice": request.tool_choice not in (None, "none"),
                    "function_call": request.function_call not in (None, "none"),
-                   "logprobs": request.logprobs or bool(request.top_logprobs),
                    "response_format": request.response_format is not None and request.response_format.type != "text"}
     for name, used in unsupported.items():
         if used:
@@ -144,6 +143,8 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
         if message.content is None and message.role != "assistant":
             raise ApiError(400, f"messages.{i}.content: required in a {message.role} message",
                            param=f"messages.{i}.content")
+    if request.top_logprobs and not request.logprobs:
+        raise ApiError(400, "top_logprobs: requires logprobs: true", param="top_logprobs")
     for key in request.logit_bias or {}:
         if not key.isdigit():
             raise ApiError(400, f"logit_bias: keys must be token ids, got {key!r}", param="logit_bias")
@@ -166,21 +167,31 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_body(cid: str, model: str, text: str, finish_reason: str, usage_: dict, extension: dict) -> dict:
+def logprobs_body(entries: list[tuple[str, float, list[tuple[str, float]]]]) -> dict:
+    """OpenAI's `logprobs` of a choice from (token text, logprob, [(alternative text, logprob)]) per token."""
+    def one(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {"content": [{**one(t, lp), "top_logprobs": [one(a, alp) for a, alp in top]} for t, lp, top in entries],
+            "refusal": None}
+
+
+def completion_body(cid: str, model: str, text: str, finish_reason: str, usage_: dict, extension: dict,
+                    logprobs: dict | None = None) -> dict:
     """A non-streamed chat.completion."""
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                          "finish_reason": finish_reason}],
             "usage": usage_, "dynllava": extension}
 
 
 def chunk_body(cid: str, model: str, delta: dict, finish_reason: str | None = None,
                usage_: dict | None = None, extension: dict | None = None, no_choices: bool = False,
-               include_usage: bool = False) -> dict:
+               include_usage: bool = False, logprobs: dict | None = None) -> dict:
     """One chat.completion.chunk (the usage chunk has no choices). include_usage: the client asked for usage,
     so every chunk has a `usage` key, null until the last (as OpenAI sends it)."""
     body = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [] if no_choices else [{"index": 0, "delta": delta, "logprobs": None,
+            "choices": [] if no_choices else [{"index": 0, "delta": delta, "logprobs": logprobs,
                                                "finish_reason": finish_reason}]}
     if usage_ is not None or include_usage:
         body["usage"] = usage_

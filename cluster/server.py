@@ -35,7 +35,7 @@ from cluster.serve_handle import DEPLOYMENT_NAME
 from cluster.serve_metrics import ServerMetrics
 from dynllava.batching import ContinuousEngine, EngineRequest, QueueFull, StreamEvent
 from dynllava.config import SparsityConfig
-from dynllava.engine import GenerationOutput, LogitRules
+from dynllava.engine import GenerationOutput, LogitRules, TokenLogprob
 from dynllava.inputs import normalise_pixels
 from dynllava.model import DynamicLlava
 from dynllava.streaming import TextStream
@@ -171,7 +171,8 @@ class LlavaServer:
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
             text = TextStream(self.model.processor.tokenizer, engine_request.stop)
-            return StreamingResponse(self._stream(ticket, events, text, prompt_tokens, include_usage),
+            return StreamingResponse(self._stream(ticket, events, text, prompt_tokens, include_usage,
+                                                  chat.logprobs),
                                      media_type="text/event-stream")
         return await self._complete(ticket, events, prompt_tokens)
 
@@ -232,10 +233,11 @@ class LlavaServer:
         return events
 
     async def _follow(self, ticket: int, events: "asyncio.Queue[StreamEvent]",
-                      text: TextStream | None = None) -> AsyncIterator[str | GenerationOutput]:
-        """The one consumer of a request's engine events. Streaming (`text` given): yields text deltas, at most
-        one per stream_interval_s after the first (events that arrive meanwhile are coalesced, so a fast
-        engine does not send one HTTP chunk per token through the proxy). Then yields the GenerationOutput.
+                      text: TextStream | None = None) -> AsyncIterator[tuple[str, list] | GenerationOutput]:
+        """The one consumer of a request's engine events. Streaming (`text` given): yields (text delta, the new
+        tokens' TokenLogprobs if asked for), at most one per stream_interval_s after the first (events that
+        arrive meanwhile are coalesced, so a fast engine does not send one HTTP chunk per token through the
+        proxy). Then yields the GenerationOutput.
         Raises GenerationFailed on the engine's error. If the consumer stops first (the client went away),
         the request is cancelled and its slot freed."""
         done, last_sent = False, -float("inf")
@@ -255,9 +257,10 @@ class LlavaServer:
                 if text is not None:
                     delta = text.push([t for e in batch for t in e.token_ids])
                     delta += text.finish(final.output.text) if final is not None else ""
-                    if delta:
+                    logprobs = [lp for e in batch for lp in e.logprobs]
+                    if delta or logprobs:
                         last_sent = time.perf_counter()
-                        yield delta
+                        yield delta, logprobs
                 if final is not None:
                     self.metrics.finished(final.output.stats)
                     yield final.output
@@ -363,7 +366,7 @@ class LlavaServer:
         return EngineRequest(prepared, sparsity, max_tokens, temperature=chat.temperature, top_p=chat.top_p,
                              seed=chat.seed, stop=proto.stop_list(chat), follows_engine=follows,
                              ignore_eos=chat.ignore_eos or bool(chat.dynllava and chat.dynllava.ignore_eos),
-                             rules=rules)
+                             rules=rules, logprobs=(chat.top_logprobs or 0) if chat.logprobs else None)
 
     async def _submit(self, engine_request: EngineRequest) -> int:
         if self.config.batching == "static":
@@ -402,17 +405,26 @@ class LlavaServer:
         self.metrics.outcome("ok")
         return JSONResponse(proto.completion_body(
             proto.completion_id(), self.served_name, out.text, out.finish_reason,
-            proto.usage(prompt_tokens, out.stats.n_text_generated), self._extension(out)))
+            proto.usage(prompt_tokens, out.stats.n_text_generated), self._extension(out),
+            self._logprobs(out.logprobs) if out.logprobs is not None else None))
+
+    def _logprobs(self, entries: list[TokenLogprob]) -> dict:
+        """OpenAI's logprobs body for engine TokenLogprobs (each token id as its text)."""
+        decode = self.model.processor.tokenizer.decode
+        return proto.logprobs_body([(decode([e.token_id]), e.logprob, [(decode([t]), lp) for t, lp in e.top])
+                                    for e in entries])
 
     async def _stream(self, ticket: int, events: asyncio.Queue, text: TextStream, prompt_tokens: int,
-                      include_usage: bool) -> AsyncIterator[str]:
+                      include_usage: bool, logprobs: bool = False) -> AsyncIterator[str]:
         cid, name, finished = proto.completion_id(), self.served_name, False
         try:
             yield _sse(proto.chunk_body(cid, name, {"role": "assistant", "content": ""}, include_usage=include_usage))
             async with contextlib.aclosing(self._follow(ticket, events, text)) as items:
                 async for item in items:
-                    if isinstance(item, str):
-                        yield _sse(proto.chunk_body(cid, name, {"content": item}, include_usage=include_usage))
+                    if isinstance(item, tuple):
+                        delta, entries = item
+                        yield _sse(proto.chunk_body(cid, name, {"content": delta}, include_usage=include_usage,
+                                                    logprobs=self._logprobs(entries) if logprobs else None))
                         continue
                     finished = True
                     self.metrics.outcome("ok")

@@ -35,8 +35,8 @@ import torch
 from dynllava import ops
 from dynllava.config import SparsityConfig
 from dynllava.engine import (CACHE_BLOCK_TOKENS, GRAPH_CACHE_BLOCK_TOKENS, DecodingRow, GenerationOutput,
-                             LogitRules, StaticBatch, check_generation_args, check_seed, check_stop, decoding_bytes,
-                             finish_row, model_dims, new_row, per_row, row_step_flops, sample_next)
+                             LogitRules, StaticBatch, TokenLogprob, check_generation_args, check_seed, check_stop,
+                             decoding_bytes, finish_row, model_dims, new_row, per_row, row_step_flops, sample_next)
 from dynllava.inputs import PreparedBatch, concat_prepared, split_prepared
 from dynllava.scheduler import KVLayout, Scheduled, SchedulerLimits, schedule
 from dynllava.scorers import RATE_SLACK_TOKENS
@@ -63,6 +63,7 @@ class EngineRequest:
     stop: Sequence[str] = ()
     ignore_eos: bool = False
     rules: LogitRules = field(default_factory=LogitRules)  # penalties, logit bias, min_tokens (checked by the caller)
+    logprobs: int | None = None  # None: none; k >= 0: each token's logprob and its k most likely alternatives
     on_event: Callable[["StreamEvent"], None] | None = None  # called on the engine thread: keep it cheap
     stream: bool = True  # False: on_event gets only the final event
     arrived_at: float | None = None  # time.perf_counter() when the request arrived (TTFT's start; default: submit)
@@ -77,6 +78,7 @@ class StreamEvent:
     off the engine thread."""
 
     token_ids: list[int]  # new token ids (the EOS is never among them)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per new token id, when the request asked
     output: GenerationOutput | None = None
     error: str | None = None
 
@@ -391,7 +393,7 @@ class ContinuousEngine:
         for live in members:
             r = live.request
             live.row = new_row(r.prepared.lengths[0], r.sparsity, model.device, r.max_new_tokens, r.temperature,
-                               r.top_p, r.seed, r.stop, r.ignore_eos, r.rules, model.eos_token_ids)
+                               r.top_p, r.seed, r.stop, r.ignore_eos, r.rules, model.eos_token_ids, r.logprobs)
         rows = [live.row for live in members]
         batch = StaticBatch(model, prepared, sparsities, max(r.max_new_tokens for r in rows),
                             cuda_graphs=self.use_graphs)
@@ -481,8 +483,9 @@ class ContinuousEngine:
         new_tokens = live.row.tokens[live.sent_tokens:]
         if not new_tokens and output is None:
             return
-        live.sent_tokens = len(live.row.tokens)
-        self._deliver(live, StreamEvent(new_tokens, output=output))
+        sent, live.sent_tokens = live.sent_tokens, len(live.row.tokens)
+        logprobs = live.row.token_logprobs[sent: live.sent_tokens]
+        self._deliver(live, StreamEvent(new_tokens, logprobs, output=output))
 
     def _deliver(self, live: _Live, event: StreamEvent) -> None:
         if live.request.on_event is None:

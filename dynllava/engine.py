@@ -43,6 +43,17 @@ class RequestStats:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The model's log-probability of a chosen token, and of the most likely alternatives at that step. They
+    are the raw model distribution (log-softmax of the logits, before penalties, bias and temperature), as
+    vLLM reports by default."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first; as many as were asked
+
+
 @dataclass
 class GenerationOutput:
     """One request's result. finish_reason: "stop" (EOS or a stop string) or "length"."""
@@ -52,6 +63,7 @@ class GenerationOutput:
     finish_reason: str
     stats: RequestStats
     sparsity: SparsityConfig
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for them
 
 
 @dataclass(frozen=True)
@@ -110,7 +122,9 @@ class DecodingRow:
     ignore_eos: bool = False
     rules: LogitRules = field(default_factory=LogitRules)  # penalties, logit bias, min_tokens
     eos_ids: tuple[int, ...] = ()  # the model's end-of-sequence ids (what min_tokens holds back)
+    logprobs: int | None = None  # None: no logprobs; k: each token's logprob and the k most likely alternatives
     tokens: list[int] = field(default_factory=list)
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when logprobs is set
     n_fed: int = 0  # generated tokens fed back through decoding (all but the last one sampled)
     finish_reason: str | None = None
     admission: AdmissionState = field(default_factory=AdmissionState)
@@ -180,12 +194,22 @@ def sample_next(logits: torch.Tensor, rows: list[DecodingRow], failed: dict[int,
                 out.append(int(adjusted.argmax()) if row.temperature < SAMPLING_EPS else _sample_row(adjusted, row))
             else:
                 out.append(greedy[i] if row.temperature < SAMPLING_EPS else _sample_row(logits[i], row))
+            if row.logprobs is not None:
+                row.token_logprobs.append(token_logprob(logits[i], out[-1], row.logprobs))
         except Exception as e:
             if failed is None:
                 raise
             failed[i] = f"sampling failed: {type(e).__name__}: {e}"
             out.append(-1)
     return out
+
+
+def token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    """[V] logits -> the chosen token's log-probability and the k most likely tokens' (raw distribution)."""
+    lp = logits.float().log_softmax(-1)
+    top = lp.topk(k) if k else None
+    return TokenLogprob(token, float(lp[token]),
+                        tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ())
 
 
 def _sample_row(logits: torch.Tensor, row: DecodingRow) -> int:
@@ -455,7 +479,8 @@ class StaticBatch:
 
 def new_row(prompt_len: int, sparsity: SparsityConfig, device: torch.device, max_new_tokens: int,
             temperature: float, top_p: float, seed: int | None, stop: Sequence[str] | None,
-            ignore_eos: bool, rules: LogitRules = LogitRules(), eos_ids: Sequence[int] = ()) -> DecodingRow:
+            ignore_eos: bool, rules: LogitRules = LogitRules(), eos_ids: Sequence[int] = (),
+            logprobs: int | None = None) -> DecodingRow:
     """A request's decoding state; its sampler is seeded (or from OS entropy) only when it samples."""
     generator = None
     if temperature >= SAMPLING_EPS:  # a row's own generator, never torch's global RNG
@@ -463,7 +488,7 @@ def new_row(prompt_len: int, sparsity: SparsityConfig, device: torch.device, max
         generator.seed() if seed is None else generator.manual_seed(seed)
     return DecodingRow(prompt_len, sparsity, generator, max_new_tokens=max_new_tokens, temperature=temperature,
                        top_p=top_p, stop=[s for s in (stop or []) if s], ignore_eos=ignore_eos, rules=rules,
-                       eos_ids=tuple(sorted(eos_ids)))
+                       eos_ids=tuple(sorted(eos_ids)), logprobs=logprobs)
 
 
 def check_stop(model, row: DecodingRow) -> None:
@@ -471,6 +496,7 @@ def check_stop(model, row: DecodingRow) -> None:
     token = row.tokens[-1]
     if token in model.eos_token_ids and not row.ignore_eos:
         row.tokens.pop()
+        del row.token_logprobs[len(row.tokens):]  # the EOS is not part of the answer, nor its logprob
         row.finish_reason = "stop"
     elif row.stop:
         tail = model.processor.tokenizer.decode(row.tokens[-(4 * max(map(len, row.stop)) + 4):],
@@ -507,7 +533,7 @@ def finish_row(model, dims: costs.ModelDims, row: DecodingRow, kv_bytes: int, pr
         flops_sparse=row.prefill_flops[1] + row.flops_sparse,
     )
     return GenerationOutput(final_text(model, row), list(row.tokens), row.finish_reason or "length", stats,
-                            row.sparsity)
+                            row.sparsity, list(row.token_logprobs) if row.logprobs is not None else None)
 
 
 @torch.inference_mode()

@@ -180,7 +180,8 @@ BAD_REQUESTS = {
     "1 x 10000 image (aspect ratio)": _msg(data_url(_png((1, 10_000)))),
     "seed beyond 2**64": {**HELLO, "seed": 2**70},
     "tools": {**HELLO, "tools": [{"type": "function", "function": {"name": "f"}}]},
-    "logprobs": {**HELLO, "logprobs": True, "top_logprobs": 2},
+    "top_logprobs without logprobs": {**HELLO, "top_logprobs": 2},
+    "top_logprobs over 20": {**HELLO, "logprobs": True, "top_logprobs": 21},
     "json mode": {**HELLO, "response_format": {"type": "json_object"}},
     "a tool message": {"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"},
                                     {"role": "user", "content": "hi"}]},
@@ -223,6 +224,23 @@ def test_fields_openai_clients_send_are_accepted(serve_urls, client):
                                             stream_options={"include_usage": True})
     chunks = list(chunks)
     assert all(c.usage is None for c in chunks[:-1]) and chunks[-1].usage.completion_tokens >= 1
+
+
+def test_logprobs_plain_and_streamed_agree_and_follow_the_tokens(client):
+    """logprobs / top_logprobs: one entry per answer token with its k best alternatives (greedy picks the
+    first); streamed chunks carry the same entries as the plain answer."""
+    ask = dict(model="tiny", messages=HELLO["messages"], max_tokens=5, temperature=0, logprobs=True, top_logprobs=2,
+               extra_body={"ignore_eos": True})
+    plain = client.chat.completions.create(**ask)
+    entries = plain.choices[0].logprobs.content
+    assert len(entries) == plain.usage.completion_tokens == 5
+    for e in entries:
+        assert len(e.top_logprobs) == 2 and e.top_logprobs[0].token == e.token and e.logprob <= 0
+        assert e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob and e.bytes == list(e.token.encode())
+    streamed = [entry for chunk in client.chat.completions.create(**ask, stream=True)
+                for choice in chunk.choices if choice.logprobs for entry in choice.logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in entries]
+    assert "".join(e.token for e in entries).strip() == plain.choices[0].message.content.strip()
 
 
 def test_limit_errors_name_the_field_and_the_limit(serve_urls):

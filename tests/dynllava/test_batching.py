@@ -316,3 +316,30 @@ def test_logit_rules_are_checked_before_queueing():
         LogitRules(logit_bias=((100, 1.0),)).check(100, 8)
     with pytest.raises(ValueError, match="min_tokens"):
         LogitRules(min_tokens=9).check(100, 8)
+
+
+def test_logprobs_follow_the_tokens_and_are_the_same_alone_and_batched(tiny_model):
+    """A row that asks for logprobs gets one entry per answer token (the EOS's dropped with it): the chosen
+    token's log-probability under the raw model distribution, and its k best alternatives, most likely first.
+    Greedy picks the top alternative; the figures are the same alone and in a batch (to float tolerance)."""
+    import math
+
+    def made(i, logprobs):
+        return _request(tiny_model, i, max_new=5, logprobs=logprobs)
+
+    batched = _run(tiny_model, [made(i, 3 if i % 2 else None) for i in range(4)])
+    for i, out in enumerate(batched):
+        if i % 2 == 0:
+            assert out.logprobs is None
+            continue
+        alone = _run(tiny_model, [made(i, 3)])[0]
+        assert out.token_ids == alone.token_ids and len(out.logprobs) == len(out.token_ids)
+        for entry, single, token in zip(out.logprobs, alone.logprobs, out.token_ids):
+            assert entry.token_id == token and len(entry.top) == 3 and entry.top[0][0] == token
+            assert entry.logprob <= 0 and [lp for _, lp in entry.top] == sorted((lp for _, lp in entry.top),
+                                                                                 reverse=True)
+            assert math.isclose(entry.logprob, single.logprob, abs_tol=1e-4)
+    stopping, extra = _request(tiny_model, 1, max_new=40, logprobs=0)
+    stopping.ignore_eos = False
+    out = _run(tiny_model, [(stopping, extra)])[0]
+    assert len(out.logprobs) == len(out.token_ids) and all(e.top == () for e in out.logprobs)
