@@ -107,6 +107,18 @@ MUTATIONS = (
     Mutation("no_cache rows keep the prompt's pruning off", "dynllava/engine.py",
              "            keep[:, :t] = res.keep\n", "            keep[:, :t] = self.valid\n",
              ("tests/dynllava/test_exactness.py",)),
+    Mutation("a failed prefill pass fails every request in it", "dynllava/batching.py",
+             "                if len(members) > 1:\n                    log.warning(",
+             "                if False:\n                    log.warning(", ("tests/dynllava/test_batching.py",)),
+    Mutation("a row whose sampling fails takes the step down", "dynllava/engine.py",
+             "            if failed is None:\n                raise", "            raise",
+             ("tests/dynllava/test_batching.py",)),
+    Mutation("the frequency penalty rewards repeats", "dynllava/engine.py",
+             "out[ids] -= (self.frequency_penalty * counts", "out[ids] += (self.frequency_penalty * counts",
+             ("tests/dynllava/test_batching.py",)),
+    Mutation("the EOS's logprob stays when the EOS is dropped", "dynllava/engine.py",
+             "        del row.token_logprobs[len(row.tokens):]", "        pass",
+             ("tests/dynllava/test_batching.py",)),
 )
 
 

@@ -240,7 +240,7 @@ def test_a_row_that_fails_fails_alone_and_its_batch_mates_are_untouched(tiny_mod
         real_sample = engine_module._sample_row
 
         def sample_row(logits, row):
-            if row.stop == ["zzz-poison"]:
+            if row.stop == ["zzz-poison"] and len(row.tokens) == 2:  # in a shared decoding step, not the prefill
                 raise RuntimeError("poisoned sampler")
             return real_sample(logits, row)
         monkeypatch.setattr(engine_module, "_sample_row", sample_row)
@@ -339,7 +339,12 @@ def test_logprobs_follow_the_tokens_and_are_the_same_alone_and_batched(tiny_mode
             assert entry.logprob <= 0 and [lp for _, lp in entry.top] == sorted((lp for _, lp in entry.top),
                                                                                  reverse=True)
             assert math.isclose(entry.logprob, single.logprob, abs_tol=1e-4)
-    stopping, extra = _request(tiny_model, 1, max_new=40, logprobs=0)
+    from dynllava.engine import LogitRules
+
+    eos = sorted(tiny_model.eos_token_ids)[0]
+    stopping, extra = _request(tiny_model, 1, max_new=8, logprobs=0,
+                               rules=LogitRules(logit_bias=((eos, 100.0),), min_tokens=3))
     stopping.ignore_eos = False
     out = _run(tiny_model, [(stopping, extra)])[0]
-    assert len(out.logprobs) == len(out.token_ids) and all(e.top == () for e in out.logprobs)
+    assert out.finish_reason == "stop" and len(out.token_ids) == 3, "the EOS came 4th and was dropped"
+    assert len(out.logprobs) == 3 and all(e.top == () for e in out.logprobs)
