@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.bench_serve import drive, free_port, percentile, request_body  # noqa: E402
 from benchmarks.plot import Panel, save_panels  # noqa: E402
 from benchmarks.provenance import commit, emit, hardware  # noqa: E402
+from cluster.serve_config import ServeConfig  # noqa: E402
 from cluster.sla import SLA, Bounds, KeepSetting, OnlineTargets  # noqa: E402
 
 ARMS = ("dense-default", "fixed-default", "controller")
@@ -61,8 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=24, help="max_tokens per request (default 24: short answers "
                    "and captions, so TTFT is mostly prefill and queueing)")
     p.add_argument("--max-batch", type=int, default=16, help="rows per replica batch (default 16)")
-    p.add_argument("--max-prefill-tokens", type=int, default=None, help="prompt tokens prefilled per engine step "
-                   "(default: ServeConfig's); with long prompts on a CPU, about one prompt keeps the queue visible "
+    p.add_argument("--max-prefill-tokens", type=int, default=ServeConfig.max_prefill_tokens,
+                   help=f"prompt tokens prefilled per engine step (default {ServeConfig.max_prefill_tokens}, "
+                   "ServeConfig's); with long prompts on a CPU, about one prompt keeps the queue visible "
                    "to the controller and lets its orders reach the requests still waiting")
     p.add_argument("--replica-cpus", type=float, default=1, help="CPUs (torch threads) per replica (default 1)")
     p.add_argument("--num-gpus", type=float, default=0, help="GPUs per replica (default 0)")
@@ -131,13 +133,12 @@ class ReplicaSampler:
 
 def arm_deployment(name: str, args: argparse.Namespace, sla: SLA, n_requests: int):
     """(ServeConfig, Serve deployment options) for an arm."""
-    from cluster.serve_config import ServeConfig
     from dynllava.config import SparsityConfig
 
     keep = {"dense-default": sla.preferred, "controller": sla.preferred,
             "fixed-default": KeepSetting(args.fixed_vision_keep, args.fixed_text_keep)}[name]
-    prefill = {} if args.max_prefill_tokens is None else {"max_prefill_tokens": args.max_prefill_tokens}
-    config = ServeConfig(model=args.model, device=args.device, max_batch=args.max_batch, **prefill,
+    config = ServeConfig(model=args.model, device=args.device, max_batch=args.max_batch,
+                         max_prefill_tokens=args.max_prefill_tokens,
                          sparsity=SparsityConfig(vision_keep=keep.vision_keep, text_keep=keep.text_keep,
                                                  vision_scorer=args.vision_scorer, text_scorer=args.text_scorer),
                          max_waiting=n_requests, threads=max(1, int(args.replica_cpus)),
@@ -152,13 +153,6 @@ def arm_deployment(name: str, args: argparse.Namespace, sla: SLA, n_requests: in
     options = {"ray_actor_options": {"num_cpus": args.replica_cpus, "num_gpus": args.num_gpus},
                "max_ongoing_requests": n_requests + args.max_batch + 8, "autoscaling_config": autoscaling}
     return config, options
-
-
-def config_prefill(args: argparse.Namespace) -> int | None:
-    """The replicas' max_prefill_tokens (the flag, else ServeConfig's default)."""
-    from cluster.serve_config import ServeConfig
-
-    return args.max_prefill_tokens if args.max_prefill_tokens is not None else ServeConfig.max_prefill_tokens
 
 
 def run_arm(name: str, args: argparse.Namespace, sla: SLA, base: str, load) -> dict:
@@ -317,7 +311,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"bench": "autoscale", "model": args.model, "hardware": hardware("cuda" if args.num_gpus else "cpu"),
               "commit": commit(), "base_rate": args.base_rate, "step_factor": args.step_factor,
               "phases_s": args.phases, "requests": len(load), "max_tokens": args.max_tokens,
-              "max_batch": args.max_batch, "max_prefill_tokens": config_prefill(args), "replica_cpus": args.replica_cpus, "ttft_target_s": target,
+              "max_batch": args.max_batch, "max_prefill_tokens": args.max_prefill_tokens,
+              "replica_cpus": args.replica_cpus, "ttft_target_s": target,
               "sla": asdict(sla), "autoscaling": {n: r["autoscaling"] for n, r in raw.items()}, "arms": arms,
               "slo_attainment": {n: a["slo_attainment"] for n, a in arms.items()},
               "replica_seconds": {n: a["replica_seconds"] for n, a in arms.items()}, "plot": plot_path}
