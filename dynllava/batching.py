@@ -365,6 +365,10 @@ class ContinuousEngine:
             except Exception as e:  # a bad request must not take the engine or its batch-mates down
                 if not self.isolate_failures:
                     raise
+                members = [m for m in members if not any(m is r for r in self._running)]  # merged rows go on
+                if not members:
+                    log.exception("after the prefill merged its rows")
+                    continue
                 oom = isinstance(e, torch.OutOfMemoryError)
                 if oom:
                     self._free_device_memory()
