@@ -208,35 +208,59 @@ def test_unusable_inputs_fail_fast_with_one_message(ray_local, tmp_path, job_con
     assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()
 
 
-def hold_until_the_controller_decides(model, device=None, dtype=None, timeout_s: float = 120.0):
-    """Loads the model; every row after the first waits before it joins the engine until the controller has made
-    a decision (or timeout_s), so a job cannot finish before the controller's first period, however fast the
-    machine."""
-    import ray
+def test_the_sparsity_timeline_buckets_rows_by_time_and_the_summary_shows_a_move():
+    from pipelines.caption import RunSummary, sparsity_timeline
 
-    from cluster.controller import find_controller
-    from dynllava.model import DynamicLlava
+    dense, floor = json.dumps({"vision_keep": 1.0, "text_keep": None}), json.dumps({"vision_keep": 0.25,
+                                                                                   "text_keep": 0.5})
+    timeline = sparsity_timeline([100.0, 100.5, 101.0, 109.0, 110.0], [dense, dense, floor, floor, floor], buckets=2)
+    assert timeline == [{"from_s": 0.0, "rows": 3, "vision_keep": 0.75, "text_keep": 0.833},
+                        {"from_s": 5.0, "rows": 2, "vision_keep": 0.25, "text_keep": 0.5}]
+    summary = RunSummary(rows=5, errors=0, total_rows=5, wall_s=10.0, rows_per_s=0.5, output_tokens_per_s=1.0,
+                         image_keep=0.55, text_keep=0.7, kv_bytes_saved=0.1, error_examples=[],
+                         sparsity_over_time=timeline)
+    assert summary.table().endswith("sparsity over time       +0s 0.75/0.83  +5s 0.25/0.50")
 
-    real = DynamicLlava.from_pretrained(model, device=device, dtype=dtype)
-    prepare, state = real.prepare, {"calls": 0, "decided": False}
 
-    def prepare_after_a_decision(*args, **kwargs):
-        state["calls"] += 1
-        deadline = time.monotonic() + timeout_s
-        while state["calls"] > 1 and not state["decided"] and time.monotonic() < deadline:
+def hold_until_the_actor_runs_at(vision_keep: float):
+    """A loader: loads the model; every row after the first waits before it joins the engine until the actor
+    has applied the controller's order and reported `vision_keep` back (or 120 s). The first row waits with its
+    batch, so no row is admitted before the order: however fast the machine or the controller, every row runs
+    at that keep."""
+
+    def load(model, device=None, dtype=None):
+        import ray
+
+        from cluster.controller import find_controller
+        from dynllava.model import DynamicLlava
+
+        real = DynamicLlava.from_pretrained(model, device=device, dtype=dtype)
+        prepare, state = real.prepare, {"calls": 0, "applied": False}
+
+        def applied() -> bool:
             controller = find_controller()
-            state["decided"] = controller is not None and bool(ray.get(controller.status.remote())["decisions"])
-            time.sleep(0 if state["decided"] else 0.2)
-        return prepare(*args, **kwargs)
+            actors = ray.get(controller.status.remote())["actors"] if controller is not None else {}
+            return any(a["snapshot"]["sparsity"]["vision_keep"] == vision_keep for a in actors.values())
 
-    real.prepare = prepare_after_a_decision
-    return real
+        def prepare_after_the_order(*args, **kwargs):
+            state["calls"] += 1
+            deadline = time.monotonic() + 120.0
+            while state["calls"] > 1 and not state["applied"] and time.monotonic() < deadline:
+                state["applied"] = applied()
+                time.sleep(0 if state["applied"] else 0.2)
+            return prepare(*args, **kwargs)
+
+        real.prepare = prepare_after_the_order
+        return real
+
+    return load
 
 
 def test_a_job_under_a_memory_ceiling_starts_the_controller_and_runs_sparser(ray_local, tmp_path, job_config):
     """controller: true with no controller running: the job starts one with its SLA. The actor's memory is
-    over that SLA's ceiling, so once the controller has decided (the engine holds its second batch until then)
-    the rows run at the floor; the rows/s target holds, and the summary's sparsity over time shows the move."""
+    over that SLA's ceiling, so the controller orders the floor; the job asked for dense rows, and once the
+    actor has applied the order (the engine holds the rows until then) every row runs at the floor. The
+    rows/s target holds and the summary's sparsity over time shows the floor."""
     import dataclasses
 
     import ray
@@ -256,18 +280,18 @@ def test_a_job_under_a_memory_ceiling_starts_the_controller_and_runs_sparser(ray
                                                          text_scorer="recent"))
     assert find_controller() is None
     summary = run_caption_job(str(tmp_path / "in.parquet"), tmp_path / "out", config,
-                              loader=hold_until_the_controller_decides)
+                              loader=hold_until_the_actor_runs_at(0.25))
     controller = find_controller()
     try:
         assert controller is not None, "the job did not start the controller"
         status = ray.get(controller.status.remote())
         rows = output_rows(tmp_path / "out")
         assert len(rows) == 48 and summary.errors == 0
-        keeps = [json.loads(r["sparsity"])["vision_keep"] for r in sorted(rows, key=lambda r: r["generated_at"])]
-        assert keeps[0] == 1.0 and keeps[-1] == 0.25 and keeps == sorted(keeps, reverse=True), keeps
+        keeps = {(json.loads(r["sparsity"])["vision_keep"], json.loads(r["sparsity"])["text_keep"]) for r in rows}
+        assert keeps == {(0.25, 0.5)}, keeps
         timeline = summary.sparsity_over_time
-        assert timeline[0]["vision_keep"] > timeline[-1]["vision_keep"] == 0.25  # the first part had dense rows
-        assert sum(b["rows"] for b in timeline) == 48 and "sparsity over time" in summary.table()
+        assert {b["vision_keep"] for b in timeline} == {0.25}
+        assert sum(b["rows"] for b in timeline) == 48 and "sparsity over time" not in summary.table()  # constant
         assert summary.rows_per_s >= 0.05
         assert any("memory" in d["reason"] for d in status["decisions"]), status["decisions"]
         assert status["offline"] is None  # the job ended: nothing left to judge
