@@ -62,6 +62,8 @@ class Limits:
     max_prompt_chars: int = 65_536  # characters of message text, all messages (checked before tokenizing)
     max_stop_chars: int = 256  # characters of one stop string (at most 4 strings)
     max_logit_bias: int = 300  # entries in a request's logit_bias
+    prepare_threads: int = 2  # requests decoding images and tokenizing at once (the rest wait their turn): bounds
+    #                           that memory, as one 16 M-pixel image holds about 230 MB while it is resized
     max_tokens: int = 512  # largest max_tokens a request may ask for
     default_max_tokens: int = 128  # when the request gives none
     remote_image_timeout_s: float = 10.0  # fetching an http(s) image_url (when allowed)

@@ -16,7 +16,8 @@ import hmac
 import json
 import logging
 import time
-from typing import Any, AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterator, Callable
 
 import torch
 from fastapi import FastAPI, Request
@@ -39,7 +40,7 @@ from dynllava.engine import GenerationOutput, LogitRules, TokenLogprob
 from dynllava.inputs import normalise_pixels
 from dynllava.model import DynamicLlava
 from dynllava.streaming import TextStream
-from dynllava.telemetry import TelemetrySnapshot
+from dynllava.telemetry import TelemetrySnapshot, resident_bytes
 
 log = logging.getLogger(__name__)
 app = FastAPI(title="dynllava", docs_url=None, redoc_url=None)
@@ -98,6 +99,8 @@ class LlavaServer:
                                        kv_budget_bytes=cfg.kv_budget_bytes, max_waiting=cfg.max_waiting,
                                        join_running=not static, telemetry_window_s=cfg.telemetry_window_s)
         self.engine.start()
+        # image decoding and tokenizing: off the event loop, at most prepare_threads requests at once
+        self._prepare_pool = ThreadPoolExecutor(cfg.limits.prepare_threads, thread_name_prefix="dynllava-prepare")
         if static:
             self._static_submit.set_max_batch_size(cfg.max_batch)
             self._static_submit.set_batch_wait_timeout_s(cfg.batch_wait_s)
@@ -119,7 +122,8 @@ class LlavaServer:
         c = self.engine.counters
         body = {"status": "ok" if self.engine.alive else "engine stopped", "model": self.served_name,
                 "running": c.running, "waiting": c.waiting, "finished": c.finished, "cancelled": c.cancelled,
-                "failed": c.failed, "kv_bytes_in_use": c.kv_bytes_in_use}
+                "failed": c.failed, "kv_bytes_in_use": c.kv_bytes_in_use, "replica": self.replica_id,
+                "resident_bytes": resident_bytes()}
         return JSONResponse(body, status_code=200 if self.engine.alive else 503)
 
     @app.get("/v1/models")
@@ -156,7 +160,7 @@ class LlavaServer:
             if chat.model not in (None, "", self.served_name):
                 raise ApiError(404, f"model {chat.model!r} is not served here (this server has "
                                     f"{self.served_name!r})", param="model", code="model_not_found")
-            engine_request = await asyncio.to_thread(self._engine_request, chat)
+            engine_request = await self._prepare(self._engine_request, chat)
             engine_request.arrived_at = arrived  # TTFT counts validation and image decoding too
             events = self._listen(engine_request, stream=bool(chat.stream))
             ticket = await self._submit(engine_request)
@@ -218,9 +222,13 @@ class LlavaServer:
             applied = self._allowed(SparsityConfig.from_dict(sparsity))
         except ValueError as e:
             return [f"sparsity: {e}"] * len(prompts)
-        images = await asyncio.to_thread(normalise_pixels, self.model.processor, pixels)
+        images = await self._prepare(normalise_pixels, self.model.processor, pixels)
         return list(await asyncio.gather(*(self._offline_row(image, prompt, max_new_tokens, applied)
                                            for image, prompt in zip(images, prompts))))
+
+    async def _prepare(self, fn: Callable, *args) -> Any:
+        """fn(*args) on the prepare pool (image decoding, tokenizing), awaited."""
+        return await asyncio.get_running_loop().run_in_executor(self._prepare_pool, fn, *args)
 
     def _listen(self, request: EngineRequest, stream: bool) -> "asyncio.Queue[StreamEvent]":
         """The request's engine events, moved from the engine thread into this event loop's queue (through the
@@ -270,8 +278,8 @@ class LlavaServer:
 
     async def _offline_row(self, image, prompt: str, max_new_tokens: int, sparsity: SparsityConfig) -> Any:
         try:
-            prepared = await asyncio.to_thread(self.model.prepare, [image], [self.model.format_prompt(prompt)],
-                                               max_new_tokens)
+            prepared = await self._prepare(self.model.prepare, [image], [self.model.format_prompt(prompt)],
+                                           max_new_tokens)
         except ValueError as e:
             return str(e)
         request = EngineRequest(prepared, sparsity, max_new_tokens)
@@ -450,3 +458,5 @@ class LlavaServer:
             if self.controller is not None:
                 self.controller.stop()
             self.engine.stop()
+        if hasattr(self, "_prepare_pool"):
+            self._prepare_pool.shutdown(wait=False, cancel_futures=True)
