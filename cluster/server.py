@@ -31,12 +31,13 @@ from cluster.chat_inputs import to_prompt
 from cluster.controller_client import ControllerClient, Orders, ray_reporter
 from cluster.event_bridge import EventBridge
 from cluster.openai_protocol import ApiError
+from cluster.request_limits import check_request
 from cluster.serve_config import ServeConfig
 from cluster.serve_handle import DEPLOYMENT_NAME
 from cluster.serve_metrics import ServerMetrics
 from dynllava.batching import ContinuousEngine, EngineRequest, QueueFull, StreamEvent
 from dynllava.config import SparsityConfig
-from dynllava.engine import GenerationOutput, LogitRules, TokenLogprob
+from dynllava.engine import GenerationOutput, TokenLogprob
 from dynllava.inputs import normalise_pixels
 from dynllava.model import DynamicLlava
 from dynllava.streaming import TextStream
@@ -337,33 +338,10 @@ class LlavaServer:
                            param="dynllava") from None
         return sparsity, "vision_keep" not in asked and "text_keep" not in asked
 
-    def _logit_rules(self, chat: proto.ChatCompletionRequest, max_tokens: int) -> LogitRules:
-        """The request's penalties, logit bias and min_tokens, checked against the model (400 naming the field)."""
-        bias = chat.logit_bias or {}
-        if len(bias) > self.config.limits.max_logit_bias:
-            raise ApiError(400, f"logit_bias has {len(bias)} entries, over this server's limit of "
-                                f"{self.config.limits.max_logit_bias} (max_logit_bias)", param="logit_bias")
-        rules = LogitRules(chat.frequency_penalty, chat.presence_penalty,
-                           tuple((int(k), float(v)) for k, v in bias.items()), chat.min_tokens)
-        try:
-            rules.check(self.model.config.text_config.vocab_size, max_tokens)
-        except ValueError as e:
-            raise ApiError(400, str(e), param=str(e).split(" ")[0].rstrip(":")) from None
-        return rules
-
     def _engine_request(self, chat: proto.ChatCompletionRequest) -> EngineRequest:
         """Validate limits, decode images and tokenize (on a worker thread)."""
         limits = self.config.limits
-        max_tokens = chat.max_completion_tokens or chat.max_tokens or limits.default_max_tokens
-        if max_tokens > limits.max_tokens:
-            field = "max_completion_tokens" if chat.max_completion_tokens else "max_tokens"
-            raise ApiError(400, f"{field} {max_tokens} is over this server's limit of {limits.max_tokens}",
-                           param=field)
-        for i, stop in enumerate(proto.stop_list(chat)):
-            if len(stop) > limits.max_stop_chars:
-                raise ApiError(400, f"stop[{i}] has {len(stop)} characters, over this server's limit of "
-                                    f"{limits.max_stop_chars} (max_stop_chars)", param="stop")
-        rules = self._logit_rules(chat, max_tokens)
+        max_tokens, rules = check_request(chat, limits, self.model.config.text_config.vocab_size)
         sparsity, follows = self._sparsity(chat)
         prompt, images = to_prompt(self.model.processor, chat.messages, limits, self.config.allow_remote_images)
         try:
