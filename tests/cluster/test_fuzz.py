@@ -26,7 +26,7 @@ INNOCENT = {"model": "tiny", "max_tokens": 8, "temperature": 0, "messages": [{"r
     {"type": "text", "text": "What shape is this?"}]}]}
 INNOCENT_BOUND_S = 20.0  # one innocent request, under attack (the issue saw 40-60 s behind one bad stop string)
 # bytes the replica may grow over the run: the allocator keeps what the largest moment needed, i.e. two requests
-# (prepare_threads) resizing two 16 M-pixel images each, about 230 MB apiece. Measured: +240 to +300 MiB after these 400
+# (prepare_threads) resizing two 16 M-pixel images each, about 230 MB apiece. Measured: +240 to +340 MiB after these 400
 # attacks, a plateau near +270 MiB over 8 x 400; the issue saw +1.4 GB per long prompt, without end.
 RSS_GROWTH_BOUND = 640 * 2**20
 
