@@ -36,8 +36,11 @@ from dynllava import ops
 from dynllava.config import SparsityConfig
 from dynllava.engine import (CACHE_BLOCK_TOKENS, GRAPH_CACHE_BLOCK_TOKENS, DecodingRow, GenerationOutput,
                              LogitRules, StaticBatch, TokenLogprob, check_generation_args, check_seed, check_stop,
-                             decoding_bytes, finish_row, model_dims, new_row, per_row, row_step_flops, sample_next)
+                             decoding_bytes, finish_row, model_dims, new_row, per_row, release, row_step_flops,
+                             sample_next)
 from dynllava.inputs import PreparedBatch, concat_prepared, split_prepared
+from dynllava import paged_cache
+from dynllava.paged_cache import PagedKVPool
 from dynllava.scheduler import KVLayout, Scheduled, SchedulerLimits, schedule
 from dynllava.scorers import RATE_SLACK_TOKENS
 from dynllava.telemetry import RequestWindow, TelemetrySnapshot, take_snapshot
@@ -160,12 +163,13 @@ class ContinuousEngine:
     finished (the baseline to compare with). cuda_graphs: on CUDA, replay the decoding step as a CUDA graph.
     isolate_failures: a failing prefill or step fails only its requests and the loop goes on (a server); False
     re-raises (a caller that owns every request, as `generate`). clock: unix seconds for the telemetry window.
+    paged: the running rows' K/V live in one block pool (capped at kv_budget_bytes) instead of a padded cache.
     """
 
     def __init__(self, model, max_batch: int = 32, max_prefill_batch: int = 8, kv_budget_bytes: int | None = None,
                  max_waiting: int = 256, join_running: bool = True, telemetry_window_s: float = 30.0,
                  clock: Callable[[], float] = time.time, max_prefill_tokens: int | None = None,
-                 cuda_graphs: bool = True, isolate_failures: bool = True):
+                 cuda_graphs: bool = True, isolate_failures: bool = True, paged: bool = True):
         if max_waiting < 1:
             raise ValueError("max_waiting must be >= 1")
         self.model = model
@@ -186,6 +190,8 @@ class ContinuousEngine:
         self._waiting: collections.deque[_Live] = collections.deque()
         self._running: list[_Live] = []
         self._decoding = None  # the running rows' CachedDecoding or RecomputeDecoding
+        self.paged = paged  # K/V in a block pool (dynllava.paged_cache); False: the padded SparseKVCache
+        self._pool: PagedKVPool | None = None  # the block pool, made for the running rows' layer K
         self._tokens: list[int] = []  # each running row's last sampled token (fed at the next step)
         self.counters = EngineCounters()
         self.window = RequestWindow(telemetry_window_s, clock)  # finished requests, for telemetry snapshots
@@ -389,6 +395,17 @@ class ContinuousEngine:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    def _pool_for(self, sparsity: SparsityConfig) -> PagedKVPool | None:
+        """The block pool for rows of this layer K (a new one when K changed: the running batch is empty then, as
+        rows of different K never run together); None when the cache is padded or the mode keeps no cache."""
+        if not self.paged or sparsity.mode != "kv_cache":
+            return None
+        if self._pool is None or self._pool.layer_k != sparsity.layer:
+            m = self.model
+            self._pool = PagedKVPool(m.n_layers, sparsity.layer, m.n_kv_heads, m.head_dim, m.dtype, m.device,
+                                     paged_cache.PAGED_BLOCK_TOKENS, max_bytes=self.kv_budget_bytes)
+        return self._pool
+
     def _prefill_group(self, members: list[_Live]) -> None:
         model = self.model
         started = time.perf_counter()
@@ -400,11 +417,15 @@ class ContinuousEngine:
                                r.top_p, r.seed, r.stop, r.ignore_eos, r.rules, model.eos_token_ids, r.logprobs)
         rows = [live.row for live in members]
         batch = StaticBatch(model, prepared, sparsities, max(r.max_new_tokens for r in rows),
-                            cuda_graphs=self.use_graphs)
-        logits = batch.prefill()
-        batch.record_prefill(rows)
-        failed: dict[int, str] = {}
-        tokens = sample_next(logits, rows, failed if self.isolate_failures else None)
+                            cuda_graphs=self.use_graphs, kv_pool=self._pool_for(sparsities[0]))
+        try:
+            logits = batch.prefill()
+            batch.record_prefill(rows)
+            failed: dict[int, str] = {}
+            tokens = sample_next(logits, rows, failed if self.isolate_failures else None)
+        except BaseException:
+            release(batch.decoding)  # the rows' blocks go back to the pool
+            raise
         now = time.perf_counter()
         for i, (live, tok) in enumerate(zip(members, tokens)):
             live.prefill_s, live.first_token_at = now - started, now
@@ -436,6 +457,7 @@ class ContinuousEngine:
             log.exception("decoding step failed for %d request(s)", len(rows))
             for live in self._running:
                 self._fail(live, f"decoding failed: {type(e).__name__}: {e}")
+            release(self._decoding)
             self._running, self._tokens, self._decoding = [], [], None
             return
         now = time.perf_counter()
@@ -512,6 +534,7 @@ class ContinuousEngine:
         self._running = [self._running[i] for i in keep]
         self._tokens = [self._tokens[i] for i in keep]
         if not keep:
+            release(self._decoding)
             self._decoding = None
         else:
             self._decoding.select(keep)

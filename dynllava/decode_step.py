@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from dynllava.cache import SparseKVCache
+from dynllava.paged_cache import PagedKVCache
 from dynllava.scorers import TextInputs
 
 
@@ -23,13 +24,14 @@ class CachedStep:
     the next call (graph outputs): read them before calling again.
     """
 
-    def __init__(self, model, cache: SparseKVCache, layer_k: int, text_scorer, score_text: bool,
+    def __init__(self, model, cache: SparseKVCache | PagedKVCache, layer_k: int, text_scorer, score_text: bool,
                  use_graph: bool):
-        dev, b = model.device, cache.groups[0].batch
+        dev, b = model.device, cache.batch
         self.model, self.cache, self.layer_k = model, cache, layer_k
         self.text_scorer, self.score_text = text_scorer, score_text
         self.needs_attention = score_text and text_scorer.needs_attention
-        self.use_graph = use_graph and dev.type == "cuda"
+        self.paged = isinstance(cache, PagedKVCache)
+        self.use_graph = use_graph and dev.type == "cuda" and not self.paged  # paged graphs: not yet
         self.tokens = torch.zeros(b, dtype=torch.long, device=dev)
         self.positions = torch.zeros(b, 1, dtype=torch.long, device=dev)
         self.lengths = (torch.zeros(b, dtype=torch.long, device=dev), torch.zeros(b, dtype=torch.long, device=dev))
@@ -41,6 +43,8 @@ class CachedStep:
         self.captures = 0  # how many graphs were captured (one per cache capacity)
 
     def _forward(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.paged:
+            return self._forward_paged()
         m, cache, k_layer = self.model, self.cache, self.layer_k
         h = m.lm.embed_tokens(self.tokens)[:, None]  # [B, 1, C]
         cos, sin = m.rotary(h, self.positions)
@@ -54,6 +58,22 @@ class CachedStep:
                 k_buf, v_buf = cache.buffers(i)
                 h, weight = m.layer_step(i, h, cos, sin, k_buf, v_buf, mask, self.rows, lengths,
                                          want_self_weight=self.needs_attention and i == k_layer - 1)
+                self_weight = weight if weight is not None else self_weight
+        return m.logits(h[:, 0]), score
+
+    def _forward_paged(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        m, cache, k_layer = self.model, self.cache, self.layer_k
+        h = m.lm.embed_tokens(self.tokens)[:, None]  # [B, 1, C]
+        cos, sin = m.rotary(h, self.positions)
+        self_weight = score = None
+        for group in (0, 1):
+            write_block, write_offset, owner, bias = cache.step_index(group, h.device)
+            if group == 1 and self.score_text:
+                score = self.text_scorer.score(TextInputs(h[:, 0], self_weight, m.predictors))
+            for i in range(k_layer) if group == 0 else range(k_layer, m.n_layers):
+                k_pool, v_pool = cache.buffers(i)
+                h, weight = m.layer_step_paged(i, h, cos, sin, k_pool, v_pool, (write_block, write_offset), owner,
+                                               bias, want_self_weight=self.needs_attention and i == k_layer - 1)
                 self_weight = weight if weight is not None else self_weight
         return m.logits(h[:, 0]), score
 

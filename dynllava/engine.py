@@ -15,6 +15,7 @@ import torch
 
 from dynllava import costs
 from dynllava.cache import SparseKVCache
+from dynllava.paged_cache import PagedKVCache, PagedKVPool
 from dynllava.config import SparsityConfig
 from dynllava.decode_step import CachedStep
 from dynllava.scorers import TEXT_SCORERS, AdmissionState, TextInputs, decide_admission
@@ -254,7 +255,8 @@ class CachedDecoding:
     Rows can leave (`select`) and whole prefilled groups can join (`merge`) between steps: this is what
     continuous batching runs on. Rows must share layer K and the text scorer."""
 
-    def __init__(self, model, cache: SparseKVCache, sparsities: list[SparsityConfig], use_graphs: bool):
+    def __init__(self, model, cache: SparseKVCache | PagedKVCache, sparsities: list[SparsityConfig],
+                 use_graphs: bool):
         self.model, self.cache, self.use_graphs = model, cache, use_graphs
         self.k = sparsities[0].layer
         self.text_scorer_name = sparsities[0].text_scorer
@@ -397,6 +399,14 @@ class RecomputeDecoding:
         self.text_dense = _is_text_dense(self.sparsities)
 
 
+def release(decoding) -> None:
+    """Give a dropped decoding group's K/V back: a paged cache's blocks return to their pool (a padded cache is
+    freed with its tensors)."""
+    cache = getattr(decoding, "cache", None)
+    if isinstance(cache, PagedKVCache):
+        cache.release()
+
+
 def decoding_bytes(decoding) -> tuple[int, int]:
     """(bytes in use, bytes allocated) of a decoding group's K/V; (0, 0) without a cache."""
     cache = decoding.cache if decoding is not None else None
@@ -411,8 +421,9 @@ class StaticBatch:
     benchmarks may drive it directly or time `prefill()` alone."""
 
     def __init__(self, model, prepared, sparsities: list[SparsityConfig], max_new_tokens: int,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, kv_pool: PagedKVPool | None = None):
         self.model = model
+        self.kv_pool = kv_pool  # the rows' K/V go into this pool's blocks (None: a padded SparseKVCache)
         self.use_graphs = cuda_graphs and model.device.type == "cuda"
         self.cfg = sparsities[0]
         self.k = self.cfg.layer
@@ -424,7 +435,7 @@ class StaticBatch:
         self.sparsities = sparsities
         self.max_new_tokens = max_new_tokens
         self.image_mask = (self.input_ids == model.image_token_id) & self.valid
-        self.cache: SparseKVCache | None = None
+        self.cache: SparseKVCache | PagedKVCache | None = None
         self.decoding: CachedDecoding | RecomputeDecoding | None = None
 
     @property
@@ -441,8 +452,8 @@ class StaticBatch:
         choose, need_attention = m.vision_keep_fn(self.image_mask, self.valid,
                                                   [s.vision_keep for s in self.sparsities], self.cfg.vision_scorer)
         if self.cfg.mode == "kv_cache":
-            self.cache = SparseKVCache(m.n_layers, self.k, b, m.n_kv_heads, m.head_dim, m.dtype, h.device,
-                                       self.block_tokens)
+            self.cache = PagedKVCache(self.kv_pool, b) if self.kv_pool is not None else SparseKVCache(
+                m.n_layers, self.k, b, m.n_kv_heads, m.head_dim, m.dtype, h.device, self.block_tokens)
             self.decoding = CachedDecoding(m, self.cache, list(self.sparsities), self.use_graphs)
         res = m.run_context(h, positions, self.valid, self.k, choose, need_attention, self.cache)
         self.prompt_keep = res.keep

@@ -53,6 +53,18 @@ class BlockPool:
             raise ValueError(f"block freed twice: {sorted(held.intersection(ids))}")
         self._free.extend(reversed(ids))
 
+    def highest_used(self) -> int:
+        """The highest block id held (-1 when none is)."""
+        free = set(self._free)
+        return next((i for i in range(self.n_blocks - 1, -1, -1) if i not in free), -1)
+
+    def shrink(self, n_blocks: int) -> None:
+        """Lower the pool to n_blocks ids; every id >= n_blocks must be free."""
+        if n_blocks <= self.highest_used():
+            raise ValueError(f"cannot shrink to {n_blocks} blocks: block {self.highest_used()} is held")
+        self._free = [i for i in self._free if i < n_blocks]
+        self.n_blocks = n_blocks
+
     def grow(self, n_blocks: int) -> None:
         """Raise the pool to n_blocks ids (the new ids are free)."""
         if n_blocks > self.n_blocks:

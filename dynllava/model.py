@@ -191,6 +191,28 @@ class DynamicLlava:
             self_weight = ops.attention_from_query(q[:, :, 0], k_buf, mask, self.scale)[rows, slots]
         return self._finish_layer(layer, h, out), self_weight
 
+    def layer_step_paged(self, index: int, h: torch.Tensor, cos, sin, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                         write: tuple[torch.Tensor, torch.Tensor], owner: torch.Tensor, bias: torch.Tensor,
+                         want_self_weight: bool = False):
+        """layer_step over a paged cache: the token's K/V goes to (block, offset) = write[0][b], write[1][b],
+        and each row attends to its blocks where they lie in the pool (ops.block_attention).
+
+        h: [B, 1, C]; k_pool, v_pool: [n_blocks, Hkv, bs, D]; owner: [N] long; bias: [N, bs] (see
+        PagedKVCache.step_index). Returns (h, self_weight [B] or None) as layer_step does."""
+        layer = self.layers[index]
+        q, k, v = self._project_qkv(layer, layer.input_layernorm(h), cos, sin)
+        k_pool[write[0], :, write[1]] = k[:, :, 0]
+        v_pool[write[0], :, write[1]] = v[:, :, 0]
+        n = bias.shape[0]
+        out, lse = ops.block_attention(q[:, :, 0], k_pool[:n], v_pool[:n], owner, bias, h.shape[0], self.scale,
+                                       with_lse=True)
+        self_weight = None
+        if want_self_weight:  # the token's weight on itself: exp(q . k_self * scale - lse), heads averaged
+            g = self.n_heads // self.n_kv_heads
+            own = (q[:, :, 0].float() * k[:, :, 0].float().repeat_interleave(g, 1)).sum(-1) * self.scale
+            self_weight = torch.exp(own - lse).mean(1)
+        return self._finish_layer(layer, h, out[:, :, None]), self_weight
+
     def logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
         """[B, C] -> [B, V] float32 next-token logits."""
         return self.hf_model.lm_head(self.lm.norm(last_hidden)).float()

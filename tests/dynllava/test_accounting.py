@@ -45,8 +45,10 @@ def test_recent_admits_exactly_ceil_of_rate(tiny_model, batch4):
 
 @pytest.mark.parametrize("mode_text", [("learned", None), ("learned", 0.5), ("h2o", 0.5), ("recent", 0.4)])
 def test_reported_kv_bytes_equal_cache_tensors(tiny_model, batch4, monkeypatch, mode_text):
-    """Per row: kv_bytes_peak equals its valid slots priced from the cache tensors themselves; with one-token
-    blocks and one row, the tensors' bytes equal it, plus the one slot a final unadmitted token occupied."""
+    """Per row: kv_bytes_peak equals its valid slots priced from the pool's tensors themselves; with one-slot
+    blocks and one row, the blocks it holds equal it, plus the one slot a final unadmitted token occupied."""
+    from dynllava import paged_cache
+
     text_scorer, text_keep = mode_text
     images, prompts = batch4
     cfg = SparsityConfig(vision_keep=0.25, text_keep=text_keep, vision_scorer="stride", text_scorer=text_scorer)
@@ -58,8 +60,19 @@ def test_reported_kv_bytes_equal_cache_tensors(tiny_model, batch4, monkeypatch, 
         return original_prefill(self)
 
     monkeypatch.setattr(StaticBatch, "prefill", spy)
+    seen: dict[int, tuple[list[int], list[int]]] = {}
+    original_select = paged_cache.PagedKVCache.select
+
+    def remember(self, rows):  # the tables' lengths just before rows leave
+        if self is captured["batch"].cache:
+            for g in (0, 1):
+                for i, n in enumerate(self.lengths(g)):
+                    seen.setdefault(i, ([], []))[g].append(n)
+        original_select(self, rows)
+
+    monkeypatch.setattr(paged_cache.PagedKVCache, "select", remember)
     outs = tiny_model.generate(images, prompts, sparsity=cfg, max_new_tokens=12, ignore_eos=True)
-    cache = captured["batch"].cache
+    pool = captured["batch"].cache.pool
     lengths = captured["batch"].prepared.lengths
     for i, o in enumerate(outs):
         # from the counts alone: layers < K hold the prompt and every fed token (all but the last generated),
@@ -70,21 +83,29 @@ def test_reported_kv_bytes_equal_cache_tensors(tiny_model, batch4, monkeypatch, 
         assert o.stats.kv_bytes_peak == KV_BYTES_PER_TOKEN_LAYER * (2 * dense_group + 2 * sparse_group)
         assert o.stats.kv_bytes_dense_equivalent == KV_BYTES_PER_TOKEN_LAYER * 4 * dense_group
         counted = 0
-        for group_index, group in enumerate(cache.groups):
-            n_valid = cache.lengths(group_index)[i]
-            for layer_k in group.k:  # every valid slot of every layer, K and V
-                counted += 2 * n_valid * layer_k[i, :, 0].numel() * layer_k.element_size()
+        for group_index, group in enumerate(pool.groups):
+            n_valid = max(seen[i][group_index])  # the row's valid slots when it left
+            for layer_k in group.k:  # every valid slot of every layer, K and V, priced from the block tensors
+                counted += 2 * n_valid * layer_k[0, :, 0].numel() * layer_k.element_size()
         assert o.stats.kv_bytes_peak == counted
         assert o.stats.kv_bytes_peak < o.stats.kv_bytes_dense_equivalent
 
-    monkeypatch.setattr(engine, "CACHE_BLOCK_TOKENS", 1)
+    monkeypatch.setattr(paged_cache, "PAGED_BLOCK_TOKENS", 1)
+    held = {}
+    original_release = paged_cache.BlockTable.release
+
+    def count(self, pool_):
+        held.setdefault("blocks", []).append(len(self.blocks))
+        held.setdefault("length", []).append(self.length)
+        original_release(self, pool_)
+
+    monkeypatch.setattr(paged_cache.BlockTable, "release", count)
     out = tiny_model.generate(images[:1], prompts[:1], sparsity=cfg, max_new_tokens=12, ignore_eos=True)[0]
-    dense, sparse_group = captured["batch"].cache.groups
-    assert dense.capacity == dense.lengths[0]  # every token enters layers < K
-    headroom = sparse_group.capacity - sparse_group.lengths[0]
-    assert headroom in (0, 1)  # at most the slot of a last token that was not admitted
-    allocated = captured["batch"].cache.bytes_allocated()
-    assert allocated == out.stats.kv_bytes_peak + headroom * sparse_group.bytes_per_slot
+    (dense_blocks, sparse_blocks), (dense_len, sparse_len) = held["blocks"], held["length"]
+    assert dense_blocks == dense_len  # every token enters layers < K
+    assert sparse_blocks - sparse_len in (0, 1)  # at most the slot of a last token that was not admitted
+    per_slot = [g.block_bytes for g in captured["batch"].cache.pool.groups]  # one-slot blocks
+    assert dense_len * per_slot[0] + sparse_len * per_slot[1] == out.stats.kv_bytes_peak
 
 
 def test_dense_kv_bytes_equal_dense_equivalent(tiny_model, batch4):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dynllava import ops
@@ -41,3 +42,39 @@ def test_attention_from_query_equals_a_plain_softmax():
                     for h in range(4)]
         torch.testing.assert_close(w[b, :n], torch.stack(per_head).mean(0))
         assert (w[b, n:] == 0).all()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("heads,kv_heads,block", [(4, 4, 4), (8, 2, 16), (4, 1, 1)])
+def test_block_attention_equals_attention_over_each_rows_padded_slots(fused, heads, kv_heads, block):
+    """Rows' slots scattered over a pool's blocks in random order, free blocks between them: attention over the
+    blocks where they lie equals SDPA over each row's slots copied out in order."""
+    import torch.nn.functional as F
+
+    from dynllava.ops import block_attention
+
+    torch.manual_seed(0)
+    rows, d = 5, 8
+    lengths = [1, block, block + 1, 3 * block - 1, 7]
+    n_blocks = sum(-(-n // block) for n in lengths) + 3
+    order = torch.randperm(n_blocks).tolist()
+    k_pool, v_pool = torch.randn(n_blocks, kv_heads, block, d), torch.randn(n_blocks, kv_heads, block, d)
+    owner = torch.full((n_blocks,), rows, dtype=torch.long)
+    bias = torch.full((n_blocks, block), float("-inf"))
+    bias[:, 0] = 0.0  # free blocks: one slot to keep the kernel finite; no row owns them
+    ks, vs = [], []
+    for r, n in enumerate(lengths):
+        blocks = [order.pop() for _ in range(-(-n // block))]
+        for i, b in enumerate(blocks):
+            used = min(block, n - i * block)
+            owner[b] = r
+            bias[b] = float("-inf")
+            bias[b, :used] = 0.0
+        ks.append(torch.cat([k_pool[b, :, : min(block, n - i * block)] for i, b in enumerate(blocks)], 1))
+        vs.append(torch.cat([v_pool[b, :, : min(block, n - i * block)] for i, b in enumerate(blocks)], 1))
+    q = torch.randn(rows, heads, d)
+    got = block_attention(q, k_pool, v_pool, owner, bias, rows, d ** -0.5, fused=fused)
+    for r in range(rows):
+        want = F.scaled_dot_product_attention(q[r][None, :, None], ks[r][None], vs[r][None], scale=d ** -0.5,
+                                              enable_gqa=heads != kv_heads)[0, :, 0]
+        assert torch.allclose(got[r], want, atol=1e-5), (r, (got[r] - want).abs().max())

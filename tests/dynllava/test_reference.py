@@ -80,10 +80,11 @@ def row_inputs(prepared, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 @torch.inference_mode()
-def engine_trace(model, prepared, sparsity: SparsityConfig, n_new: int) -> list[Trace]:
-    """Greedy generation through the engine's StaticBatch, recording each row's logits and decisions."""
+def engine_trace(model, prepared, sparsity: SparsityConfig, n_new: int, kv_pool=None) -> list[Trace]:
+    """Greedy generation through the engine's StaticBatch, recording each row's logits and decisions
+    (kv_pool: in a paged cache over that PagedKVPool)."""
     b = len(prepared.lengths)
-    batch = StaticBatch(model, prepared, [sparsity] * b, n_new)
+    batch = StaticBatch(model, prepared, [sparsity] * b, n_new, kv_pool=kv_pool)
     rows = [new_row(n, sparsity, model.device, n_new, 0.0, 1.0, None, None, True) for n in prepared.lengths]
     logits = batch.prefill()
     batch.record_prefill(rows)
@@ -130,16 +131,22 @@ def reference_of(model, prepared, i: int, case, tokens: list[int], layer_k: int 
     return ref, gaps
 
 
-@pytest.mark.parametrize("mode", ["kv_cache", "no_cache"])
+@pytest.mark.parametrize("mode", ["kv_cache", "paged", "no_cache"])
 @pytest.mark.parametrize("case", CASES, ids=_id)
 def test_engine_equals_reference(decisive, batch4, case, mode):
+    """kv_cache: the padded cache; paged: the block-paged cache (blocks of 4 slots, so rows span many)."""
+    from dynllava.paged_cache import PagedKVPool
+
     tiny_model = decisive
     vision, vision_keep, text, text_keep = case
     images, prompts = batch4
     sparsity = SparsityConfig(vision_keep=vision_keep, text_keep=text_keep, vision_scorer=vision, text_scorer=text,
-                              mode=mode)
+                              mode="kv_cache" if mode == "paged" else mode)
     prepared = tiny_model.prepare(images, prompts, NEW)
-    traces = engine_trace(tiny_model, prepared, sparsity, NEW)
+    m = tiny_model
+    pool = PagedKVPool(m.n_layers, sparsity.layer, m.n_kv_heads, m.head_dim, m.dtype, m.device,
+                       block_tokens=4) if mode == "paged" else None
+    traces = engine_trace(tiny_model, prepared, sparsity, NEW, kv_pool=pool)
     for i, ours in enumerate(traces):
         ref, gaps = reference_of(tiny_model, prepared, i, case, ours.tokens)
         assert all(g > 1e-5 for g in gaps), f"row {i}: a near-tie at the top-k cut ({gaps}): pick other inputs"

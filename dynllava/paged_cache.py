@@ -1,0 +1,232 @@
+"""The block-paged K/V cache: one pool of fixed-size blocks per layer group, shared by every row of an engine,
+and per-row block tables (dynllava.kv_blocks).
+
+Group 0 = layers [0, K) holds every token; group 1 = layers [K, L) only kept prompt tokens and admitted
+generated ones, so the two groups have separate pools and each row a table in each. Each layer's K and V are
+tensors [n_blocks, Hkv, block_tokens, D]. A row takes blocks as its slots grow and returns them when it leaves:
+no other row's K/V moves when rows join or leave, and the bytes held follow the live rows. Decoding reads the
+blocks where they lie (`ops.block_attention`).
+
+`PagedKVCache` is one set of rows over a `PagedKVPool`, with SparseKVCache's interface (write_prefill,
+reserve_step, commit_step, select, merge, lengths, bytes), so prefill, decoding and the engine's loop drive
+either cache the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dynllava.kv_blocks import BlockPool, BlockTable, OutOfBlocks
+
+PAGED_BLOCK_TOKENS = 16  # slots per block: small enough that a row's last, partly used block wastes little
+
+
+class _PoolGroup:
+    """One layer group's block tensors and the BlockPool of their ids."""
+
+    def __init__(self, n_layers: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                 block_tokens: int):
+        self.n_layers, self.heads, self.head_dim = n_layers, heads, head_dim
+        self.dtype, self.device, self.block_tokens = dtype, device, block_tokens
+        self.blocks = BlockPool(0, block_tokens)
+        self.k: list[torch.Tensor] = [self._alloc(0) for _ in range(n_layers)]
+        self.v: list[torch.Tensor] = [self._alloc(0) for _ in range(n_layers)]
+
+    def _alloc(self, n_blocks: int) -> torch.Tensor:
+        return torch.zeros(n_blocks, self.heads, self.block_tokens, self.head_dim, dtype=self.dtype,
+                           device=self.device)
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block across this group's layers (K and V)."""
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.n_layers * self.heads * self.block_tokens * self.head_dim * element
+
+    def resize(self, n_blocks: int) -> None:
+        """Reallocate the tensors at n_blocks (a copy of the blocks kept: rare, the pool grows geometrically).
+        Shrinking drops only the free tail: n_blocks must be above every held block id."""
+        old = self.blocks.n_blocks
+        if n_blocks == old:
+            return
+        keep = min(old, n_blocks)
+        for store in (self.k, self.v):
+            for i, t in enumerate(store):
+                resized = self._alloc(n_blocks)
+                resized[:keep] = t[:keep]
+                store[i] = resized
+        if n_blocks > old:
+            self.blocks.grow(n_blocks)
+        else:
+            self.blocks.shrink(n_blocks)
+
+    def trim(self) -> None:
+        """Give back the free blocks above the highest held one."""
+        self.resize(self.blocks.highest_used() + 1)
+
+
+class PagedKVPool:
+    """An engine's K/V memory: a block pool per layer group, grown on demand up to `max_bytes` (None: no cap).
+
+    n_layers: L; layer_k: K; kv_heads / head_dim: Hkv, D."""
+
+    def __init__(self, n_layers: int, layer_k: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, block_tokens: int = PAGED_BLOCK_TOKENS, max_bytes: int | None = None):
+        if not 0 < layer_k <= n_layers:
+            raise ValueError(f"layer K={layer_k} must be in [1, {n_layers}]")
+        self.layer_k, self.block_tokens, self.max_bytes = layer_k, block_tokens, max_bytes
+        self.groups = (_PoolGroup(layer_k, kv_heads, head_dim, dtype, device, block_tokens),
+                       _PoolGroup(n_layers - layer_k, kv_heads, head_dim, dtype, device, block_tokens))
+
+    def locate(self, layer: int) -> tuple[int, int]:
+        """(group, index of the layer in its group)."""
+        return (0, layer) if layer < self.layer_k else (1, layer - self.layer_k)
+
+    def bytes_held(self) -> int:
+        """Bytes of the blocks rows hold now (both groups)."""
+        return sum(g.blocks.used_blocks * g.block_bytes for g in self.groups)
+
+    def bytes_allocated(self) -> int:
+        """Bytes of the pool's tensors (held and free blocks)."""
+        return sum(g.blocks.n_blocks * g.block_bytes for g in self.groups if g.n_layers)
+
+    def take(self, group: int, table: BlockTable, slots: int) -> None:
+        """Give `table` blocks for `slots` slots in `group`, growing the pool if it must and may (by a quarter at
+        least, so growth copies are rare; under a cap, first taking back the groups' free tails); OutOfBlocks
+        when the cap leaves no room (nothing taken)."""
+        pool = self.groups[group]
+        missing = pool.blocks.blocks_for(slots) - len(table.blocks) - pool.blocks.free_blocks
+        if missing > 0 and pool.n_layers:
+            want = max(pool.blocks.n_blocks + missing, pool.blocks.n_blocks * 5 // 4, 4)
+            if self.max_bytes is not None:
+                if self._room(group) < missing:
+                    for g in self.groups:
+                        g.trim()
+                    missing = pool.blocks.blocks_for(slots) - len(table.blocks) - pool.blocks.free_blocks
+                room = self._room(group)
+                if room < missing:
+                    raise OutOfBlocks(f"group {group}: {missing} more blocks needed, the KV budget leaves room for "
+                                      f"{max(room, 0)}")
+                want = min(want, pool.blocks.n_blocks + room)
+            if missing > 0:
+                pool.resize(want)
+        table.ensure(pool.blocks, slots)
+
+    def _room(self, group: int) -> int:
+        """Blocks `group` may add under the cap."""
+        return (self.max_bytes - self.bytes_allocated()) // self.groups[group].block_bytes
+
+
+class PagedKVCache:
+    """The K/V of one set of rows (a batch, in order) in a PagedKVPool: each row's block table per group."""
+
+    def __init__(self, pool: PagedKVPool, batch: int):
+        self.pool = pool
+        self.layer_k = pool.layer_k
+        self.block_tokens = pool.block_tokens
+        self.tables: tuple[list[BlockTable], list[BlockTable]] = ([BlockTable() for _ in range(batch)],
+                                                                   [BlockTable() for _ in range(batch)])
+        self._prefill_index: dict[int, tuple[torch.Tensor, ...]] = {}  # group -> where a prefill's tokens go
+
+    @property
+    def batch(self) -> int:
+        return len(self.tables[0])
+
+    def group_of(self, layer: int) -> int:
+        return 0 if layer < self.layer_k else 1
+
+    # ------------------------------------------------------------------ writes
+    def write_prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> None:
+        """Store a right-padded prefill: k, v [B, Hkv, T, D]; row b's first lengths[b] slots are valid. The
+        group's first layer takes the rows' blocks (OutOfBlocks if the pool cannot hold them)."""
+        group, i = self.pool.locate(layer)
+        store = self.pool.groups[group]
+        if group not in self._prefill_index:
+            tables = self.tables[group]
+            for table, n in zip(tables, lengths):
+                self.pool.take(group, table, n)
+                table.length = n
+            rows = [b for b, n in enumerate(lengths) for _ in range(n)]
+            times = [t for n in lengths for t in range(n)]
+            slots = [table.slot(t, self.block_tokens) for table, n in zip(tables, lengths) for t in range(n)]
+            dev = k.device
+            slot = torch.tensor(slots, dtype=torch.long, device=dev)
+            self._prefill_index[group] = (torch.tensor(rows, dtype=torch.long, device=dev),
+                                          torch.tensor(times, dtype=torch.long, device=dev),
+                                          slot // self.block_tokens, slot % self.block_tokens)
+        rows, times, blocks, offsets = self._prefill_index[group]
+        store.k[i][blocks, :, offsets] = k.transpose(1, 2)[rows, times]
+        store.v[i][blocks, :, offsets] = v.transpose(1, 2)[rows, times]
+        if i == store.n_layers - 1:  # the group's last layer: the next prefill is another batch's
+            self._prefill_index.pop(group)
+
+    def reserve_step(self, group_index: int, active: list[bool]) -> None:
+        """Blocks for this step's token in every active row (slot length[b]; call before the step)."""
+        for table, a in zip(self.tables[group_index], active):
+            if a:
+                self.pool.take(group_index, table, table.length + 1)
+
+    def commit_step(self, group_index: int, admit: list[bool]) -> None:
+        """Advance the lengths of rows whose current token is admitted (after the step ran)."""
+        for table, a in zip(self.tables[group_index], admit):
+            table.length += int(a)
+
+    # ------------------------------------------------------------------ rows joining and leaving
+    def select(self, rows: list[int]) -> None:
+        """Keep only rows `rows` (in that order); the others' blocks go back to the pool."""
+        kept = set(rows)
+        for group, tables in enumerate(self.tables):
+            for b, table in enumerate(tables):
+                if b not in kept:
+                    table.release(self.pool.groups[group].blocks)
+            tables[:] = [tables[b] for b in rows]
+
+    def merge(self, other: "PagedKVCache") -> None:
+        """Append another cache's rows (a newly prefilled group in the same pool): their tables, no copy."""
+        if other.pool is not self.pool:
+            raise ValueError("merge: caches must share one PagedKVPool")
+        for mine, theirs in zip(self.tables, other.tables):
+            mine.extend(theirs)
+
+    def release(self) -> None:
+        """Return every row's blocks (the batch is dropped)."""
+        self.select([])
+
+    # ------------------------------------------------------------------ reads
+    def lengths(self, group_index: int) -> list[int]:
+        """Valid slots per row in a group."""
+        return [t.length for t in self.tables[group_index]]
+
+    def buffers(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's whole (k, v) block tensors [n_blocks, Hkv, block_tokens, D]."""
+        group, i = self.pool.locate(layer)
+        return self.pool.groups[group].k[i], self.pool.groups[group].v[i]
+
+    def step_index(self, group_index: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """For one decoding step of this group, with each row's current token at slot length[b]:
+        (write block [B], write offset [B], owner [N], bias [N, bs]) over the first N blocks of the pool,
+        N = the highest block a row holds + 1; blocks no row holds are owned by row B (see ops.block_attention)."""
+        tables, bs = self.tables[group_index], self.block_tokens
+        n = max((max(t.blocks) + 1 for t in tables if t.blocks), default=1)
+        owner = [len(tables)] * n
+        valid = [1] * n  # slots to attend per block (a free block: one, dropped by its owner)
+        write = []
+        for b, table in enumerate(tables):
+            upto = table.length + 1  # valid slots and the current token's own
+            for j, block in enumerate(table.blocks):
+                owner[block] = b
+                valid[block] = max(1, min(bs, upto - j * bs))
+            write.append(table.slot(table.length, bs))
+        bias = torch.arange(bs)[None, :] < torch.tensor(valid)[:, None]
+        bias = torch.zeros(n, bs).masked_fill_(~bias, float("-inf"))
+        write_t = torch.tensor(write, dtype=torch.long)
+        return tuple(x.to(device) for x in (write_t // bs, write_t % bs, torch.tensor(owner, dtype=torch.long), bias))
+
+    # ------------------------------------------------------------------ accounting
+    def bytes_in_use(self, row: int) -> int:
+        """Bytes of K/V row `row` holds in valid slots (all layers)."""
+        per_slot = [g.block_bytes // g.block_tokens for g in self.pool.groups]
+        return sum(self.tables[g][row].length * per_slot[g] for g in (0, 1))
+
+    def bytes_allocated(self) -> int:
+        """Bytes of the blocks this cache's rows hold (valid slots plus each table's unused tail)."""
+        return sum(len(t.blocks) * g.block_bytes for g, tables in zip(self.pool.groups, self.tables) for t in tables)
