@@ -29,6 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=48, help="decoding steps timed per layout (default 48)")
     p.add_argument("--vision-keep", type=float, default=0.2)
     p.add_argument("--text-keep", type=float, default=0.5)
+    p.add_argument("--block-tokens", type=int, default=None, help="slots per block (default: the engine's)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--output", default=None, help="also write the JSON line to this file")
     return p.parse_args(argv)
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     from dynllava.config import SparsityConfig
     from dynllava.engine import StaticBatch, new_row
     from dynllava.model import DynamicLlava
-    from dynllava.paged_cache import PagedKVPool
+    from dynllava.paged_cache import PAGED_BLOCK_TOKENS, PagedKVPool
 
     args = parse_args(argv)
     torch.manual_seed(0)
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         arms = {}
         for layout in ("padded", "paged"):
             pool = PagedKVPool(model.n_layers, sparsity.layer, model.n_kv_heads, model.head_dim, model.dtype,
-                               model.device) if layout == "paged" else None
+                               model.device, args.block_tokens or PAGED_BLOCK_TOKENS) if layout == "paged" else None
             batch = StaticBatch(model, prepared, [sparsity] * args.batch, args.steps + 1, cuda_graphs=False,
                                 kv_pool=pool)
             rows = [new_row(n, sparsity, model.device, args.steps + 1, 0.0, 1.0, None, None, True)
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
               f"x{ms['paged'] / ms['padded']:.3f}  same tokens: {same}")
     device = model.device.type
     emit({"benchmark": "paged_decode_step", "model": Path(args.model).stem, "hardware": hardware(device),
-          "commit": commit(), "batch": args.batch, "steps": args.steps, "prompt_tokens": prepared.lengths[0],
+          "commit": commit(), "batch": args.batch, "steps": args.steps,
+          "block_tokens": args.block_tokens or PAGED_BLOCK_TOKENS, "prompt_tokens": prepared.lengths[0],
           "results": results}, args.output)
 
 

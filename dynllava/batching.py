@@ -163,13 +163,14 @@ class ContinuousEngine:
     finished (the baseline to compare with). cuda_graphs: on CUDA, replay the decoding step as a CUDA graph.
     isolate_failures: a failing prefill or step fails only its requests and the loop goes on (a server); False
     re-raises (a caller that owns every request, as `generate`). clock: unix seconds for the telemetry window.
-    paged: the running rows' K/V live in one block pool (capped at kv_budget_bytes) instead of a padded cache.
+    paged: the running rows' K/V live in one block pool (capped at kv_budget_bytes) instead of a padded cache
+    (default: yes, unless CUDA graphs run).
     """
 
     def __init__(self, model, max_batch: int = 32, max_prefill_batch: int = 8, kv_budget_bytes: int | None = None,
                  max_waiting: int = 256, join_running: bool = True, telemetry_window_s: float = 30.0,
                  clock: Callable[[], float] = time.time, max_prefill_tokens: int | None = None,
-                 cuda_graphs: bool = True, isolate_failures: bool = True, paged: bool = True):
+                 cuda_graphs: bool = True, isolate_failures: bool = True, paged: bool | None = None):
         if max_waiting < 1:
             raise ValueError("max_waiting must be >= 1")
         self.model = model
@@ -190,7 +191,9 @@ class ContinuousEngine:
         self._waiting: collections.deque[_Live] = collections.deque()
         self._running: list[_Live] = []
         self._decoding = None  # the running rows' CachedDecoding or RecomputeDecoding
-        self.paged = paged  # K/V in a block pool (dynllava.paged_cache); False: the padded SparseKVCache
+        # K/V in a block pool (dynllava.paged_cache) or the padded SparseKVCache. Default: paged, except where CUDA
+        # graphs run (the paged step is not captured yet, and on a GPU the graphs matter more for now)
+        self.paged = paged if paged is not None else not self.use_graphs
         self._pool: PagedKVPool | None = None  # the block pool, made for the running rows' layer K
         self._tokens: list[int] = []  # each running row's last sampled token (fed at the next step)
         self.counters = EngineCounters()

@@ -8,7 +8,10 @@ pool has handed out follow the live rows, never a worst case. Pure host-side boo
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
+
+_SERIALS = itertools.count()
 
 
 class OutOfBlocks(RuntimeError):
@@ -78,6 +81,8 @@ class BlockTable:
 
     blocks: list[int] = field(default_factory=list)  # block ids, in slot order
     length: int = 0  # valid slots: [0, length)
+    serial: int = field(default_factory=lambda: next(_SERIALS))  # unique per table: (serial, len(blocks)) names
+    #                                                               its block list (blocks are only appended)
 
     def ensure(self, pool: BlockPool, slots: int) -> None:
         """Hold blocks for `slots` slots (taking more from `pool` if needed), or OutOfBlocks (nothing taken)."""
@@ -88,7 +93,7 @@ class BlockTable:
     def release(self, pool: BlockPool) -> None:
         """Return every block (the row leaves or is preempted)."""
         pool.free(self.blocks)
-        self.blocks, self.length = [], 0
+        self.blocks, self.length, self.serial = [], 0, next(_SERIALS)
 
     def slot(self, index: int, block_tokens: int) -> int:
         """The pool-wide slot number of the row's slot `index` (block id * block_tokens + offset)."""

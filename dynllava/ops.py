@@ -77,37 +77,36 @@ def attention_from_query(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tenso
 
 
 def block_attention(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, owner: torch.Tensor,
-                    bias: torch.Tensor, n_rows: int, scale: float, fused: bool | None = None,
+                    bias: torch.Tensor, n_rows: int, scale: float,
                     with_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One query per row over that row's cache blocks, read where they lie in the pool (no gather).
 
-    Flash-decoding with the blocks as its splits: each block attends with its owner's query and returns its
-    output and log-sum-exp, and each row's blocks are combined by their log-sum-exp. Every block is read once,
-    in place: gathering each row's blocks into a padded [B, Hkv, S, D] copy first costs 4-5x the attention
-    itself on CPU (measured at batch 16, 660 and 200 slots), this costs about 1.5x padded attention.
+    Flash-decoding with the blocks as its splits: each block attends with its owner's query and gives its
+    output (unnormalised) with its largest score and softmax mass, and each row's blocks are combined by those. Every block is read once,
+    in place. Measured on CPU at batch 16 (660 and 200 slots a row): gathering each row's blocks into a padded
+    [B, Hkv, S, D] copy first costs 4-5x the padded attention; PyTorch's fused CPU flash kernel (which returns
+    the log-sum-exp) pays per (block, head) and costs 1.5x; these two batched matmuls cost about what padded
+    attention does, and they are plain ops that a CUDA graph captures.
 
     q: [B, H, D]; k_blocks, v_blocks: [N, Hkv, bs, D] (the pool, or its first N blocks); owner: [N] long, the
     row of each block (n_rows: a block no row owns, e.g. a free one); bias: [N, bs] float, 0 on slots to attend
-    and -inf elsewhere, at least one 0 per block. fused: PyTorch's CPU flash kernel, which returns the
-    log-sum-exp (default: on CPU); else the same math in plain ops (any device; CUDA graphs capture it).
-    Returns [B, H, D] in q's dtype, and with_lse: each row's log-sum-exp [B, H] (float32) too.
+    and -inf elsewhere, at least one 0 per block. Returns [B, H, D] in q's dtype, and with_lse: each row's
+    log-sum-exp [B, H] (float32) too.
     """
     n, hkv, bs, d = k_blocks.shape
     h = q.shape[1]
-    # GQA: a kv head's G query heads are that block's G "queries", so the kernel never repeats K/V
-    queries = torch.cat([q, q.new_zeros(1, h, d)])[owner].view(n, hkv, h // hkv, d)
-    if fused if fused is not None else q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            queries, k_blocks, v_blocks, 0.0, False, attn_mask=bias[:, None, None, :].to(q.dtype), scale=scale)
-    else:
-        scores = torch.matmul(queries.float(), k_blocks.float().transpose(-1, -2)) * scale + bias[:, None, None, :]
-        lse = torch.logsumexp(scores, -1)
-        out = torch.matmul(torch.exp(scores - lse[..., None]), v_blocks.float())
-    out, lse = out.reshape(n, h, d).float(), lse.reshape(n, h).float()
+    # GQA: a kv head's G query heads are that block's G "queries", so K/V are never repeated
+    # a block no row owns borrows row 0's query: its result lands in the unread row n_rows
+    queries = (q * scale)[owner.clamp(max=n_rows - 1)].view(n, hkv, h // hkv, d)
+    scores = torch.matmul(queries, k_blocks.transpose(-1, -2)).float() + bias[:, None, None, :]  # [N, Hkv, G, bs]
+    peak = scores.amax(-1, keepdim=True)  # per block: finite, each block has a slot to attend
+    p = torch.exp(scores - peak)
+    out = torch.matmul(p.to(v_blocks.dtype), v_blocks).reshape(n, h, d).float()  # unnormalised, per block
+    peak, mass = peak.reshape(n, h), p.sum(-1).reshape(n, h)
     top = torch.full((n_rows + 1, h), float("-inf"), device=q.device).scatter_reduce(
-        0, owner[:, None].expand(n, h), lse, "amax")
-    weight = torch.exp(lse - top[owner])  # [N, H]
-    total = torch.zeros(n_rows + 1, h, device=q.device).index_add_(0, owner, weight)
+        0, owner[:, None].expand(n, h), peak, "amax")
+    weight = torch.exp(peak - top[owner])  # [N, H]: each block's scale relative to its row's largest score
+    total = torch.zeros(n_rows + 1, h, device=q.device).index_add_(0, owner, mass * weight)
     mixed = torch.zeros(n_rows + 1, h, d, device=q.device).index_add_(0, owner, out * weight[..., None])
     out = (mixed[:n_rows] / total[:n_rows, :, None]).to(q.dtype)
     return (out, top[:n_rows] + total[:n_rows].log()) if with_lse else out
