@@ -119,6 +119,16 @@ MUTATIONS = (
     Mutation("the EOS's logprob stays when the EOS is dropped", "dynllava/engine.py",
              "        del row.token_logprobs[len(row.tokens):]", "        pass",
              ("tests/dynllava/test_batching.py",)),
+    Mutation("paged attention's combine ignores the blocks' scales", "dynllava/ops.py",
+             "    weight = torch.exp(peak - top[owner])", "    weight = torch.ones_like(peak)"),
+    Mutation("a leaving row keeps its blocks", "dynllava/paged_cache.py",
+             "                    table.release(self.pool.groups[group].blocks)", "                    pass",
+             ("tests/dynllava/test_batching.py",)),
+    Mutation("the paged step attends to one slot too few", "dynllava/paged_cache.py",
+             "upto = torch.tensor([t.length + 1 for t in tables]", "upto = torch.tensor([t.length for t in tables]"),
+    Mutation("a block's id is reused while held", "dynllava/kv_blocks.py",
+             "        return [self._free.pop() for _ in range(n)]", "        return [self._free[-1] for _ in range(n)]",
+             ("tests/dynllava/test_kv_blocks.py",)),
 )
 
 

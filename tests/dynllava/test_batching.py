@@ -43,11 +43,13 @@ STAT_FIELDS = ("n_image_tokens", "n_image_kept", "n_text_generated", "n_text_adm
                "kv_bytes_dense_equivalent", "flops_dense", "flops_sparse")
 
 
+@pytest.mark.parametrize("paged", [True, False], ids=["paged", "padded"])
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
-def test_rows_joining_and_leaving_decode_as_alone(tiny_model, temperature):
+def test_rows_joining_and_leaving_decode_as_alone(tiny_model, temperature, paged):
     """10 requests (dense and sparse mixed) arrive in three waves while others run; each row's tokens, text,
-    streamed text and stats equal a batch-1 static generate of the same request."""
-    engine = ContinuousEngine(tiny_model, max_batch=6, max_prefill_batch=3)
+    streamed text and stats equal a batch-1 generate of the same request (paged), with the running batch's K/V
+    in the block pool or in the padded cache. Drained, the pool holds no block."""
+    engine = ContinuousEngine(tiny_model, max_batch=6, max_prefill_batch=3, paged=paged)
     made = [_request(tiny_model, i, DENSE if i % 2 else SPARSE, temperature=temperature, seed=100 + i)
             for i in range(10)]
     waves = [made[:4], made[4:7], made[7:]]
@@ -71,6 +73,9 @@ def test_rows_joining_and_leaving_decode_as_alone(tiny_model, temperature):
             assert getattr(final.stats, name) == pytest.approx(getattr(alone.stats, name)), name
     c = engine.counters
     assert (c.submitted, c.finished, c.running, c.waiting, c.kv_bytes_allocated) == (10, 10, 0, 0, 0)
+    assert (engine._pool is not None) == paged
+    if paged:
+        assert engine._pool.bytes_held() == 0 and all(g.blocks.used_blocks == 0 for g in engine._pool.groups)
 
 
 def test_kv_budget_bounds_allocation_and_sparsity_buys_concurrency(tiny_model):
@@ -90,6 +95,7 @@ def test_kv_budget_bounds_allocation_and_sparsity_buys_concurrency(tiny_model):
             peak = max(peak, engine.counters.running)
             assert engine.counters.kv_bytes_allocated <= budget
             assert engine.counters.kv_bytes_reserved <= budget
+            assert engine._pool.bytes_allocated() <= budget  # the pool's tensors, free blocks included
         assert all(_final(events).output is not None for _, (_, _, events) in made)
         concurrency[name] = peak
     assert concurrency["dense"] == 5
