@@ -285,8 +285,12 @@ class CachedDecoding:
         return logits
 
     def select(self, keep: list[int]) -> None:
-        """Keep only rows `keep` (in that order); the others' K/V is freed."""
+        """Keep only rows `keep` (in that order); the others' K/V is freed (a paged cache then fills the holes
+        they left, so decoding reads no free block)."""
         self.cache.select(keep)
+        if isinstance(self.cache, PagedKVCache):
+            for group in (0, 1):
+                self.cache.compact(group)
         self._set_rows([self.sparsities[i] for i in keep])
 
     def merge(self, other: "CachedDecoding") -> None:

@@ -14,6 +14,11 @@ from dataclasses import dataclass, field
 _SERIALS = itertools.count()
 
 
+def next_serial() -> int:
+    """A new table serial (a table whose block list was rewritten gets one, so cached layouts are rebuilt)."""
+    return next(_SERIALS)
+
+
 class OutOfBlocks(RuntimeError):
     """The pool has fewer free blocks than asked for (the caller preempts a row or waits)."""
 
@@ -60,6 +65,10 @@ class BlockPool:
         """The highest block id held (-1 when none is)."""
         free = set(self._free)
         return next((i for i in range(self.n_blocks - 1, -1, -1) if i not in free), -1)
+
+    def set_held(self, held: int) -> None:
+        """After a compaction: ids [0, held) are held and the rest are free."""
+        self._free = list(range(self.n_blocks - 1, held - 1, -1))
 
     def shrink(self, n_blocks: int) -> None:
         """Lower the pool to n_blocks ids; every id >= n_blocks must be free."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from dynllava.kv_blocks import BlockPool, BlockTable, OutOfBlocks
+from dynllava.kv_blocks import BlockPool, BlockTable, OutOfBlocks, next_serial
 
 PAGED_BLOCK_TOKENS = 32  # slots per block: a row's last block wastes 16 slots on average, and decoding at batch
 #                          16 ran 1.08-1.10x padded at 32 against 1.12-1.14x at 16 (bench_paged, 2-core CPU)
@@ -192,6 +192,31 @@ class PagedKVCache:
     def release(self) -> None:
         """Return every row's blocks (the batch is dropped)."""
         self.select([])
+
+    def compact(self, group_index: int, min_holes: float = 0.25) -> bool:
+        """If free blocks make up more than `min_holes` of the pool up to the highest held block, move the
+        highest held blocks down into those holes (all layers of the group, K and V) and renumber the tables, so
+        decoding reads no free block. The cache's rows must be all the rows holding this pool's blocks (the
+        engine's running batch); if other rows hold blocks of the pool, nothing moves. Returns whether it moved
+        anything."""
+        tables, store = self.tables[group_index], self.pool.groups[group_index]
+        held = sorted(b for t in tables for b in t.blocks)
+        span = held[-1] + 1 if held else 0
+        if span == 0 or (span - len(held)) <= min_holes * span or len(held) != store.blocks.used_blocks:
+            return False  # few holes, or another cache holds blocks of this pool too
+        holes = sorted(set(range(len(held))) - set(held))
+        movers = [b for b in held if b >= len(held)]
+        moved = dict(zip(movers, holes))
+        src = torch.tensor(movers, dtype=torch.long, device=store.device)
+        dst = torch.tensor(holes, dtype=torch.long, device=store.device)
+        for tensors in (store.k, store.v):
+            for t in tensors:
+                t[dst] = t[src]
+        for table in tables:
+            table.blocks = [moved.get(b, b) for b in table.blocks]
+            table.serial = next_serial()
+        store.blocks.set_held(len(held))
+        return True
 
     # ------------------------------------------------------------------ reads
     def lengths(self, group_index: int) -> list[int]:

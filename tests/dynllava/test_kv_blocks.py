@@ -85,3 +85,36 @@ def test_random_joins_growth_leaves_and_pool_growth_match_a_reference_model():
         for table in tables.values():
             table.release(pool)
         assert pool.used_blocks == 0 and pool.free_blocks == pool.n_blocks, trial
+
+
+def test_compaction_moves_the_highest_blocks_into_the_holes_and_every_row_reads_the_same_slots():
+    import torch
+
+    from dynllava.paged_cache import PagedKVCache, PagedKVPool
+
+    pool = PagedKVPool(3, 1, kv_heads=2, head_dim=4, dtype=torch.float32, device=torch.device("cpu"),
+                       block_tokens=4)
+    cache = PagedKVCache(pool, 6)
+    lengths = [5, 9, 3, 12, 7, 4]
+    k = torch.randn(6, 2, 12, 4)
+    for layer in range(3):
+        cache.write_prefill(layer, k + layer, -k - layer, lengths)
+
+    def row_slots(group: int, row: int, layer: int) -> torch.Tensor:
+        table, (keys, _) = cache.tables[group][row], cache.buffers(layer)
+        return torch.stack([keys[table.slot(t, 4) // 4, :, t % 4] for t in range(table.length)], 1)
+
+    cache.select([1, 3, 5])  # rows 0, 2 and 4 leave holes
+    before = {(g, r, layer): row_slots(g, r, layer) for g, layer in ((0, 0), (1, 1), (1, 2)) for r in range(3)}
+    assert cache.compact(0) and cache.compact(1)
+    for g in (0, 1):
+        held = sorted(b for t in cache.tables[g] for b in t.blocks)
+        assert held == list(range(len(held))), "the held blocks are now the lowest ids"
+        assert pool.groups[g].blocks.used_blocks == len(held)
+    for (g, r, layer), slots in before.items():
+        assert torch.equal(row_slots(g, r, layer), slots)
+    assert not cache.compact(0), "nothing left to move"
+    other = PagedKVCache(pool, 1)
+    other.write_prefill(0, k[:1], k[:1], [10])  # another cache's rows in the pool: compaction must not move
+    cache.select([0])
+    assert not cache.compact(0)
