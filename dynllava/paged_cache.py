@@ -127,7 +127,7 @@ class PagedKVCache:
         self.tables: tuple[list[BlockTable], list[BlockTable]] = ([BlockTable() for _ in range(batch)],
                                                                    [BlockTable() for _ in range(batch)])
         self._prefill_index: dict[int, tuple[torch.Tensor, ...]] = {}  # group -> where a prefill's tokens go
-        self._layout: dict[int, tuple] = {}  # group -> (block counts, owner, block's index in its row) cached
+        self._layout: dict[int, tuple] = {}  # group -> (tables key, owner, index in row, free) of the last step
 
     @property
     def batch(self) -> int:
