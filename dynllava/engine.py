@@ -286,7 +286,7 @@ class CachedDecoding:
 
     def select(self, keep: list[int]) -> None:
         """Keep only rows `keep` (in that order); the others' K/V is freed (a paged cache then fills the holes
-        they left, so decoding reads no free block)."""
+        they left: decoding reads no free block, and under a budget the pool never holds more than its rows)."""
         self.cache.select(keep)
         if isinstance(self.cache, PagedKVCache):
             for group in (0, 1):

@@ -193,17 +193,17 @@ class PagedKVCache:
         """Return every row's blocks (the batch is dropped)."""
         self.select([])
 
-    def compact(self, group_index: int, min_holes: float = 0.25) -> bool:
-        """If free blocks make up more than `min_holes` of the pool up to the highest held block, move the
-        highest held blocks down into those holes (all layers of the group, K and V) and renumber the tables, so
-        decoding reads no free block. The cache's rows must be all the rows holding this pool's blocks (the
+    def compact(self, group_index: int) -> bool:
+        """Move the highest held blocks down into the holes free blocks leave below them (all layers of the
+        group, K and V) and renumber the tables, so decoding reads no free block and the pool's tensors can
+        shrink to exactly the blocks held (under a KV budget). It copies at most as many blocks as left. The cache's rows must be all the rows holding this pool's blocks (the
         engine's running batch); if other rows hold blocks of the pool, nothing moves. Returns whether it moved
         anything."""
         tables, store = self.tables[group_index], self.pool.groups[group_index]
         held = sorted(b for t in tables for b in t.blocks)
         span = held[-1] + 1 if held else 0
-        if span == 0 or (span - len(held)) <= min_holes * span or len(held) != store.blocks.used_blocks:
-            return False  # few holes, or another cache holds blocks of this pool too
+        if span == len(held) or len(held) != store.blocks.used_blocks:
+            return False  # no holes, or another cache holds blocks of this pool too
         holes = sorted(set(range(len(held))) - set(held))
         movers = [b for b in held if b >= len(held)]
         moved = dict(zip(movers, holes))

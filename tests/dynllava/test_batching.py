@@ -354,3 +354,22 @@ def test_logprobs_follow_the_tokens_and_are_the_same_alone_and_batched(tiny_mode
     out = _run(tiny_model, [(stopping, extra)])[0]
     assert out.finish_reason == "stop" and len(out.token_ids) == 3, "the EOS came 4th and was dropped"
     assert len(out.logprobs) == 3 and all(e.top == () for e in out.logprobs)
+
+
+def test_under_a_tight_budget_rows_of_every_length_join_and_leave_and_none_fails(tiny_model):
+    """Rows of mixed lengths and settings finish at different steps and leave holes in the block pool while
+    others grow into new blocks; under a budget that fits only a few rows the pool never exceeds it, no step
+    runs out of blocks, and every row decodes as alone."""
+    probe, _ = _request(tiny_model, 0, DENSE, max_new=26)
+    budget = ContinuousEngine(tiny_model)._allocation([reserved_slots(tiny_model, probe)] * 3, DENSE.layer)
+    engine = ContinuousEngine(tiny_model, max_batch=8, max_prefill_batch=2, kv_budget_bytes=budget)
+    made = [_request(tiny_model, i, DENSE if i % 3 else SPARSE, max_new=4 + (i * 7) % 23) for i in range(9)]
+    for req, _ in made:
+        engine.submit(req)
+    while engine.step():
+        assert engine._pool.bytes_allocated() <= budget
+        for group in engine._pool.groups:  # leavers' holes were filled: a step reads only held blocks
+            assert group.blocks.highest_used() + 1 == group.blocks.used_blocks
+    for req, (image, prompt, events) in made:
+        assert _final(events).output.token_ids == _alone(tiny_model, image, prompt, req).token_ids
+    assert engine.counters.failed == 0 and engine._pool.bytes_held() == 0
