@@ -165,3 +165,38 @@ def test_eos_stop_counts_every_fed_token(tiny_model, batch4, monkeypatch):
     assert out.finish_reason == "stop" and out.token_ids == free.token_ids[:first]
     assert out.stats.n_text_admitted == len(out.token_ids)
     assert out.stats.kv_bytes_peak == out.stats.kv_bytes_dense_equivalent
+
+
+def test_padded_and_paged_caches_count_the_same_bytes_from_their_tensors(tiny_model, batch4):
+    """The same rows decoded into the padded cache and into the block pool: per row, both report the bytes of its
+    valid slots priced from their own tensors, and the two agree."""
+    from dynllava.engine import new_row
+    from dynllava.paged_cache import PagedKVPool
+
+    images, prompts = batch4
+    cfg = SparsityConfig(vision_keep=0.25, text_keep=0.5, vision_scorer="stride", text_scorer="recent")
+    prepared = tiny_model.prepare(images, prompts, 6)
+    m = tiny_model
+    counted = {}
+    for layout, pool in (("padded", None), ("paged", PagedKVPool(m.n_layers, cfg.layer, m.n_kv_heads, m.head_dim,
+                                                                  m.dtype, m.device, block_tokens=4))):
+        batch = StaticBatch(m, prepared, [cfg] * 4, 6, kv_pool=pool)
+        rows = [new_row(n, cfg, m.device, 6, 0.0, 1.0, None, None, True) for n in prepared.lengths]
+        with torch.inference_mode():
+            logits = batch.prefill()
+            batch.record_prefill(rows)
+            for _ in range(5):
+                tokens = logits.argmax(-1).tolist()
+                for row, token in zip(rows, tokens):
+                    row.tokens.append(token)
+                logits = batch.step(tokens, rows, [True] * 4)
+                for row in rows:
+                    row.n_fed += 1
+        cache = batch.cache
+        for i in range(4):
+            from_tensors = sum(cache.lengths(g)[i] * 2 * k[0, :, 0].numel() * k.element_size()
+                               for g in (0, 1) for k in (cache.buffers(layer)[0] for layer in range(m.n_layers)
+                                                         if cache.group_of(layer) == g))
+            assert cache.bytes_in_use(i) == from_tensors, (layout, i)
+        counted[layout] = [cache.bytes_in_use(i) for i in range(4)]
+    assert counted["padded"] == counted["paged"]
