@@ -32,14 +32,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from dynllava import ops
+from dynllava import ops, paged_cache
 from dynllava.config import SparsityConfig
 from dynllava.engine import (CACHE_BLOCK_TOKENS, GRAPH_CACHE_BLOCK_TOKENS, DecodingRow, GenerationOutput,
                              LogitRules, StaticBatch, TokenLogprob, check_generation_args, check_seed, check_stop,
                              decoding_bytes, finish_row, model_dims, new_row, per_row, release, row_step_flops,
                              sample_next)
 from dynllava.inputs import PreparedBatch, concat_prepared, split_prepared
-from dynllava import paged_cache
 from dynllava.paged_cache import PagedKVPool
 from dynllava.scheduler import KVLayout, Scheduled, SchedulerLimits, schedule
 from dynllava.scorers import RATE_SLACK_TOKENS

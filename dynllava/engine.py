@@ -15,9 +15,9 @@ import torch
 
 from dynllava import costs
 from dynllava.cache import SparseKVCache
-from dynllava.paged_cache import PagedKVCache, PagedKVPool
 from dynllava.config import SparsityConfig
 from dynllava.decode_step import CachedStep
+from dynllava.paged_cache import PagedKVCache, PagedKVPool
 from dynllava.scorers import TEXT_SCORERS, AdmissionState, TextInputs, decide_admission
 
 CACHE_BLOCK_TOKENS = 64  # cache capacity grows in blocks of this many tokens (fewer re-allocations)
