@@ -100,8 +100,13 @@ def pressure(snap: TelemetrySnapshot, sla: SLA, ctx: PolicyContext) -> float | N
 
 
 def memory_use(snap: TelemetrySnapshot, sla: SLA) -> float:
-    """Device memory used as a fraction of the SLA's ceiling (1.0 = at the ceiling)."""
-    return snap.device_memory_used / (snap.device_memory_total * sla.memory_ceiling) if snap.device_memory_total else 0.0
+    """Memory used as a fraction of the SLA's ceiling (1.0 = at the ceiling): the larger of the device's memory
+    and, when the engine has a KV budget, the K/V its running rows hold against that budget. A full KV budget
+    is what limits how many rows run, and sparser rows hold fewer blocks: tightening turns it into concurrency."""
+    device = snap.device_memory_used / (snap.device_memory_total * sla.memory_ceiling) if snap.device_memory_total \
+        else 0.0
+    kv = snap.kv_bytes_allocated / (snap.kv_bytes_budget * sla.memory_ceiling) if snap.kv_bytes_budget else 0.0
+    return max(device, kv)
 
 
 def _step_actor(snap: TelemetrySnapshot, st: ActorState, load: float | None, memory: float, sla: SLA,

@@ -92,7 +92,7 @@ class ServeConfig:
     max_prefill_batch: int = 8  # requests prefilled in one pass (continuous)
     max_prefill_tokens: int | None = 4096  # prompt tokens prefilled in one engine step (continuous; None: no cap)
     batch_wait_s: float = 0.05  # static: how long @serve.batch waits to fill a batch
-    kv_budget_mib: float | None = None  # cap on the KV cache's worst-case allocation (None: max_batch bounds it)
+    kv_budget_mib: float | None = None  # cap on the K/V the rows hold; full, the youngest row is preempted (None: none)
     max_waiting: int = 64  # queued requests per replica beyond which new ones get 429
     threads: int = 0  # torch CPU threads per replica (0: torch's default; on a CPU replica, one less than its CPUs
     #                   leaves a core to the event loop and preprocessing: see README, where a replica's CPU goes)

@@ -40,9 +40,14 @@ class ServerMetrics:
         self.running = metrics.Gauge("dynllava_running_requests", "Rows in the running batch", tag_keys=tags)
         self.waiting = metrics.Gauge("dynllava_waiting_requests", "Requests queued for admission", tag_keys=tags)
         self.kv_in_use = metrics.Gauge("dynllava_kv_bytes_in_use", "K/V bytes held by running rows", tag_keys=tags)
-        self.kv_allocated = metrics.Gauge("dynllava_kv_bytes_allocated", "K/V cache tensor bytes", tag_keys=tags)
+        self.kv_allocated = metrics.Gauge("dynllava_kv_bytes_allocated", "K/V bytes held for running rows (blocks)",
+                                          tag_keys=tags)
+        self.kv_free = metrics.Gauge("dynllava_kv_blocks_free", "Token blocks the KV budget still leaves (-1: none)",
+                                     tag_keys=tags)
+        self.preempted = metrics.Gauge("dynllava_preempted_total", "Rows preempted since the replica started",
+                                       tag_keys=tags)
         for m in (self.ttft, self.token_latency, self.vision_keep, self.text_keep, self.kv_peak, self.output_tokens,
-                  self.running, self.waiting, self.kv_in_use, self.kv_allocated):
+                  self.running, self.waiting, self.kv_in_use, self.kv_allocated, self.kv_free, self.preempted):
             m.set_default_tags(self.default_tags)
 
     def outcome(self, status: str) -> None:
@@ -66,6 +71,8 @@ class ServerMetrics:
         self.waiting.set(counters.waiting)
         self.kv_in_use.set(counters.kv_bytes_in_use)
         self.kv_allocated.set(counters.kv_bytes_allocated)
+        self.kv_free.set(counters.kv_blocks_free)
+        self.preempted.set(counters.preempted)
 
     def start_sampling(self, counters: EngineCounters, period_s: float = 1.0) -> threading.Event:
         """Sample the engine's gauges every period_s on a daemon thread; set the returned event to stop."""

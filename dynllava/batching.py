@@ -13,9 +13,16 @@ Rows of the running batch share layer K, the mode and the text scorer (keep rati
 differ per request: the vision scorer acts only in the prefill, which runs per scorer group). A request that
 needs another layer, mode or text scorer waits until the running batch drains; nothing behind it overtakes it.
 
-The KV budget is checked against what the padded cache would allocate with every running row at its worst
-case (prompt kept at vision_keep, text admitted at text_keep, max_new_tokens generated), so admission never
-has to preempt: sparser requests reserve fewer slots and more of them run at once.
+The KV budget. With the paged cache (the default) admission counts the blocks rows hold now: a running row its
+slots plus the next token's, a joining one its prompt's (kept at vision_keep in layers >= K), within the budget
+less a watermark (`kv_watermark`) that leaves the running rows room to grow. Sparser rows hold fewer blocks,
+so more of them run at once, and a row that stops early never held its max_new_tokens. When a step cannot get
+a block, the youngest row is preempted: its blocks are freed and it goes back to the head of the queue with its
+answer so far; when it is admitted again its prompt is prefilled again and its answer fed back as forced inputs
+(not streamed again), which rebuilds its K/V and admission history, so it goes on with exactly the tokens it
+would have produced. With the padded cache, or static batching, admission counts every row's worst case (prompt
+kept at vision_keep, text admitted at text_keep, max_new_tokens generated) and never preempts. Either way a
+request whose worst case alone exceeds the budget is refused at submit, so a row running alone always fits.
 """
 
 from __future__ import annotations
@@ -39,12 +46,16 @@ from dynllava.engine import (CACHE_BLOCK_TOKENS, GRAPH_CACHE_BLOCK_TOKENS, Decod
                              decoding_bytes, finish_row, model_dims, new_row, per_row, release, row_step_flops,
                              sample_next)
 from dynllava.inputs import PreparedBatch, concat_prepared, split_prepared
-from dynllava.paged_cache import PagedKVPool
-from dynllava.scheduler import KVLayout, Scheduled, SchedulerLimits, schedule
+from dynllava.kv_blocks import OutOfBlocks
+from dynllava.paged_cache import PagedKVCache, PagedKVPool
+from dynllava.scheduler import KVLayout, PagedLayout, Scheduled, SchedulerLimits, schedule
 from dynllava.scorers import RATE_SLACK_TOKENS
 from dynllava.telemetry import RequestWindow, TelemetrySnapshot, take_snapshot
 
 log = logging.getLogger(__name__)
+
+
+KV_WATERMARK = 0.05  # of the KV budget, left free at admission for the running rows' next blocks (paged cache)
 
 
 class QueueFull(RuntimeError):
@@ -100,9 +111,13 @@ class EngineCounters:
     tokens_generated: int = 0
     waiting: int = 0  # requests queued, not yet prefilled
     running: int = 0  # rows in the running batch
+    preempted: int = 0  # times a running row was preempted (its blocks freed, recomputed later)
     kv_bytes_in_use: int = 0  # K/V bytes the running rows hold (valid slots)
-    kv_bytes_allocated: int = 0  # bytes the cache tensors occupy (padding and headroom included)
-    kv_bytes_reserved: int = 0  # worst-case bytes admission has reserved for the running rows
+    kv_bytes_allocated: int = 0  # bytes the cache holds for them: blocks (paged) or padded tensors
+    kv_bytes_reserved: int = 0  # bytes admission counts for the running rows (see the module docstring)
+    kv_bytes_pool: int = 0  # bytes of the paged pool's tensors, free blocks included (0 with the padded cache)
+    kv_blocks_free: int = -1  # blocks of PAGED_BLOCK_TOKENS tokens (every layer) the budget still leaves (-1: no
+    #                           budget, or the padded cache)
     oldest_waiting_since: float | None = None  # perf_counter arrival of the longest-waiting queued request
 
 
@@ -120,11 +135,12 @@ class _Live:
     reserve: tuple[int, int] = (0, 0)  # worst-case slots in the dense and sparse layer groups
     solo: bool = False  # prefill alone: a batched prefill with this request failed (out of memory or an error)
     error: str | None = None  # this row failed after its prefill (sampling, stop check): it leaves with this error
+    resume: tuple[int, int] | None = None  # preempted: the slots it held (it holds them again once resumed)
 
-    def scheduled(self) -> Scheduled:
+    def scheduled(self, counted: tuple[int, int]) -> Scheduled:
+        """As the scheduler sees it, with the cache slots admission counts for it."""
         s = self.request.sparsity
-        return Scheduled(self.ticket, self.request.prepared.lengths[0], self.reserve, _decoding_signature(s),
-                         self.solo)
+        return Scheduled(self.ticket, self.request.prepared.lengths[0], counted, _decoding_signature(s), self.solo)
 
 
 def _decoding_signature(s: SparsityConfig) -> tuple:
@@ -140,15 +156,23 @@ def text_slots_bound(sparsity: SparsityConfig, max_new_tokens: int) -> int:
     return min(max_new_tokens, math.ceil(rate * max_new_tokens + RATE_SLACK_TOKENS) + 1)
 
 
-def reserved_slots(model, request: EngineRequest) -> tuple[int, int]:
-    """Worst-case cache slots of one request: (dense group: every token, sparse group: kept prompt + admitted
-    text). One extra slot each for the token being fed. (0, 0) in no_cache mode, which holds no K/V."""
+def prompt_slots(model, request: EngineRequest) -> tuple[int, int]:
+    """Cache slots a request's prefill fills: (dense group: the prompt, sparse group: the prompt with its image
+    tokens kept at vision_keep). (0, 0) in no_cache mode, which holds no K/V."""
     p = request.prepared
     if request.sparsity.mode == "no_cache":
         return 0, 0
     n_image = int((p.input_ids[0, : p.lengths[0]] == model.image_token_id).sum())
-    kept_prompt = p.lengths[0] - n_image + ops.keep_count(n_image, request.sparsity.vision_keep)
-    return (p.lengths[0] + request.max_new_tokens + 1,
+    return p.lengths[0], p.lengths[0] - n_image + ops.keep_count(n_image, request.sparsity.vision_keep)
+
+
+def reserved_slots(model, request: EngineRequest) -> tuple[int, int]:
+    """Worst-case cache slots of one request: (dense group: every token, sparse group: kept prompt + admitted
+    text). One extra slot each for the token being fed. (0, 0) in no_cache mode, which holds no K/V."""
+    if request.sparsity.mode == "no_cache":
+        return 0, 0
+    dense, kept_prompt = prompt_slots(model, request)
+    return (dense + request.max_new_tokens + 1,
             kept_prompt + text_slots_bound(request.sparsity, request.max_new_tokens) + 1)
 
 
@@ -156,8 +180,9 @@ class ContinuousEngine:
     """The generation loop over one DynamicLlava (see the module docstring).
 
     max_batch: most rows decoding together; max_prefill_batch / max_prefill_tokens: most requests / prompt
-    tokens prefilled in one step (None: no token cap); kv_budget_bytes: cap on the cache's allocation at every
-    running row's worst case (None: no cap); max_waiting: queue length beyond which `submit` raises QueueFull.
+    tokens prefilled in one step (None: no token cap); kv_budget_bytes: cap on the K/V the rows hold (None: no
+    cap); kv_watermark: the fraction of it that admission leaves free for running rows to grow into (paged cache;
+    see the module docstring); max_waiting: queue length beyond which `submit` raises QueueFull.
     join_running=False makes it a static batcher: a new batch starts only when the running one has entirely
     finished (the baseline to compare with). cuda_graphs: on CUDA, replay the decoding step as a CUDA graph.
     isolate_failures: a failing prefill or step fails only its requests and the loop goes on (a server); False
@@ -169,19 +194,26 @@ class ContinuousEngine:
     def __init__(self, model, max_batch: int = 32, max_prefill_batch: int = 8, kv_budget_bytes: int | None = None,
                  max_waiting: int = 256, join_running: bool = True, telemetry_window_s: float = 30.0,
                  clock: Callable[[], float] = time.time, max_prefill_tokens: int | None = None,
-                 cuda_graphs: bool = True, isolate_failures: bool = True, paged: bool | None = None):
+                 cuda_graphs: bool = True, isolate_failures: bool = True, paged: bool | None = None,
+                 kv_watermark: float = KV_WATERMARK):
         if max_waiting < 1:
             raise ValueError("max_waiting must be >= 1")
         self.model = model
-        self.limits = SchedulerLimits(max_batch, max_prefill_batch, max_prefill_tokens, kv_budget_bytes,
-                                      join_running)
         self.kv_budget_bytes, self.max_waiting = kv_budget_bytes, max_waiting
         self.use_graphs = cuda_graphs and model.device.type == "cuda"
+        # K/V in a block pool (dynllava.paged_cache) or the padded SparseKVCache. Default: paged, except where CUDA
+        # graphs run (the paged step is not captured yet, and on a GPU the graphs matter more for now)
+        self.paged = paged if paged is not None else not self.use_graphs
+        # admission on the blocks rows hold now (and preemption when they run out), or on every row's worst case
+        self.on_demand = self.paged and join_running
+        self.limits = SchedulerLimits(max_batch, max_prefill_batch, max_prefill_tokens, kv_budget_bytes,
+                                      join_running, kv_watermark if self.on_demand else 0.0)
         self.isolate_failures = isolate_failures
         self.dims = model_dims(model)
         element = torch.empty((), dtype=model.dtype).element_size()
-        self.kv_layout = KVLayout(model.n_layers, 2 * model.n_kv_heads * model.head_dim * element,
-                                  GRAPH_CACHE_BLOCK_TOKENS if self.use_graphs else CACHE_BLOCK_TOKENS)
+        slot_bytes = 2 * model.n_kv_heads * model.head_dim * element
+        self.kv_layout = PagedLayout(model.n_layers, slot_bytes, paged_cache.PAGED_BLOCK_TOKENS) if self.paged \
+            else KVLayout(model.n_layers, slot_bytes, GRAPH_CACHE_BLOCK_TOKENS if self.use_graphs else CACHE_BLOCK_TOKENS)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._inbox: collections.deque[_Live] = collections.deque()
@@ -190,9 +222,6 @@ class ContinuousEngine:
         self._waiting: collections.deque[_Live] = collections.deque()
         self._running: list[_Live] = []
         self._decoding = None  # the running rows' CachedDecoding or RecomputeDecoding
-        # K/V in a block pool (dynllava.paged_cache) or the padded SparseKVCache. Default: paged, except where CUDA
-        # graphs run (the paged step is not captured yet, and on a GPU the graphs matter more for now)
-        self.paged = paged if paged is not None else not self.use_graphs
         self._pool: PagedKVPool | None = None  # the block pool, made for the running rows' layer K
         self._tokens: list[int] = []  # each running row's last sampled token (fed at the next step)
         self.counters = EngineCounters()
@@ -298,7 +327,8 @@ class ContinuousEngine:
         since = c.oldest_waiting_since
         return take_snapshot(actor_id, kind, self.window, self.model.device, sparsity.to_dict(), c.waiting,
                              c.running, c.kv_bytes_in_use, c.kv_bytes_allocated,
-                             None if since is None else time.perf_counter() - since)
+                             None if since is None else time.perf_counter() - since, self.kv_budget_bytes or 0,
+                             c.kv_blocks_free, c.preempted)
 
     def has_work(self) -> bool:
         return bool(self._waiting or self._running)
@@ -344,9 +374,28 @@ class ContinuousEngine:
         candidates = list(itertools.islice(self._waiting, self.limits.max_prefill_batch))
         for live in candidates:
             self._follow_keep(live)
-        plan = schedule([live.scheduled() for live in candidates], [live.scheduled() for live in self._running],
+        plan = schedule([live.scheduled(self._joining_slots(live)) for live in candidates],
+                        [live.scheduled(slots) for live, slots in zip(self._running, self._running_slots())],
                         self.limits, self.kv_layout)
         return [self._waiting.popleft() for _ in plan.admit]
+
+    def _joining_slots(self, live: _Live) -> tuple[int, int]:
+        """Slots admission counts for a waiting request: its worst case, or (on demand) what its prefill, the
+        replay of its answer so far (a preempted row) and its next token take."""
+        if not self.on_demand or live.reserve == (0, 0):
+            return live.reserve
+        if live.resume is not None:
+            return live.resume
+        dense, kept = prompt_slots(self.model, live.request)
+        return dense + 1, kept + 1
+
+    def _running_slots(self) -> list[tuple[int, int]]:
+        """Slots admission counts for each running row: its worst case, or (on demand) what it holds plus the
+        next token."""
+        if not self.on_demand or not isinstance(getattr(self._decoding, "cache", None), PagedKVCache):
+            return [live.reserve for live in self._running]
+        tables = self._decoding.cache.tables
+        return [(t0.length + 1, t1.length + 1) for t0, t1 in zip(*tables)]
 
     def _follow_keep(self, live: _Live) -> None:
         """Move a following request to the engine's current keep ratios (and re-reserve its slots), unless the
@@ -415,23 +464,30 @@ class ContinuousEngine:
         sparsities = [live.request.sparsity for live in members]
         for live in members:
             r = live.request
-            live.row = new_row(r.prepared.lengths[0], r.sparsity, model.device, r.max_new_tokens, r.temperature,
-                               r.top_p, r.seed, r.stop, r.ignore_eos, r.rules, model.eos_token_ids, r.logprobs)
+            if live.resume is None:
+                live.row = new_row(r.prepared.lengths[0], r.sparsity, model.device, r.max_new_tokens, r.temperature,
+                                   r.top_p, r.seed, r.stop, r.ignore_eos, r.rules, model.eos_token_ids, r.logprobs)
         rows = [live.row for live in members]
+        fresh = [i for i, live in enumerate(members) if live.resume is None]  # the others resume (answer replayed)
         batch = StaticBatch(model, prepared, sparsities, max(r.max_new_tokens for r in rows),
                             cuda_graphs=self.use_graphs, kv_pool=self._pool_for(sparsities[0]))
         try:
             logits = batch.prefill()
             batch.record_prefill(rows)
             failed: dict[int, str] = {}
-            tokens = sample_next(logits, rows, failed if self.isolate_failures else None)
+            sampled = sample_next(logits[fresh], [rows[i] for i in fresh], failed if self.isolate_failures else None)
         except BaseException:
             release(batch.decoding)  # the rows' blocks go back to the pool
+            self._compact()
             raise
         now = time.perf_counter()
-        for i, (live, tok) in enumerate(zip(members, tokens)):
+        tokens = [live.row.tokens[0] if live.resume else -1 for live in members]  # a resumed row: its answer's first
+        for j, (i, tok) in enumerate(zip(fresh, sampled)):
+            live, tokens[i] = members[i], tok
             live.prefill_s, live.first_token_at = now - started, now
-            self._take_token(live, tok, now, failed.get(i))
+            self._take_token(live, tok, now, failed.get(j))
+        for live in members:
+            live.resume = None
         # merge every new row (finished ones leave right after, through the same path as all others)
         if self._decoding is None:
             self._decoding = batch.decoding
@@ -442,15 +498,17 @@ class ContinuousEngine:
         self._emit_and_retire()
 
     def _decode(self) -> None:
-        rows = [live.row for live in self._running]
-        active = [True] * len(rows)
         try:
+            self._reserve_blocks()
+            rows = [live.row for live in self._running]
+            active = [True] * len(rows)
+            sampling = [i for i, row in enumerate(rows) if not row.replaying]
             row_step_flops(self.dims, rows, active, rows[0].sparsity.mode, not self._decoding.text_dense)
             logits = self._decoding.step(self._tokens, rows, active)
             for row in rows:
                 row.n_fed += 1
             failed: dict[int, str] = {}
-            new = sample_next(logits, rows, failed if self.isolate_failures else None)
+            new = sample_next(logits[sampling], [rows[i] for i in sampling], failed if self.isolate_failures else None)
         except Exception as e:  # the shared step failed: fail the running requests, keep serving
             if not self.isolate_failures:
                 raise
@@ -463,10 +521,48 @@ class ContinuousEngine:
             self._running, self._tokens, self._decoding = [], [], None
             return
         now = time.perf_counter()
-        for i, (live, tok) in enumerate(zip(self._running, new)):
+        for i, row in enumerate(rows):
+            if row.n_fed < len(row.tokens):  # replaying: the answer's next token is fed next
+                self._tokens[i] = row.tokens[row.n_fed]
+        for j, (i, tok) in enumerate(zip(sampling, new)):
             self._tokens[i] = tok
-            self._take_token(live, tok, now, failed.get(i))
+            self._take_token(self._running[i], tok, now, failed.get(j))
         self._emit_and_retire()
+
+    def _reserve_blocks(self) -> None:
+        """Take the blocks this step's tokens need; while the pool cannot give them, preempt the youngest row
+        (the last admitted). A row alone always fits: its worst case was checked against the budget at submit."""
+        cache = getattr(self._decoding, "cache", None)
+        if not isinstance(cache, PagedKVCache):
+            return
+        while True:
+            try:
+                for group in (0, 1):
+                    cache.reserve_step(group, [True] * cache.batch)
+                return
+            except OutOfBlocks:
+                if len(self._running) == 1:
+                    raise
+                self._preempt(len(self._running) - 1)
+
+    def _preempt(self, index: int) -> None:
+        """Free a running row's blocks and put it back at the head of the queue with its answer so far (see the
+        module docstring); nothing more is streamed until it produces new tokens."""
+        live = self._running[index]
+        tables = self._decoding.cache.tables
+        live.resume = (tables[0][index].length + 1, tables[1][index].length + 1)
+        log.info("preempting request %d after %d tokens (the KV budget is full)", live.ticket, len(live.row.tokens))
+        self._drop([index])
+        live.row.rewind()
+        self._waiting.appendleft(live)
+        self.counters.preempted += 1
+
+    def _compact(self) -> None:
+        """Move the running rows' blocks down over the holes a dropped group left (paged cache)."""
+        cache = getattr(self._decoding, "cache", None)
+        if isinstance(cache, PagedKVCache):
+            for group in (0, 1):
+                cache.compact(group)
 
     def _take_token(self, live: _Live, token: int, now: float, error: str | None) -> None:
         """Append a row's new token and check whether it finished; a row whose sampling or stop check failed
@@ -546,8 +642,11 @@ class ContinuousEngine:
         c.waiting, c.running = len(self._waiting), len(self._running)
         c.oldest_waiting_since = self._waiting[0].submitted_at if self._waiting else None
         c.kv_bytes_in_use, c.kv_bytes_allocated = decoding_bytes(self._decoding)
-        c.kv_bytes_reserved = self._allocation([live.reserve for live in self._running],
-                                               self._running[0].request.sparsity.layer) if self._running else 0
+        c.kv_bytes_reserved = self._allocation(self._running_slots(), self._running[0].request.sparsity.layer) \
+            if self._running else 0
+        pool = self._pool
+        c.kv_bytes_pool = pool.bytes_allocated() if pool is not None else 0
+        c.kv_blocks_free = pool.free_token_blocks() if pool is not None else -1
 
 
 @torch.inference_mode()
@@ -596,4 +695,4 @@ def generate(model, images: Sequence[Any], prompts: Sequence[str],
 
 
 __all__ = ["generate", "ContinuousEngine", "EngineRequest", "StreamEvent", "EngineCounters", "QueueFull", "text_slots_bound",
-           "reserved_slots"]
+           "reserved_slots", "prompt_slots", "KV_WATERMARK"]

@@ -139,6 +139,18 @@ class DecodingRow:
     n_kept_prompt: int = 0  # prompt tokens in layers >= K
     prefill_flops: tuple[float, float] = (0.0, 0.0)  # (dense, as run)
 
+    def rewind(self) -> None:
+        """Back to before its prefill, its answer kept (tokens, logprobs, sampler state): a preempted row is
+        prefilled again and its answer fed back as forced inputs (`replaying`), which rebuilds its K/V, its
+        admission history and its FLOPs exactly as they were."""
+        self.n_fed, self.admission = 0, AdmissionState()
+        self.flops_dense = self.flops_sparse = 0.0
+
+    @property
+    def replaying(self) -> bool:
+        """Whether the next input is a token of the answer already sent (after a preemption), not a new one."""
+        return self.n_fed < len(self.tokens) - 1
+
     @property
     def n_admitted(self) -> int:
         """Generated tokens whose K/V entered layers >= K."""
@@ -278,7 +290,7 @@ class CachedDecoding:
         cache = self.cache
         for group in (0, 1):
             cache.reserve_step(group, active)
-        positions = [r.prompt_len + len(r.tokens) - 1 for r in rows]
+        positions = [r.prompt_len + r.n_fed for r in rows]  # the fed token is generated token n_fed
         logits, scores = self.decoder(tokens, positions, cache.lengths(0), cache.lengths(1))
         cache.commit_step(0, active)
         cache.commit_step(1, admit_tokens(self.text_scorer, scores, rows, active, self.text_dense))
@@ -342,12 +354,12 @@ class RecomputeDecoding:
         """Feed each active row's last token; returns next-token logits [B, V]."""
         m, dev = self.model, self.model.device
         b = len(rows)
-        needed = max(r.prompt_len + len(r.tokens) for r in rows)
+        needed = max(r.prompt_len + r.n_fed + 1 for r in rows)
         if needed > self.embeds.shape[1]:
             self._widen(needed)
         write_rows = [i for i, a in enumerate(active) if a]
         rows_t = torch.tensor(write_rows, device=dev, dtype=torch.long)
-        at = torch.tensor([rows[i].prompt_len + len(rows[i].tokens) - 1 for i in write_rows], device=dev,
+        at = torch.tensor([rows[i].prompt_len + rows[i].n_fed for i in write_rows], device=dev,
                           dtype=torch.long)
         if write_rows:
             self.embeds[rows_t, at] = m.lm.embed_tokens(torch.tensor([tokens[i] for i in write_rows], device=dev))

@@ -90,6 +90,12 @@ class PagedKVPool:
         """Bytes of the pool's tensors (held and free blocks)."""
         return sum(g.blocks.n_blocks * g.block_bytes for g in self.groups if g.n_layers)
 
+    def free_token_blocks(self) -> int:
+        """How many more blocks of block_tokens tokens in every layer the budget leaves room for (-1: no cap)."""
+        if self.max_bytes is None:
+            return -1
+        return max(self.max_bytes - self.bytes_held(), 0) // sum(g.block_bytes for g in self.groups)
+
     def take(self, group: int, table: BlockTable, slots: int) -> None:
         """Give `table` blocks for `slots` slots in `group`, growing the pool if it must and may (by a quarter at
         least, so growth copies are rare; under a cap, first taking back the groups' free tails); OutOfBlocks

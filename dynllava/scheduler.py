@@ -11,8 +11,11 @@ No torch, no model, no clock of its own: `ContinuousEngine` describes its waitin
 - Budgets per step: at most `max_prefill_batch` requests and `max_prefill_tokens` prompt tokens are
   prefilled, so a burst of arrivals stalls the running rows' next token by one bounded prefill, not by the
   whole burst (the first request always goes, however long its prompt, or it could never run).
-- The KV budget holds at every running row's worst case (`KVLayout.allocation_bytes`), so a running row is
-  never preempted.
+- The KV budget: the bytes every running row and the joining ones take, as the layout counts them, stay within
+  kv_budget_bytes less a watermark. What a row counts is the engine's choice (`Scheduled.reserve`): with the
+  padded cache, its worst case (`KVLayout`: rows padded to the longest), so a running row never runs out;
+  with the paged cache, the slots it holds now plus the next token's (`PagedLayout`: whole blocks per row),
+  and the watermark leaves room for the running rows to grow until the engine preempts one.
 - `join_running=False` is static batching: a new batch starts only when the running one has finished.
 - A `solo` request (its group's prefill ran out of memory) is prefilled alone.
 """
@@ -45,12 +48,27 @@ class KVLayout:
 
 
 @dataclass(frozen=True)
+class PagedLayout:
+    """How the paged KV cache allocates memory: each row whole blocks of its own, per layer group."""
+
+    n_layers: int  # decoder layers L
+    slot_bytes_per_layer: int  # K and V of one token in one layer, bytes
+    block_tokens: int  # slots per block
+
+    def allocation_bytes(self, reserves: Sequence[tuple[int, int]], layer_k: int) -> int:
+        """Bytes of the blocks rows holding these slots (dense group, sparse group) take."""
+        layers = (layer_k, self.n_layers - layer_k)
+        blocks = [sum(-(-r[group] // self.block_tokens) for r in reserves) for group in (0, 1)]
+        return sum(b * self.block_tokens * n * self.slot_bytes_per_layer for b, n in zip(blocks, layers))
+
+
+@dataclass(frozen=True)
 class Scheduled:
     """A request as the scheduler sees it (waiting or running)."""
 
     ticket: int  # the engine's id for the request
     prompt_tokens: int  # tokens its prefill runs
-    reserve: tuple[int, int]  # worst-case cache slots: (layers < K, layers >= K); (0, 0) in no_cache mode
+    reserve: tuple[int, int]  # cache slots admission counts: (layers < K, layers >= K); (0, 0) in no_cache mode
     signature: tuple  # (layer K, mode, text scorer): rows that decode together share it
     solo: bool = False  # prefill this request alone (a batched prefill with it ran out of memory)
 
@@ -62,14 +80,24 @@ class SchedulerLimits:
     max_batch: int  # most rows decoding together
     max_prefill_batch: int  # most requests prefilled in one step
     max_prefill_tokens: int | None  # most prompt tokens prefilled in one step (None: no cap)
-    kv_budget_bytes: int | None  # cap on the cache's allocation at every running row's worst case (None: none)
+    kv_budget_bytes: int | None  # cap on the cache's allocation as the layout counts the rows (None: none)
     join_running: bool = True  # False: static batching (the baseline)
+    kv_watermark: float = 0.0  # fraction of kv_budget_bytes admission leaves free for the running rows to grow
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_prefill_batch < 1:
             raise ValueError("max_batch and max_prefill_batch must be >= 1")
         if self.max_prefill_tokens is not None and self.max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be >= 1 or None, got {self.max_prefill_tokens}")
+        if not 0.0 <= self.kv_watermark < 1.0:
+            raise ValueError(f"kv_watermark must be in [0, 1), got {self.kv_watermark}")
+
+    @property
+    def admission_bytes(self) -> int | None:
+        """The cap admission checks: the budget less the watermark (None: no cap)."""
+        if self.kv_budget_bytes is None:
+            return None
+        return int(self.kv_budget_bytes * (1.0 - self.kv_watermark))
 
 
 @dataclass(frozen=True)
@@ -84,7 +112,7 @@ class StepPlan:
 
 
 def schedule(waiting: Sequence[Scheduled], running: Sequence[Scheduled], limits: SchedulerLimits,
-             layout: KVLayout) -> StepPlan:
+             layout: KVLayout | PagedLayout) -> StepPlan:
     """One step's plan: which waiting requests join (see the module docstring for the rules) and whether the
     running rows decode. Pure: the same inputs always give the same plan."""
     admit: list[int] = []
@@ -107,7 +135,7 @@ def schedule(waiting: Sequence[Scheduled], running: Sequence[Scheduled], limits:
                 tokens + head.prompt_tokens > limits.max_prefill_tokens:
             reason = "prefill_tokens"
         elif limits.kv_budget_bytes is not None and \
-                layout.allocation_bytes(reserves + [head.reserve], head.signature[0]) > limits.kv_budget_bytes:
+                layout.allocation_bytes(reserves + [head.reserve], head.signature[0]) > limits.admission_bytes:
             reason = "kv_budget"
         if reason is not None:
             break

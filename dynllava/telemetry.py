@@ -34,14 +34,17 @@ class TelemetrySnapshot:
     latency_p95_s: float | None  # arrival to last token, p95
     queue_depth: int  # requests waiting for admission
     running: int  # rows in the running batch
-    kv_bytes_in_use: int  # K/V bytes the running rows hold
-    kv_bytes_allocated: int  # bytes of the cache tensors
+    kv_bytes_in_use: int  # K/V bytes the running rows hold in valid slots
+    kv_bytes_allocated: int  # bytes the cache holds for the running rows: their blocks (paged) or padded tensors
     device_memory_used: int  # bytes (GPU via NVML, else this process's resident memory)
     device_memory_total: int  # bytes (GPU total, else physical memory)
     sparsity: dict = field(default_factory=dict)  # the engine's current SparsityConfig as a dict
     finished: int = 0  # requests (rows) this engine finished since it started
     oldest_wait_s: float | None = None  # how long the head of the queue has waited (None: nothing waits). A
     #                                     leading signal: that request's TTFT is already at least this.
+    kv_bytes_budget: int = 0  # the engine's KV budget (0: none); kv_bytes_allocated stays within it
+    kv_blocks_free: int = -1  # blocks of tokens (every layer) the budget still leaves (-1: no budget or padded)
+    preempted: int = 0  # rows preempted since the engine started (its KV budget was full)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,7 +118,8 @@ def resident_bytes() -> int:
 
 def take_snapshot(actor_id: str, kind: str, window: RequestWindow, device, sparsity: dict, queue_depth: int = 0,
                   running: int = 0, kv_bytes_in_use: int = 0, kv_bytes_allocated: int = 0,
-                  oldest_wait_s: float | None = None) -> TelemetrySnapshot:
+                  oldest_wait_s: float | None = None, kv_bytes_budget: int = 0, kv_blocks_free: int = -1,
+                  preempted: int = 0) -> TelemetrySnapshot:
     """A snapshot now: the window's figures, the given current counts, and `device`'s memory (a torch.device:
     NVML for CUDA, else this process)."""
     used, total = device_memory((device.index or 0) if device.type == "cuda" else None)
@@ -123,4 +127,5 @@ def take_snapshot(actor_id: str, kind: str, window: RequestWindow, device, spars
                              **window.stats(), queue_depth=queue_depth, running=running,
                              kv_bytes_in_use=kv_bytes_in_use, kv_bytes_allocated=kv_bytes_allocated,
                              device_memory_used=used, device_memory_total=total, sparsity=sparsity,
-                             oldest_wait_s=oldest_wait_s)
+                             oldest_wait_s=oldest_wait_s, kv_bytes_budget=kv_bytes_budget,
+                             kv_blocks_free=kv_blocks_free, preempted=preempted)

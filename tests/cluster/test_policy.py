@@ -16,10 +16,11 @@ SLA_ = SLA(online=OnlineTargets(ttft_p95_s=1.0), floor=KeepSetting(0.1, 0.3),
 
 def snap(actor: str = "r0", kind: str = "serve", ttft: float | None = 0.2, rate: float = 5.0,
          keep: KeepSetting = KeepSetting(), used: int = 10, total: int = 100, finished: int = 0,
-         oldest_wait: float | None = None) -> TelemetrySnapshot:
+         oldest_wait: float | None = None, kv_held: int = 0, kv_budget: int = 0) -> TelemetrySnapshot:
     return TelemetrySnapshot(actor, kind, 0.0, 30.0, rate, rate * 30, ttft, ttft, None, None, None,
-                             0 if oldest_wait is None else 3, 1, 0, 0, used, total,
-                             {"vision_keep": keep.vision_keep, "text_keep": keep.text_keep}, finished, oldest_wait)
+                             0 if oldest_wait is None else 3, 1, 0, kv_held, used, total,
+                             {"vision_keep": keep.vision_keep, "text_keep": keep.text_keep}, finished, oldest_wait,
+                             kv_budget)
 
 
 def test_ladder_runs_from_preferred_to_floor_and_state_recovers_from_reports():
@@ -41,6 +42,10 @@ def test_single_decisions():
     assert decisions[0].value == SLA_.keep_at(3), "far over target: max_step levels at once"
     decisions, _ = decide(ctx(3, snap(ttft=0.1, used=95)), PolicyState())
     assert decisions and "memory" in decisions[0].reason
+    decisions, _ = decide(ctx(3, snap(ttft=0.1, kv_held=95, kv_budget=100)), PolicyState())
+    assert decisions and "memory 1.06 of ceiling" in decisions[0].reason, "a full KV budget tightens"
+    decisions, _ = decide(ctx(3, snap(ttft=0.1, kv_held=80, kv_budget=100)), PolicyState())
+    assert decisions == [], "room in the KV budget: nothing to do"
     _, state = decide(ctx(4, snap("a"), snap("b")), PolicyState())
     _, state = decide(ctx(5, snap("b")), state)
     assert set(state.actors) == {"b"}, "a dead actor is dropped"

@@ -61,7 +61,7 @@ def _static_batches_run_to_completion(base: str) -> None:
         return {"messages": [{"role": "user", "content": f"Say something about the number {i}."}], "max_tokens": n,
                 "temperature": 0, "dynllava": {"ignore_eos": True}}
 
-    lengths = [4, 120, 4, 120, 4]
+    lengths = [32, 160, 32, 160, 4]  # the short rows run long enough for the poll to see all four
     seen = []
     with ThreadPoolExecutor(5) as pool:
         first = [pool.submit(request, "POST", f"{base}/v1/chat/completions", body(i, lengths[i])) for i in range(4)]
@@ -93,7 +93,7 @@ def test_the_yaml_starts_a_working_endpoint(how, tmp_path):
     config = yaml.safe_load((REPO_ROOT / "configs" / "serve.yaml").read_text())
     config["http_options"]["port"] = port
     if how == "serve run":
-        config["applications"][0]["args"].update(batching="static", max_batch=4, batch_wait_s=0.5)
+        config["applications"][0]["args"].update(batching="static", max_batch=4, batch_wait_s=2.0)
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
     metrics_port = free_port()

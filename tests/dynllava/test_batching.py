@@ -78,28 +78,39 @@ def test_rows_joining_and_leaving_decode_as_alone(tiny_model, temperature, paged
         assert engine._pool.bytes_held() == 0 and all(g.blocks.used_blocks == 0 for g in engine._pool.groups)
 
 
-def test_kv_budget_bounds_allocation_and_sparsity_buys_concurrency(tiny_model):
+@pytest.mark.parametrize("paged", [True, False], ids=["paged", "padded"])
+def test_kv_budget_bounds_allocation_and_sparsity_buys_concurrency(tiny_model, paged):
     """Under the same byte budget, sparse requests run more at once than dense ones, and the cache never
-    allocates more than the budget."""
+    allocates more than the budget. Padded: admission counts every row's worst case, so exactly 5 dense rows run
+    and none is preempted. Paged: admission counts the blocks held now, rows are preempted when the pool is full
+    and resume exactly."""
     probe, _ = _request(tiny_model, 0, DENSE, max_new=150)
-    engine = ContinuousEngine(tiny_model, max_batch=16, max_prefill_batch=16)
-    budget = engine._allocation([reserved_slots(tiny_model, probe)] * 5, DENSE.layer)
+    budget = ContinuousEngine(tiny_model, paged=paged)._allocation([reserved_slots(tiny_model, probe)] * 5,
+                                                                   DENSE.layer)
     concurrency = {}
     for name, sparsity in (("dense", DENSE), ("sparse", SPARSE)):
-        engine = ContinuousEngine(tiny_model, max_batch=16, max_prefill_batch=16, kv_budget_bytes=budget)
+        engine = ContinuousEngine(tiny_model, max_batch=16, max_prefill_batch=16, kv_budget_bytes=budget,
+                                  paged=paged)
         made = [_request(tiny_model, 0, sparsity, max_new=150) for _ in range(12)]  # equal worst cases
         for req, _ in made:
             engine.submit(req)
-        peak = 0
+        running = []
         while engine.step():
-            peak = max(peak, engine.counters.running)
+            running.append(engine.counters.running)
             assert engine.counters.kv_bytes_allocated <= budget
-            assert engine.counters.kv_bytes_reserved <= budget
-            assert engine._pool.bytes_allocated() <= budget  # the pool's tensors, free blocks included
-        assert all(_final(events).output is not None for _, (_, _, events) in made)
-        concurrency[name] = peak
-    assert concurrency["dense"] == 5
-    assert concurrency["sparse"] > concurrency["dense"]
+            if paged:
+                assert engine._pool.bytes_allocated() <= budget  # the pool's tensors, free blocks included
+            else:
+                assert engine.counters.kv_bytes_reserved <= budget
+        outputs = [_final(events).output for _, (_, _, events) in made]
+        assert all(out is not None for out in outputs) and engine.counters.failed == 0
+        assert all(out.token_ids == outputs[0].token_ids for out in outputs), "identical requests, same answers"
+        concurrency[name] = sum(running) / len(running)
+        if not paged:
+            assert max(running) == {"dense": 5, "sparse": max(running)}[name] and engine.counters.preempted == 0
+        elif name == "dense":
+            assert engine.counters.preempted > 0, "12 dense rows outgrow a budget of 5: some were preempted"
+    assert concurrency["sparse"] > 1.25 * concurrency["dense"]
 
 
 def test_cancel_frees_the_slot_and_others_finish_unchanged(tiny_model):

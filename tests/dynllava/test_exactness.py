@@ -57,6 +57,8 @@ def test_dense_logits_match_hf_forward_within_1e4(tiny_model, batch4):
             for row, tok in zip(rows, tokens):
                 row.tokens.append(tok)
             step_logits.append(batch.step(tokens, rows, [True] * 4))
+            for row in rows:
+                row.n_fed += 1
         for i in range(4):
             full = torch.tensor([prepared.input_ids[i, : prepared.lengths[i]].tolist() + theirs[i]])
             pixels = prepared.pixel_values[i : i + 1]

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from dynllava.scheduler import KVLayout, Scheduled, SchedulerLimits, StepPlan, schedule
+from dynllava.scheduler import KVLayout, PagedLayout, Scheduled, SchedulerLimits, StepPlan, schedule
 
 LAYOUT = KVLayout(n_layers=4, slot_bytes_per_layer=10, block_tokens=8)
 SIG = (2, "kv_cache", "learned")
@@ -25,6 +25,23 @@ def test_allocation_pads_rows_to_the_longest_and_rounds_to_blocks():
     # dense group: 2 layers, 2 rows padded to 17 -> 24 slots; sparse group: 2 layers, max 9 -> 16 slots
     assert LAYOUT.allocation_bytes([(17, 9), (3, 2)], layer_k=2) == 2 * 24 * 2 * 10 + 2 * 16 * 2 * 10
     assert LAYOUT.allocation_bytes([], layer_k=2) == 0
+
+
+def test_paged_allocation_rounds_each_row_to_its_own_blocks():
+    paged = PagedLayout(n_layers=4, slot_bytes_per_layer=10, block_tokens=8)
+    # dense group: 3 + 1 blocks of 8 slots, 2 layers; sparse group: 2 + 1 blocks, 2 layers
+    assert paged.allocation_bytes([(17, 9), (3, 2)], layer_k=2) == 4 * 8 * 2 * 10 + 3 * 8 * 2 * 10
+    assert paged.allocation_bytes([(17, 9), (3, 2)], layer_k=2) < LAYOUT.allocation_bytes([(17, 9), (3, 2)], 2)
+    assert paged.allocation_bytes([], layer_k=2) == 0
+
+
+def test_the_watermark_keeps_room_for_running_rows_to_grow():
+    paged = PagedLayout(n_layers=4, slot_bytes_per_layer=10, block_tokens=8)
+    running = [Scheduled(10, 10, (24, 24), SIG)]
+    budget = paged.allocation_bytes([(24, 24), (8, 8)], 2)  # exactly the running row and one more block each
+    assert schedule([Scheduled(0, 7, (8, 8), SIG)], running, limits(kv_budget_bytes=budget), paged).admit == (0,)
+    plan = schedule([Scheduled(0, 7, (8, 8), SIG)], running, limits(kv_budget_bytes=budget, kv_watermark=0.1), paged)
+    assert plan.admit == () and plan.waiting_on == "kv_budget"
 
 
 def test_admits_the_head_of_the_queue_within_the_batch():
@@ -112,3 +129,5 @@ def test_limits_are_validated():
         SchedulerLimits(0, 1, None, None)
     with pytest.raises(ValueError, match="max_prefill_tokens"):
         SchedulerLimits(1, 1, 0, None)
+    with pytest.raises(ValueError, match="kv_watermark"):
+        SchedulerLimits(1, 1, None, 100, kv_watermark=1.0)
