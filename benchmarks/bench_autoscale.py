@@ -173,7 +173,7 @@ def run_arm(name: str, args: argparse.Namespace, sla: SLA, base: str, load) -> d
         time.sleep(args.window_s + 2 * args.report_period_s)  # the replicas' telemetry window forgets the warm-up
         t0 = time.perf_counter()
         sampler = ReplicaSampler(t0)
-        results, wall = asyncio.run(drive(url, load))
+        results, wall, _ = asyncio.run(drive(url, load))
         replicas = sampler.finish()
         decisions = ray.get(controller.status.remote())["decisions"] if controller is not None else []
     finally:

@@ -9,7 +9,9 @@ Per arm and rate: throughput, TTFT, time per output token after the first (TPOT)
 percentiles, and goodput = requests that finished within --slo-s per second of offered load (the arrival
 window, first to last arrival, as in DistServe: an arm that serves every request within the SLO has goodput =
 the offered rate; dividing by the wall clock instead would charge the drain, i.e. the last request's own
-latency, and make two arms that both serve everything differ by noise). Per rate:
+latency, and make two arms that both serve everything differ by noise). While each load runs, the replica's
+/health is polled every 0.25 s for its K/V bytes: kv_allocated_over_in_use is the bytes the running rows'
+blocks hold over the bytes of their valid slots, summed over the samples (target <= 1.15). Per rate:
 continuous_over_static = continuous goodput / static goodput (dense and sparse; target >= 1 at every rate and
 >= 1.5 at the highest) and sparse_over_dense = sparse goodput / dense goodput (continuous and static; target
 >= 1). Prints a table, then one JSON line.
@@ -116,14 +118,31 @@ async def one_request(session, url: str, body: dict, start: float, offset: float
             "chunks": chunks, "tokens": tokens, "tpot": tpot, "sent": sent - start, "applied": applied}
 
 
-async def drive(url: str, load: list[tuple[float, dict]]) -> tuple[list[dict], float]:
+async def drive(url: str, load: list[tuple[float, dict]], health_url: str | None = None
+                ) -> tuple[list[dict], float, list[tuple[int, int]]]:
+    """Send the load; returns the results, the wall time, and (K/V bytes in use, allocated) from /health every
+    0.25 s while rows ran (when health_url is given)."""
     import aiohttp
 
     connector = aiohttp.TCPConnector(limit=0)
+    samples: list[tuple[int, int]] = []
+
+    async def sample(session) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            async with session.get(health_url) as response:
+                health = await response.json()
+            if health.get("running"):
+                samples.append((health["kv_bytes_in_use"], health["kv_bytes_allocated"]))
+
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+        sampler = asyncio.create_task(sample(session)) if health_url else None
         start = time.perf_counter()
         results = await asyncio.gather(*(one_request(session, url, body, start, t) for t, body in load))
-        return results, time.perf_counter() - start
+        wall = time.perf_counter() - start
+        if sampler is not None:
+            sampler.cancel()
+        return results, wall, samples
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -181,8 +200,10 @@ def run_arm(name: str, args: argparse.Namespace, base: str, loads: dict[float, l
     asyncio.run(drive(url, first[:4]))  # warm-up: first-call costs (allocator, lazy inits) off the clock
     out = {}
     for rate, load in loads.items():
-        results, wall = asyncio.run(drive(url, load))
+        results, wall, kv = asyncio.run(drive(url, load, f"{base}/health"))
         out[rate] = summarise(results, wall, args.slo_s, window=load[-1][0])
+        in_use = sum(s[0] for s in kv)
+        out[rate]["kv_allocated_over_in_use"] = round(sum(s[1] for s in kv) / in_use, 3) if in_use else None
         print(f"{name} @ {rate}/s: {out[rate]}", file=sys.stderr)
     serve.delete("bench")
     return out
@@ -207,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
         serve.shutdown()
         ray.shutdown()
     cols = ("ok", "goodput_rps", "slo_attainment", "ttft_p50", "ttft_p95", "tpot_p50", "tpot_p95", "latency_p50",
-            "latency_p95", "output_tokens_per_s", "output_chunks_per_s")
+            "latency_p95", "output_tokens_per_s", "output_chunks_per_s", "kv_allocated_over_in_use")
     print(f"Poisson loads over {args.duration}s each, SLO {args.slo_s}s, max_tokens {args.max_tokens}, "
           f"max_batch {args.max_batch}")
     print(f"{'arm':<20}{'rate':>6}" + "".join(f"{c:>14}" for c in cols))

@@ -123,7 +123,9 @@ class LlavaServer:
         c = self.engine.counters
         body = {"status": "ok" if self.engine.alive else "engine stopped", "model": self.served_name,
                 "running": c.running, "waiting": c.waiting, "finished": c.finished, "cancelled": c.cancelled,
-                "failed": c.failed, "kv_bytes_in_use": c.kv_bytes_in_use, "replica": self.replica_id,
+                "failed": c.failed, "preempted": c.preempted, "kv_bytes_in_use": c.kv_bytes_in_use,
+                "kv_bytes_allocated": c.kv_bytes_allocated, "kv_blocks_free": c.kv_blocks_free,
+                "replica": self.replica_id,
                 "resident_bytes": resident_bytes()}
         return JSONResponse(body, status_code=200 if self.engine.alive else 503)
 
