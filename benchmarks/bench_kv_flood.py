@@ -108,7 +108,9 @@ def main(argv: list[str] | None = None) -> dict:
     for name, arm in arms.items():
         print(f"{name}: {arm}", file=sys.stderr)
     d, s = arms["dense"], arms["sparse"]
-    result = {"bench": "kv_flood", "model": args.model, "hardware": hardware(model.device.type),
+    label = Path(args.model).resolve()
+    label = str(label.relative_to(REPO)) if label.is_relative_to(REPO) else args.model
+    result = {"bench": "kv_flood", "model": label, "hardware": hardware(model.device.type),
               "commit": commit(), "requests": args.requests, "max_tokens": args.max_tokens,
               "prompt_tokens": prompt, "dense_rows": args.dense_rows, "kv_budget_bytes": budget,
               "sparsity": {"vision_keep": args.vision_keep, "text_keep": args.text_keep, "vision_scorer": "stride",

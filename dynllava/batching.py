@@ -402,7 +402,8 @@ class ContinuousEngine:
         new setting alone would not fit the KV budget."""
         keep = self._keep
         s = live.request.sparsity
-        if not live.request.follows_engine or keep is None or keep == (s.vision_keep, s.text_keep):
+        if not live.request.follows_engine or keep is None or keep == (s.vision_keep, s.text_keep) \
+                or live.resume is not None:  # a preempted row goes on with the setting its answer began with
             return
         request = dataclasses.replace(live.request, sparsity=s.replace(vision_keep=keep[0], text_keep=keep[1]))
         reserve = reserved_slots(self.model, request)

@@ -38,6 +38,32 @@ def test_preempted_rows_resume_with_the_tokens_they_would_have_produced(tiny_mod
     assert engine._pool.bytes_held() == 0
 
 
+def test_a_preempted_row_keeps_its_setting_when_the_engine_setting_moves(tiny_model):
+    """Requests that follow the engine's keep setting: a controller's order (set_keep) reaches the ones not
+    admitted yet, but a row preempted mid-answer resumes at the setting its answer began with. Every answer
+    equals its batch-1 run at the setting it reports."""
+    probe, _ = _request(tiny_model, 0, DENSE, max_new=30)
+    budget = ContinuousEngine(tiny_model)._allocation([reserved_slots(tiny_model, probe)] * 2, DENSE.layer)
+    engine = ContinuousEngine(tiny_model, max_batch=8, max_prefill_batch=8, kv_budget_bytes=budget)
+    made = [_request(tiny_model, i, DENSE, max_new=30, follows_engine=True) for i in range(6)]
+    for req, _ in made:
+        engine.submit(req)
+    while engine.counters.preempted == 0 and engine.step():
+        pass
+    assert engine.counters.preempted > 0
+    started = [bool(events) for _, (_, _, events) in made]  # rows that streamed tokens before the order
+    engine.set_keep(0.5, 0.8)
+    engine.run_until_idle()
+    assert any(started) and not all(started)
+    for (req, (image, prompt, events)), began in zip(made, started):
+        out = _final(events).output
+        assert (out.sparsity.vision_keep, out.sparsity.text_keep) == ((1.0, 1.0) if began else (0.5, 0.8))
+        alone = tiny_model.generate([image], [prompt], sparsity=out.sparsity, max_new_tokens=30, ignore_eos=True)[0]
+        assert out.token_ids == alone.token_ids
+        for name in STAT_FIELDS:  # what it kept and held: all at the one setting it reports
+            assert getattr(out.stats, name) == pytest.approx(getattr(alone.stats, name)), name
+
+
 def _check_blocks(engine: ContinuousEngine, budget: int) -> None:
     """The pool's bookkeeping against the running rows' tables: every held block belongs to exactly one row,
     each row holds the blocks its slots need (and at most one more, for the next token), and the pool's tensors
