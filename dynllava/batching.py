@@ -163,7 +163,8 @@ def prompt_slots(model, request: EngineRequest) -> tuple[int, int]:
     if request.sparsity.mode == "no_cache":
         return 0, 0
     n_image = int((p.input_ids[0, : p.lengths[0]] == model.image_token_id).sum())
-    return p.lengths[0], p.lengths[0] - n_image + ops.keep_count(n_image, request.sparsity.vision_keep)
+    s = request.sparsity
+    return p.lengths[0], p.lengths[0] - n_image + ops.keep_count(n_image, s.vision_keep, s.keep_rounding)
 
 
 def reserved_slots(model, request: EngineRequest) -> tuple[int, int]:

@@ -53,12 +53,14 @@ def _check_keep(name: str, value: float | None, allow_none: bool) -> None:
 class SparsityConfig:
     """The one sparsity knob, settable per request and per engine.
 
-    vision_keep: fraction of image tokens kept at layer `layer` (count = ceil(vision_keep * n_image)).
+    vision_keep: fraction of image tokens kept at layer `layer` (count: see keep_rounding).
     text_keep: fraction of generated tokens whose K/V is admitted to layers >= `layer`; None lets the
         learned text predictor decide by itself (the paper's inference), only valid with text_scorer="learned".
     layer: K, the decoder layer whose input the scorers read; layers < K always see every token.
     vision_scorer / text_scorer: names in `dynllava.scorers` registries.
     mode: "kv_cache" (append-only sparse cache) or "no_cache" (recompute the kept context every step).
+    keep_rounding: how vision_keep becomes a count of image tokens: "ceil" (at least one) or "floor" (the
+        official code's int(n * vision_keep)).
     """
 
     vision_keep: float = 1.0
@@ -67,6 +69,7 @@ class SparsityConfig:
     vision_scorer: str = "learned"
     text_scorer: str = "learned"
     mode: Mode = "kv_cache"
+    keep_rounding: str = "ceil"
 
     def __post_init__(self) -> None:
         _check_keep("vision_keep", self.vision_keep, allow_none=False)
@@ -75,6 +78,8 @@ class SparsityConfig:
             raise ValueError(f"layer must be an integer >= 1, got {self.layer!r}")
         if self.mode not in ("kv_cache", "no_cache"):
             raise ValueError(f"mode must be 'kv_cache' or 'no_cache', got {self.mode!r}")
+        if self.keep_rounding not in ("ceil", "floor"):
+            raise ValueError(f"keep_rounding must be 'ceil' or 'floor', got {self.keep_rounding!r}")
         from dynllava.scorers import TEXT_SCORERS, VISION_SCORERS  # late: scorers import config
 
         if self.text_scorer == "keep_all" and self.text_keep != 1.0:

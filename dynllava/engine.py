@@ -466,7 +466,8 @@ class StaticBatch:
         h = m.embed(self.input_ids, self.prepared.pixel_values)
         positions = torch.arange(t, device=h.device).expand(b, t)
         choose, need_attention = m.vision_keep_fn(self.image_mask, self.valid,
-                                                  [s.vision_keep for s in self.sparsities], self.cfg.vision_scorer)
+                                                  [s.vision_keep for s in self.sparsities], self.cfg.vision_scorer,
+                                                  [s.keep_rounding for s in self.sparsities])
         if self.cfg.mode == "kv_cache":
             self.cache = PagedKVCache(self.kv_pool, b) if self.kv_pool is not None else SparseKVCache(
                 m.n_layers, self.k, b, m.n_kv_heads, m.head_dim, m.dtype, h.device, self.block_tokens)

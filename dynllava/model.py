@@ -263,10 +263,12 @@ class DynamicLlava:
         return ContextResult(h[rows, lengths - 1], keep, lengths.tolist())
 
     def vision_keep_fn(self, image_mask: torch.Tensor, valid: torch.Tensor, keeps: list[float],
-                       scorer_name: str) -> tuple[Callable, bool]:
-        """choose_keep for prefill: all text + top ceil(keep * n_image) image tokens per row (fixed count)."""
+                       scorer_name: str, roundings: list[str] | None = None) -> tuple[Callable, bool]:
+        """choose_keep for prefill: all text + the top keep_count(n_image, keep, rounding) image tokens per row
+        (a fixed count; rounding "ceil" unless `roundings` says otherwise per row)."""
         n_image = image_mask.sum(1).tolist()
-        n_keep = [ops.keep_count(n, kp) for n, kp in zip(n_image, keeps)]
+        roundings = roundings or ["ceil"] * len(keeps)
+        n_keep = [ops.keep_count(n, kp, r) for n, kp, r in zip(n_image, keeps, roundings)]
         if n_keep == n_image:
             return (lambda hidden, attention: None), False
         scorer = VISION_SCORERS[scorer_name]()

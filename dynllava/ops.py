@@ -11,10 +11,14 @@ import math
 import torch
 
 
-def keep_count(n_tokens: int, keep: float) -> int:
-    """ceil(keep * n_tokens), robust to float noise (0.3 * 10 is 3, not 4); at least 1 when n_tokens > 0."""
+def keep_count(n_tokens: int, keep: float, rounding: str = "ceil") -> int:
+    """How many of n_tokens image tokens to keep. "ceil": ceil(keep * n_tokens), robust to float noise (0.3 * 10
+    is 3, not 4), at least 1 when n_tokens > 0. "floor": int(n_tokens * keep) exactly as the official
+    Dynamic-LLaVA code computes it (576 at 0.2 keeps 115; it may keep none)."""
     if n_tokens <= 0:
         return 0
+    if rounding == "floor":
+        return min(n_tokens, int(n_tokens * keep))
     return max(1, min(n_tokens, math.ceil(round(keep * n_tokens, 6))))
 
 

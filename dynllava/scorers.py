@@ -159,16 +159,17 @@ def admit_at_rate(score: float, rate: float, state: AdmissionState) -> bool:
 
 @dataclass
 class LearnedText:
-    """The paper's output-text predictor: keep probability of the current token. With text_keep=None its own
-    argmax decides (the paper's inference); with a number, the rate rule thresholds the probability."""
+    """The paper's output-text predictor: its keep logit minus its drop logit for the current token. With
+    text_keep=None the token is admitted when the keep logit is the larger (the official rule, `logit[0] >
+    logit[1]`); with a number, the rate rule ranks the differences (the same order as the keep probability)."""
 
     needs_attention = False
     own_decision = True
 
     def score(self, x: TextInputs) -> torch.Tensor:
         p = require_predictors(x.predictors, "text")
-        logits = p.text(x.hidden.to(next(p.parameters()).dtype)).float()  # [B, 2]
-        return logits.softmax(-1)[:, KEEP]
+        logits = p.text(x.hidden.to(next(p.parameters()).dtype)).float()  # [B, 2]; exact from bf16 / fp16
+        return logits[:, KEEP] - logits[:, 1 - KEEP]  # > 0 exactly when keep > drop, as compared in their dtype
 
     def decide(self, score: float, rate: float, state: AdmissionState) -> bool:
         return admit_at_rate(score, rate, state)
@@ -226,11 +227,11 @@ TEXT_SCORERS = {"learned": LearnedText, "keep_all": KeepAll, "recent": Recent, "
 def decide_admission(scorer, scores: list[float], rates: list[float | None],
                      states: list[AdmissionState]) -> list[bool]:
     """Turn per-row scores into admit decisions and update each row's state. rate None = the scorer's own
-    decision (learned only: keep probability > 0.5); rate 1.0 admits everything."""
+    decision (learned only: keep logit above the drop logit); rate 1.0 admits everything."""
     decisions = []
     for score, rate, state in zip(scores, rates, states):
         if rate is None:
-            admit = score > 0.5
+            admit = score > 0.0
         elif rate >= 1.0:
             admit = True
         else:

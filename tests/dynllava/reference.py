@@ -205,7 +205,7 @@ class HandAdmission:
     def score(self, hidden_k: torch.Tensor, self_attention: float) -> float | None:
         if self.scorer == "learned":
             logits = self.predictors.text(hidden_k[None].to(next(self.predictors.parameters()).dtype))[0].float()
-            return float(logits.softmax(-1)[KEEP])
+            return float(logits[KEEP] - logits[1 - KEEP])  # the official rule compares the two logits
         if self.scorer == "h2o":
             return self_attention
         return None
@@ -214,7 +214,7 @@ class HandAdmission:
         score = self.score(hidden_k, self_attention)
         n_seen = step + 1
         if self.rate is None:
-            admit = score > 0.5
+            admit = score > 0.0
         elif self.rate >= 1.0 or self.scorer == "keep_all":
             admit = True
         elif self.scorer == "recent":

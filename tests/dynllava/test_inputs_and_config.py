@@ -25,6 +25,8 @@ def test_text_keep_none_only_for_learned_and_unknown_names():
         SparsityConfig(vision_scorer="nope")
     with pytest.raises(ValueError, match="mode"):
         SparsityConfig(mode="paged")
+    with pytest.raises(ValueError, match="keep_rounding"):
+        SparsityConfig(keep_rounding="round")
     with pytest.raises(ValueError, match="keep_all"):
         SparsityConfig(text_keep=0.5, text_scorer="keep_all")
 

@@ -16,6 +16,14 @@ def test_keep_count_is_ceil_without_float_noise():
     assert ops.keep_count(0, 0.5) == 0
 
 
+def test_keep_count_floor_is_the_official_int():
+    """The official code keeps int(n * rate) image tokens, float noise and all."""
+    assert ops.keep_count(576, 0.2, "floor") == 115 == int(576 * 0.2)
+    assert ops.keep_count(100, 0.29, "floor") == int(100 * 0.29) == 28  # 28.999999999999996
+    assert ops.keep_count(5, 0.1, "floor") == 0
+    assert ops.keep_count(16, 1.0, "floor") == 16
+
+
 def test_topk_ties_prefer_earlier_positions():
     scores = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
     keep = ops.topk_keep_mask(scores, torch.ones(1, 4, dtype=torch.bool), torch.tensor([2]))

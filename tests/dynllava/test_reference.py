@@ -105,12 +105,16 @@ def engine_trace(model, prepared, sparsity: SparsityConfig, n_new: int, kv_pool=
     return traces
 
 
-def hand_kept(model, name: str, keep: float, checks: list):
-    """choose_kept for the reference: all text + the top ceil(keep * n) image tokens by the hand score."""
+def hand_kept(model, name: str, keep: float, checks: list, rounding: str = "ceil"):
+    """choose_kept for the reference: all text + the top ceil(keep * n) image tokens by the hand score (or
+    int(n * keep), the official code's count, with rounding="floor")."""
 
     def choose(hidden_k, attention_k1, image_mask) -> list[int]:
         image = image_mask.nonzero().flatten().tolist()
-        n_keep = max(1, min(len(image), math.ceil(round(keep * len(image), 6)))) if image else 0
+        if rounding == "floor":
+            n_keep = int(len(image) * keep)
+        else:
+            n_keep = max(1, min(len(image), math.ceil(round(keep * len(image), 6)))) if image else 0
         text = [p for p in range(len(image_mask)) if not image_mask[p]]
         if n_keep == len(image):
             return list(range(len(image_mask)))
@@ -121,14 +125,34 @@ def hand_kept(model, name: str, keep: float, checks: list):
     return choose
 
 
-def reference_of(model, prepared, i: int, case, tokens: list[int], layer_k: int = 2) -> tuple[Trace, list]:
+def reference_of(model, prepared, i: int, case, tokens: list[int], layer_k: int = 2,
+                 rounding: str = "ceil") -> tuple[Trace, list]:
     vision, vision_keep, text, text_keep = case
     gaps: list[float] = []
     ids, pixels = row_inputs(prepared, i)
     admission = HandAdmission(text, text_keep, model.predictors)
-    ref = Reference(model, layer_k).run(ids, pixels, hand_kept(model, vision, vision_keep, gaps), admission,
-                                        len(tokens), forced_tokens=tokens)
+    ref = Reference(model, layer_k).run(ids, pixels, hand_kept(model, vision, vision_keep, gaps, rounding),
+                                        admission, len(tokens), forced_tokens=tokens)
     return ref, gaps
+
+
+def test_floor_rounding_keeps_the_official_count(decisive, batch4):
+    """keep_rounding="floor" keeps int(n * vision_keep) image tokens, as the official code does (one fewer
+    than ceil here), and the engine still equals the reference token for token."""
+    case = ("learned", 0.3, "learned", 0.5)
+    sparsity = SparsityConfig(vision_keep=0.3, text_keep=0.5, keep_rounding="floor")
+    images, prompts = batch4
+    prepared = decisive.prepare(images, prompts, NEW)
+    traces = engine_trace(decisive, prepared, sparsity, NEW)
+    for i, ours in enumerate(traces):
+        n_image = int((prepared.input_ids[i, : prepared.lengths[i]] == decisive.image_token_id).sum())
+        assert int(n_image * 0.3) < math.ceil(n_image * 0.3), "pick a rate where the two roundings differ"
+        assert len(ours.kept) == prepared.lengths[i] - n_image + int(n_image * 0.3)
+        ref, gaps = reference_of(decisive, prepared, i, case, ours.tokens, rounding="floor")
+        assert all(g > 1e-5 for g in gaps)
+        assert ours.kept == ref.kept and ours.admitted == ref.admitted
+        for a, b in zip(ours.logits, ref.logits):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("mode", ["kv_cache", "paged", "no_cache"])

@@ -97,10 +97,26 @@ def test_stride_spreads_kept_tokens_evenly():
     assert keep[2].nonzero().flatten().tolist() == list(range(1, 20, 2))  # slot centres (m + 0.5) * 20 / 10
 
 
-def test_learned_text_own_decision_is_argmax():
+def test_learned_text_own_decision_is_the_official_logit_comparison():
+    """text_keep=None admits a token when its keep logit beats its drop logit (`logit[0] > logit[1]`, a tie
+    drops it), compared as the predictor computed them (here in bf16)."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    predictors = Predictors(C).eval()
+    x = TextInputs(torch.randn(64, C, generator=g), torch.rand(64, generator=g), predictors)
+    with torch.inference_mode():  # centre the keep logit so that about half the tokens are kept
+        diff = predictors.text(x.hidden)[:, 0] - predictors.text(x.hidden)[:, 1]
+        predictors.text.net[1][-1].bias[0] -= diff.median()
+        predictors.to(torch.bfloat16)
+        logits = predictors.text(x.hidden.to(torch.bfloat16))
+    official = (logits[:, 0] > logits[:, 1]).tolist()
     scorer = TEXT_SCORERS["learned"]()
-    states = [AdmissionState(), AdmissionState()]
-    assert decide_admission(scorer, [0.9, 0.1], [None, None], states) == [True, False]
+    with torch.inference_mode():
+        scores = scorer.score(x).tolist()
+    made = decide_admission(scorer, scores, [None] * len(scores), [AdmissionState() for _ in scores])
+    assert made == official and 0 < sum(made) < len(made)
+    assert decide_admission(scorer, [0.5, 0.0, -0.5], [None] * 3, [AdmissionState() for _ in range(3)]) == \
+        [True, False, False]
 
 
 def test_learned_scorers_without_predictors_name_the_alternatives():
