@@ -61,7 +61,7 @@ def _static_batches_run_to_completion(base: str) -> None:
         return {"messages": [{"role": "user", "content": f"Say something about the number {i}."}], "max_tokens": n,
                 "temperature": 0, "dynllava": {"ignore_eos": True}}
 
-    lengths = [32, 160, 32, 160, 4]  # the short rows run long enough for the poll to see all four
+    lengths = [24, 96, 24, 96, 4]  # the short rows run long enough for the poll to see all four
     seen = []
     with ThreadPoolExecutor(5) as pool:
         first = [pool.submit(request, "POST", f"{base}/v1/chat/completions", body(i, lengths[i])) for i in range(4)]
