@@ -480,7 +480,8 @@ class ContinuousEngine:
             sampled = sample_next(logits[fresh], [rows[i] for i in fresh], failed if self.isolate_failures else None)
         except BaseException:
             release(batch.decoding)  # the rows' blocks go back to the pool
-            self._compact()
+            if self._decoding is not None:  # and the running rows' blocks move down over the holes they left
+                self._decoding.compact()
             raise
         now = time.perf_counter()
         tokens = [live.row.tokens[0] if live.resume else -1 for live in members]  # a resumed row: its answer's first
@@ -532,15 +533,12 @@ class ContinuousEngine:
         self._emit_and_retire()
 
     def _reserve_blocks(self) -> None:
-        """Take the blocks this step's tokens need; while the pool cannot give them, preempt the youngest row
-        (the last admitted). A row alone always fits: its worst case was checked against the budget at submit."""
-        cache = getattr(self._decoding, "cache", None)
-        if not isinstance(cache, PagedKVCache):
-            return
+        """Take the cache slots this step's tokens need; while a paged pool cannot give them, preempt the youngest
+        row (the last admitted). A row alone always fits: its worst case was checked against the budget at
+        submit."""
         while True:
             try:
-                for group in (0, 1):
-                    cache.reserve_step(group, [True] * cache.batch)
+                self._decoding.reserve([True] * len(self._running))
                 return
             except OutOfBlocks:
                 if len(self._running) == 1:
@@ -559,12 +557,6 @@ class ContinuousEngine:
         self._waiting.appendleft(live)
         self.counters.preempted += 1
 
-    def _compact(self) -> None:
-        """Move the running rows' blocks down over the holes a dropped group left (paged cache)."""
-        cache = getattr(self._decoding, "cache", None)
-        if isinstance(cache, PagedKVCache):
-            for group in (0, 1):
-                cache.compact(group)
 
     def _take_token(self, live: _Live, token: int, now: float, error: str | None) -> None:
         """Append a row's new token and check whether it finished; a row whose sampling or stop check failed

@@ -285,11 +285,23 @@ class CachedDecoding:
         """Bytes of K/V row i holds now."""
         return self.cache.bytes_in_use(i)
 
-    def step(self, tokens: list[int], rows: list[DecodingRow], active: list[bool]) -> torch.Tensor:
-        """Feed each active row's last token; returns next-token logits [B, V]."""
-        cache = self.cache
+    def reserve(self, active: list[bool]) -> None:
+        """Take the cache slots this step's tokens need (call before `step`). A paged cache raises OutOfBlocks
+        when its pool is full; a row's blocks are taken whole or not at all, so the caller may preempt a row and
+        call again."""
         for group in (0, 1):
-            cache.reserve_step(group, active)
+            self.cache.reserve_step(group, active)
+
+    def compact(self) -> None:
+        """A paged cache moves its rows' blocks down over the holes left by rows that left (decoding then reads
+        no free block, and under a budget the pool never holds more than its rows); nothing for a padded one."""
+        if isinstance(self.cache, PagedKVCache):
+            for group in (0, 1):
+                self.cache.compact(group)
+
+    def step(self, tokens: list[int], rows: list[DecodingRow], active: list[bool]) -> torch.Tensor:
+        """Feed each active row's last token (its slots taken by `reserve`); returns next-token logits [B, V]."""
+        cache = self.cache
         positions = [r.prompt_len + r.n_fed for r in rows]  # the fed token is generated token n_fed
         logits, scores = self.decoder(tokens, positions, cache.lengths(0), cache.lengths(1))
         cache.commit_step(0, active)
@@ -300,9 +312,7 @@ class CachedDecoding:
         """Keep only rows `keep` (in that order); the others' K/V is freed (a paged cache then fills the holes
         they left: decoding reads no free block, and under a budget the pool never holds more than its rows)."""
         self.cache.select(keep)
-        if isinstance(self.cache, PagedKVCache):
-            for group in (0, 1):
-                self.cache.compact(group)
+        self.compact()
         self._set_rows([self.sparsities[i] for i in keep])
 
     def merge(self, other: "CachedDecoding") -> None:
@@ -349,6 +359,12 @@ class RecomputeDecoding:
 
     def kv_bytes(self, i: int) -> int:
         return 0
+
+    def reserve(self, active: list[bool]) -> None:
+        """Nothing to take: the context buffers widen inside `step`."""
+
+    def compact(self) -> None:
+        """Nothing to move: no K/V is held."""
 
     def step(self, tokens: list[int], rows: list[DecodingRow], active: list[bool]) -> torch.Tensor:
         """Feed each active row's last token; returns next-token logits [B, V]."""
@@ -502,6 +518,7 @@ class StaticBatch:
     # ---------------------------------------------------------------- decode
     def step(self, tokens: list[int], rows: list[DecodingRow], active: list[bool]) -> torch.Tensor:
         """Feed each row's last token; returns next-token logits [B, V]."""
+        self.decoding.reserve(active)
         return self.decoding.step(tokens, rows, active)
 
 
