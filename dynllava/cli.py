@@ -13,40 +13,53 @@ from dynllava.scorers import TEXT_SCORERS, VISION_SCORERS
 log = logging.getLogger("dynllava")
 
 
-def _text_keep(value: str) -> float | None:
+class _TextKeepNone(float):
+    """--text-keep none: a value distinct from 'flag not given' (None)."""
+
+
+def _text_keep(value: str) -> float:
     if value.lower() in ("none", "auto", "predictor"):
-        return None
+        return _TextKeepNone(0.0)
     return float(value)
 
 
 def _add_sparsity_args(p: argparse.ArgumentParser) -> None:
-    d = SparsityConfig()
-    g = p.add_argument_group("sparsity (defaults: dense)")
-    g.add_argument("--vision-keep", type=float, default=d.vision_keep,
+    """Sparsity flags; each one not given keeps the model's own setting (a converted Dynamic-LLaVA checkpoint's
+    sparse_config, see `dynllava convert`), else the dense default."""
+    g = p.add_argument_group("sparsity (default: the model's own setting when it has one, else dense)")
+    g.add_argument("--vision-keep", type=float, default=None,
                    help="fraction of image tokens kept at layer K, in (0, 1] (paper: 0.2)")
-    g.add_argument("--text-keep", type=_text_keep, default=d.text_keep,
+    g.add_argument("--text-keep", type=_text_keep, default=None,
                    help="fraction of generated tokens admitted to the cache of layers >= K, in (0, 1] "
                         "(paper: ~0.5); 'none' lets the learned predictor decide by itself")
-    g.add_argument("--vision-scorer", choices=sorted(VISION_SCORERS), default=d.vision_scorer,
+    g.add_argument("--vision-scorer", choices=sorted(VISION_SCORERS), default=None,
                    help="how image tokens are ranked (learned needs predictor weights)")
-    g.add_argument("--text-scorer", choices=sorted(TEXT_SCORERS), default=d.text_scorer,
+    g.add_argument("--text-scorer", choices=sorted(TEXT_SCORERS), default=None,
                    help="how generated tokens are admitted (learned needs predictor weights)")
-    g.add_argument("--layer", type=int, default=d.layer, help="K: the layer whose input the scorers read")
-    g.add_argument("--mode", choices=["kv_cache", "no_cache"], default=d.mode,
+    g.add_argument("--layer", type=int, default=None, help="K: the layer whose input the scorers read")
+    g.add_argument("--mode", choices=["kv_cache", "no_cache"], default=None,
                    help="decode with the sparse KV cache, or recompute the kept context every step")
+    g.add_argument("--keep-rounding", choices=["ceil", "floor"], default=None,
+                   help="image tokens kept: ceil(n * keep) or the official int(n * keep)")
 
 
-def _sparsity_from(args: argparse.Namespace) -> SparsityConfig:
-    return SparsityConfig(vision_keep=args.vision_keep, text_keep=args.text_keep, layer=args.layer,
-                          vision_scorer=args.vision_scorer, text_scorer=args.text_scorer, mode=args.mode)
+SPARSITY_FLAGS = ("vision_keep", "text_keep", "vision_scorer", "text_scorer", "layer", "mode", "keep_rounding")
+
+
+def _sparsity_from(args: argparse.Namespace, base: SparsityConfig | None = None) -> SparsityConfig:
+    """`base` (default dense) with the sparsity flags that were given. --text-keep none is a given value."""
+    given = {k: getattr(args, k) for k in SPARSITY_FLAGS if getattr(args, k) is not None}
+    if isinstance(given.get("text_keep"), _TextKeepNone):
+        given["text_keep"] = None
+    return (base or SparsityConfig()).replace(**given)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from dynllava.model import DynamicLlava
 
-    sparsity = _sparsity_from(args)
     log.info("loading %s", args.model)
     model = DynamicLlava.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    sparsity = _sparsity_from(args, model.default_sparsity)
     prompt = args.prompt if args.raw_prompt else model.format_prompt(args.prompt, n_images=1 if args.image else 0)
     out = model.generate([args.image], [prompt], sparsity=sparsity, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, seed=args.seed)[0]
@@ -115,7 +128,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.sweep:
         configs = sweep_configs(learned=model.predictors is not None)
     else:
-        configs = [_sparsity_from(args)]
+        configs = [_sparsity_from(args, model.default_sparsity)]
     results = []
     for i, cfg in enumerate(configs, 1):
         log.info("[%d/%d] %s", i, len(configs), cfg)
@@ -131,6 +144,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.output:
         paths = write_results(results, args.output, model.name)
         print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from dynllava.convert import convert
+
+    def progress(line: str) -> None:
+        if not args.quiet:
+            print(line, flush=True)
+
+    report = convert(args.src, args.dst, vision_tower=args.vision_tower, dtype=args.dtype, progress=progress)
+    print(f"wrote {report.dst}: {report.tensors} tensors, {report.bytes_written / 2**30:.2f} GiB, vision tower from "
+          f"{report.vision_tower}, predictors: {'yes' if report.predictors else 'no'}")
+    if report.sparsity is not None:
+        print(f"default sparsity (from sparse_config): {report.sparsity.to_dict()}")
     return 0
 
 
@@ -168,6 +196,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     _add_sparsity_args(g)
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("convert", help="convert an original-format LLaVA-1.5 / Dynamic-LLaVA checkpoint",
+                       description="Convert a checkpoint in the original haotian-liu/LLaVA layout (the paper's "
+                                   "released Dynamic-LLaVA-7B/13B, or plain LLaVA-1.5) into a llava-hf directory "
+                                   "that this project and transformers load: weights (shard by shard), config, "
+                                   "tokenizer.json (from tokenizer.model, no sentencepiece needed), processor "
+                                   "(pad to square), the vicuna_v1 chat template, predictors.safetensors, and "
+                                   "dynllava.json (the prompt rule and the checkpoint's sparse_config as the "
+                                   "model's default sparsity). Any-resolution, TokenPacker and other projector "
+                                   "types are refused.")
+    c.add_argument("src", help="the original checkpoint directory (config.json, weights, tokenizer.model)")
+    c.add_argument("dst", help="the new directory (must not exist or be empty)")
+    c.add_argument("--vision-tower", default=None,
+                   help="local CLIP directory (e.g. a copy of openai/clip-vit-large-patch14-336) when the tower is "
+                        "not saved in the checkpoint")
+    c.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                   help="cast the weights (default: keep each tensor's dtype)")
+    c.add_argument("--quiet", action="store_true", help="no per-shard progress")
+    c.set_defaults(func=cmd_convert)
 
     data = sub.add_parser("data", help="make synthetic datasets").add_subparsers(dest="dataset", required=True)
     d = data.add_parser("shapes", help="procedural shape scenes with captions, descriptions and VQA",

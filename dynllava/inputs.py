@@ -21,6 +21,49 @@ class PixelValues:
     values: torch.Tensor
 
 
+@dataclass(frozen=True)
+class PromptRule:
+    """How an original-format LLaVA model's prompts become token ids (set by `dynllava convert`, read from the
+    model directory's dynllava.json onto its processor as `processor.dynllava_prompt_rule`).
+
+    legacy: the original tokenizer's `legacy` flag (see dynllava.llama_tokenizer).
+    """
+
+    legacy: bool
+
+
+PROMPT_RULE_ATTR = "dynllava_prompt_rule"
+
+
+def tokenize_llava(tokenizer, prompt: str, image_token: str, n_image_tokens: int, legacy: bool) -> list[int]:
+    """LLaVA's `tokenizer_image_token`: the text between image placeholders is tokenized piece by piece, each
+    piece as its own string (BOS only on the first), so the text after an image starts with SentencePiece's
+    prefix "▁" as in the original, unlike tokenizing the whole prompt. Each placeholder becomes n_image_tokens
+    image ids. With legacy=False the slow tokenizer puts one "▁" before each piece's text (a space here, which
+    Metaspace turns into "▁") and drops it again when a special token follows at once."""
+    image_id = tokenizer.convert_tokens_to_ids(image_token)
+    underline = tokenizer.convert_tokens_to_ids("▁")
+    special = set(tokenizer.all_special_ids)
+    ids: list[int] = []
+    for i, piece in enumerate(prompt.split(image_token)):
+        if i:
+            ids += [image_id] * n_image_tokens
+        if not legacy and piece:
+            piece_ids = tokenizer(" " + piece)["input_ids"]
+            if len(piece_ids) > 2 and piece_ids[1] == underline and piece_ids[2] in special:
+                piece_ids = piece_ids[:1] + piece_ids[2:]
+        else:
+            piece_ids = tokenizer(piece)["input_ids"]
+        ids += piece_ids if i == 0 else piece_ids[1:]  # the BOS of every piece but the first is dropped
+    return ids
+
+
+def preprocess_pixels(processor, images: Sequence[Any], row: int) -> torch.Tensor:
+    """[n, 3, H, W] pixel values of one row's images (ValueError naming the row if one is unreadable)."""
+    opened = [load_image(img, f"images[{row}]") for img in images]
+    return processor.image_processor(opened, return_tensors="pt")["pixel_values"]
+
+
 def preprocess_images(processor, images: Sequence[Any]) -> list[PixelValues]:
     """Open and preprocess images exactly as `prepare_batch` would (ValueError naming the bad index)."""
     opened = [load_image(img, f"images[{i}]") for i, img in enumerate(images)]
@@ -113,10 +156,17 @@ def prepare_batch(processor, images: Sequence[Any], prompts: Sequence[str], max_
         if n_placeholders != len(row_list):
             what = "has no image placeholder" if n_placeholders == 0 else f"has {n_placeholders} placeholders"
             raise ValueError(f"prompts[{i}]: {what} ({token!r}) but {len(row_list)} image(s) were given")
-        if row_list and all(isinstance(img, PixelValues) for img in row_list):
-            row_pixels = torch.stack([img.values for img in row_list])  # [n, 3, H, W]
+        rule = getattr(processor, PROMPT_RULE_ATTR, None)
+        if row_list and all(isinstance(img, PixelValues) for img in row_list) or row_list and rule is not None:
+            row_pixels = (torch.stack([img.values for img in row_list]) if isinstance(row_list[0], PixelValues)
+                          else preprocess_pixels(processor, row_list, i))  # [n, 3, H, W]
             n_tokens = image_token_count(processor, *row_pixels.shape[-2:])
-            row = processor.tokenizer(prompt.replace(token, token * n_tokens), return_tensors="pt")["input_ids"][0]
+            if rule is not None:
+                row = torch.tensor(tokenize_llava(processor.tokenizer, prompt, token, n_tokens, rule.legacy))
+            else:
+                row = processor.tokenizer(prompt.replace(token, token * n_tokens), return_tensors="pt")["input_ids"][0]
+        elif rule is not None:
+            row, row_pixels = torch.tensor(tokenize_llava(processor.tokenizer, prompt, token, 0, rule.legacy)), None
         else:
             opened = [load_image(img, f"images[{i}]") for img in row_list]
             out = processor(images=opened or None, text=prompt, return_tensors="pt")

@@ -5,6 +5,7 @@ Nothing is fetched from a hub: a directory must exist on local disk, a YAML shap
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -23,7 +24,8 @@ try:  # transformers >= 5.x ships a PIL backend that needs no torchvision
 except ImportError:  # pragma: no cover - older 5.x releases
     from transformers import LlavaImageProcessor
 
-from dynllava.config import SUPPORTED_TEXT_MODELS, ModelSpec
+from dynllava.config import SUPPORTED_TEXT_MODELS, ModelSpec, SparsityConfig
+from dynllava.inputs import PROMPT_RULE_ATTR, PromptRule
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_CONFIG_DIR = REPO_ROOT / "configs" / "models"
@@ -35,6 +37,7 @@ LLAVA_15_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
+MODEL_NOTES_FILE = "dynllava.json"  # written by `dynllava convert`: prompt rule and default sparsity
 
 
 def resolve_source(source: str | Path) -> Path:
@@ -140,7 +143,28 @@ def load_processor(source: str | Path):
     processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     if getattr(processor, "chat_template", None) is None:
         processor.chat_template = LLAVA_15_CHAT_TEMPLATE
+    prompt = read_model_notes(path).get("prompt")
+    if prompt is not None:
+        setattr(processor, PROMPT_RULE_ATTR, PromptRule(legacy=bool(prompt["legacy"])))
     return processor
+
+
+def read_model_notes(path: Path) -> dict:
+    """What `dynllava convert` recorded beside the weights (dynllava.json): the prompt rule of an original-format
+    model and its default sparsity. Empty for other directories."""
+    notes = path / MODEL_NOTES_FILE
+    if not notes.is_file():
+        return {}
+    data = json.loads(notes.read_text())
+    if not isinstance(data, dict) or data.get("format") != 1:
+        raise ValueError(f"{notes}: not a dynllava.json this version reads (format 1)")
+    return data
+
+
+def default_sparsity(path: Path) -> SparsityConfig | None:
+    """The model's own sparsity setting (a converted Dynamic-LLaVA checkpoint's sparse_config), or None."""
+    data = read_model_notes(path).get("sparsity") if path.is_dir() else None
+    return SparsityConfig.from_dict(data) if data is not None else None
 
 
 def load_directory(path: Path, device: torch.device, dtype: torch.dtype):

@@ -19,7 +19,7 @@ from dynllava import ops
 from dynllava.cache import SparseKVCache
 from dynllava.config import ModelSpec, SparsityConfig
 from dynllava.inputs import PreparedBatch, prepare_batch
-from dynllava.loading import build_random, load_directory, resolve_source
+from dynllava.loading import build_random, default_sparsity, load_directory, resolve_source
 from dynllava.predictors import Predictors
 from dynllava.scorers import TEXT_SCORERS, VISION_SCORERS, VisionInputs, require_predictors
 
@@ -59,6 +59,7 @@ class DynamicLlava:
         self.processor = processor
         self.predictors = predictors
         self.name = name
+        self.default_sparsity: SparsityConfig | None = None  # the checkpoint's own setting (dynllava convert)
         config = hf_model.config
         self.config = config
         self.lm = hf_model.model.language_model
@@ -93,7 +94,9 @@ class DynamicLlava:
             hf_model, processor = build_random(spec, device, dtype)
             return cls(hf_model, processor, None, name=spec.name)  # random weights: no trained predictors
         hf_model, processor = load_directory(path, device, dtype)
-        return cls(hf_model, processor, Predictors.load(path, device, dtype), name=path.name)
+        model = cls(hf_model, processor, Predictors.load(path, device, dtype), name=path.name)
+        model.default_sparsity = default_sparsity(path)
+        return model
 
     @property
     def device(self) -> torch.device:
