@@ -91,6 +91,7 @@ def test_prompt_ids_and_pixels_are_the_originals(converted, sp_model):
         [("user", "<image>\nWhat is in the image?")],
         [("user", "<image>\nDescribe it."), ("assistant", "A red square."), ("user", "And the circles?")],
         [("system", "Answer briefly."), ("user", "<image>\n 12 of 345 ▁x")],
+        [("user", "<image> two  spaces after the image")],  # a piece that starts with a space
     ]
     n_image = (32 // 8) ** 2
     for turns in conversations:
