@@ -160,7 +160,7 @@ def test_converted_directory_loads_in_transformers_alone(converted, tmp_path):
         torch.testing.assert_close(hf.state_dict()[name], tensor, atol=0, rtol=0)
 
 
-def test_convert_needs_no_sentencepiece_and_reports(sp_model, tmp_path):
+def test_convert_needs_no_sentencepiece_and_reports(sp_model, tmp_path, capsys):
     """The command runs with sentencepiece unimportable, prints what it wrote, and `generate` then uses the
     checkpoint's sparsity by default."""
     write_original(tmp_path / "orig", sp_model, True, "safetensors")
@@ -173,11 +173,10 @@ def test_convert_needs_no_sentencepiece_and_reports(sp_model, tmp_path):
 
     image = tmp_path / "img.png"
     random_image(0).save(image)
-    out = subprocess.run([sys.executable, "-m", "dynllava.cli", "generate", "--model", str(tmp_path / "out"),
-                          "--image", str(image), "--prompt", "What?", "--max-new-tokens", "4", "--json",
-                          "--device", "cpu"], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    applied = json.loads(out.stdout)["sparsity"]
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path / "out"), "--image", str(image), "--prompt", "What?",
+                 "--max-new-tokens", "4", "--json", "--device", "cpu"]) == 0
+    applied = json.loads(capsys.readouterr().out)["sparsity"]
     assert applied["vision_keep"] == 0.2 and applied["text_keep"] is None and applied["keep_rounding"] == "floor"
     assert main(["generate", "--model", str(tmp_path / "out"), "--image", str(image), "--prompt", "x",
                  "--vision-keep", "0.5", "--max-new-tokens", "2", "--device", "cpu"]) == 0
