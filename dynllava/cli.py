@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dynllava",
         description="LLaVA inference with Dynamic-LLaVA vision-text sparsification.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log progress to stderr, and show tracebacks (anywhere on the command line)")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="answer one prompt about one image and print the answer and its stats",
                        description="Answer one prompt about one image; prints the answer, then what was kept, "
@@ -288,14 +289,24 @@ def _register_extensions(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = any(a in ("-v", "--verbose") for a in argv)  # -v anywhere: before or after the subcommand
+    args = build_parser().parse_args([a for a in argv if a not in ("-v", "--verbose")])
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except ValueError as e:
+    except KeyboardInterrupt:
+        print("dynllava: interrupted", file=sys.stderr)
+        return 130
+    except ValueError as e:  # bad input, config or flags: the message says what and where
         print(f"dynllava: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # anything else (a filesystem, Ray, a device): its cause in one line; -v: traceback
+        if verbose:
+            raise
+        print(f"dynllava: error: {type(e).__name__}: {e} (run with -v for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -16,13 +16,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from pipelines import job_record
 from pipelines.config import CaptionJobConfig
-from pipelines.sources import InputSpec, open_input
+from pipelines.job_record import JOB_FILE
+from pipelines.output import OutputLocation, open_output, redact
+from pipelines.retry import drop_error_rows
+from pipelines.sources import InputSpec, detect_kind, open_input
 from pipelines.stages import DECODED_COLUMNS, GenerateStage, ServeGenerateStage, Stage, decode_batch
 
 log = logging.getLogger(__name__)
-JOB_FILE = "_job.json"
 CHECKPOINT_DIR = "_checkpoint"
+WRITE_NUM_CPUS = 0.05  # logical CPUs a write task reserves (see run_caption_job)
 
 
 @dataclass
@@ -90,19 +94,15 @@ def build_stages(config: CaptionJobConfig, spec: InputSpec, loader: Callable | N
     ]
 
 
-def _output_files(output: Path) -> set[str]:
-    return {p.name for p in output.glob("*.parquet")}
-
-
-def summarize(output: Path, new_files: set[str], wall_s: float) -> RunSummary:
-    """Figures for this run from the files it wrote (earlier runs' files are only counted in total_rows)."""
+def summarize(out: OutputLocation, new_files: set[str], wall_s: float, total_rows: int) -> RunSummary:
+    """Figures for this run from the files it wrote (a few columns of those files only; earlier runs' files are
+    not read: `total_rows` comes from the job record)."""
     import pyarrow.parquet as pq
 
     cols = ["error", "n_image_kept", "n_image_tokens", "n_text_admitted", "n_text_generated", "kv_bytes_peak",
             "kv_bytes_dense", "generated_at", "sparsity"]
-    tables = [pq.read_table(output / f, columns=cols) for f in sorted(new_files)]
+    tables = [pq.read_table(out.join(f), columns=cols, filesystem=out.fs) for f in sorted(new_files)]
     data = {c: [v for t in tables for v in t.column(c).to_pylist()] for c in cols}
-    total = sum(pq.ParquetFile(p).metadata.num_rows for p in output.glob("*.parquet"))
     n = len(data["error"])
     good = [i for i in range(n) if data["error"][i] is None]
     errors = [e for e in data["error"] if e is not None]
@@ -112,7 +112,7 @@ def summarize(output: Path, new_files: set[str], wall_s: float) -> RunSummary:
         return sum(data[a][i] for i in good) / den if den else float("nan")
 
     tokens = sum(data["n_text_generated"][i] for i in good)
-    return RunSummary(rows=n, errors=len(errors), total_rows=total, wall_s=wall_s,
+    return RunSummary(rows=n, errors=len(errors), total_rows=total_rows + n, wall_s=wall_s,
                       rows_per_s=n / wall_s if wall_s else 0.0, output_tokens_per_s=tokens / wall_s if wall_s else 0.0,
                       image_keep=ratio("n_image_kept", "n_image_tokens"),
                       text_keep=ratio("n_text_admitted", "n_text_generated"),
@@ -120,6 +120,14 @@ def summarize(output: Path, new_files: set[str], wall_s: float) -> RunSummary:
                       error_examples=sorted(set(errors))[:5],
                       sparsity_over_time=sparsity_timeline([data["generated_at"][i] for i in good],
                                                            [data["sparsity"][i] for i in good]))
+
+
+def rows_in_output(out: OutputLocation) -> int:
+    """Rows in the output's files, from their Parquet footers (used once, for outputs written before the job
+    record kept the count)."""
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(out.join(f), filesystem=out.fs).metadata.num_rows for f in out.parquet_files())
 
 
 def _init_ray(address: str | None, config: CaptionJobConfig) -> None:
@@ -164,50 +172,69 @@ def _job_controller(config: CaptionJobConfig):
     return controller
 
 
-def _rows_to_do(ds, output: Path, limit: int | None) -> int:
+def _rows_to_do(ds, done: int, limit: int | None) -> int:
     """Rows this run will process: the input's rows less those already in the output, capped at `limit`."""
-    import pyarrow.parquet as pq
-
-    done = sum(pq.ParquetFile(p).metadata.num_rows for p in output.glob("*.parquet"))
     todo = max(0, ds.count() - done)
     return todo if limit is None else min(todo, limit)
 
 
 def run_caption_job(input_path: str, output: str | Path, config: CaptionJobConfig, address: str | None = None,
-                    limit: int | None = None, loader: Callable | None = None) -> RunSummary:
-    """Run (or resume) a caption job; returns this run's summary and appends it to `output/_job.json`.
-    `loader` replaces DynamicLlava.from_pretrained in the engine actors (tests inject failures with it)."""
+                    limit: int | None = None, loader: Callable | None = None, retry_errors: bool = False,
+                    allow_config_change: bool = False) -> RunSummary:
+    """Run (or resume) a caption job; returns this run's summary, recorded in `output/_job.json`.
+
+    output: a local folder or any pyarrow filesystem URI (s3://, gs://, abfs://, file://); the checkpoint goes
+    beside the rows. limit: at most this many more rows in this run (rows already in the output do not count).
+    retry_errors: first take the output's error rows out (and their ids out of the checkpoint), so this run
+    does them again. A resume whose input, model, prompt, sparsity or max_new_tokens differs from the output's
+    record is refused unless allow_config_change. `loader` replaces DynamicLlava.from_pretrained in the engine
+    actors (tests inject failures with it)."""
     import ray
     import ray.data
     from ray.data.checkpoint import CheckpointConfig
 
-    if "://" in str(output):
-        raise ValueError(f"output {output}: give a local or network-mounted folder (every node must see it); "
-                         f"remote URIs are read as inputs but not yet written as outputs")
-    output = Path(output).expanduser().resolve()
+    if limit is not None and (isinstance(limit, bool) or limit < 1):
+        raise ValueError(f"limit must be a positive number of rows, got {limit}")
+    detect_kind(input_path)  # a missing or unusable input fails here, before Ray starts
+    out = open_output(output)  # and so do a bad bucket, endpoint or credentials
+    job = job_record.load(out)
+    identity = {"input": redact(input_path), "model": config.model, "prompt": config.prompt,
+                "sparsity": config.sparsity.to_dict(), "max_new_tokens": config.max_new_tokens}
+    changes = job_record.identity_changes(job, identity)
+    if changes and not allow_config_change:
+        raise ValueError(f"output {out.uri} holds a job with another configuration ({'; '.join(changes)}); "
+                         "resume with the same one, choose a new output, or pass --allow-config-change")
     _init_ray(address or ("auto" if config.serve_app else None), config)
     if config.serve_app:
         _check_serve_app(config.serve_app)
-    ds, spec = open_input(input_path, config.columns)  # fails fast on a bad input, before any work
-    output.mkdir(parents=True, exist_ok=True)
+    ds, spec = open_input(input_path, config.columns)
+    if job.get("retry_pending") or retry_errors:  # a retry interrupted earlier is finished first
+        job["retry_pending"] = True
+        job_record.save(out, job)
+        removed = drop_error_rows(out, CHECKPOINT_DIR, spec.id_column)
+        job["total_rows"] = (job["total_rows"] - removed) if "total_rows" in job else None
+        job.pop("retry_pending")
+        job_record.save(out, job)
+    done = job["total_rows"] if job.get("total_rows") is not None else rows_in_output(out)
     controller = _job_controller(config)
     rows_total = None
     if controller is not None and ray.get(controller.status.remote())["sla"]["offline"]["deadline_s"]:
-        rows_total = _rows_to_do(ds, output, limit)  # the deadline target needs it (counts the input once)
+        rows_total = _rows_to_do(ds, done, limit)  # the deadline target needs it (counts the input once)
         log.info("deadline target: %d rows to do", rows_total)
     # The plan reads the context its dataset was created with (a copy), so the checkpoint goes there; every
     # dataset derived below inherits it. Kept after success: a rerun must still see which ids are done.
     ds.context.checkpoint_config = CheckpointConfig(
-        id_column=spec.id_column, checkpoint_path=str(output / CHECKPOINT_DIR), delete_checkpoint_on_success=False)
+        id_column=spec.id_column, checkpoint_path=out.join(CHECKPOINT_DIR), override_filesystem=out.fs,
+        delete_checkpoint_on_success=False)
     decode, generate = build_stages(config, spec, loader)
-    if limit is not None:
-        ds = ds.limit(limit)
     # Readers may return a whole file (or several) as one block; a block is the unit that flows through the
     # stages and is committed to the output, so cut them to decode-batch size (streaming, no shuffle).
     ds = ds.repartition(target_num_rows_per_block=config.decode_batch_size)
     ds = ds.map_batches(decode.udf, fn_kwargs=decode.kwargs, batch_size=config.decode_batch_size,
                         batch_format="numpy", num_cpus=config.decode_num_cpus,
                         compute=ray.data.TaskPoolStrategy(size=config.decode_tasks))
+    if limit is not None:  # after the read's checkpoint filter and a map the limit cannot move past: N more rows
+        ds = ds.limit(limit)
     pool = config.actors
     if config.serve_app:  # light callers; the engines are the app's replicas
         compute, num_cpus, num_gpus = ray.data.ActorPoolStrategy(size=config.serve_callers), 0.1, 0
@@ -220,28 +247,25 @@ def run_caption_job(input_path: str, output: str | Path, config: CaptionJobConfi
                         batch_format="numpy", compute=compute, num_cpus=num_cpus, num_gpus=num_gpus)
     # Ray Data's actor pools restart a dead actor and retry its batch by default (max_restarts=-1,
     # max_task_retries=-1); the job relies on that and tests it.
-    before = _output_files(output)
+    before = set(out.parquet_files())
+    header = {"input": redact(input_path), "input_kind": spec.kind, "id_column": spec.id_column, "total_rows": done}
+    run = job_record.start_run(out, job, identity, header, {"limit": limit, "retry_errors": retry_errors,
+                                                            "config": config.to_dict()})
     started = time.perf_counter()
     if controller is not None:
         ray.get(controller.start_offline_job.remote(rows_total, time.time()))
     try:
-        ds.write_parquet(str(output), min_rows_per_file=config.rows_per_file)
+        # Write tasks reserve a sliver of CPU, so they still run when decode tasks and engine actors hold
+        # every core: rows are committed as they come, not at the end.
+        ds.write_parquet(out.path, filesystem=out.fs, min_rows_per_file=config.rows_per_file,
+                         ray_remote_args={"num_cpus": WRITE_NUM_CPUS})
+    except BaseException as e:
+        job_record.finish_run(out, job, run, "failed", error=f"{type(e).__name__}: {e}"[:2000])
+        raise
     finally:
         if controller is not None:
             ray.get(controller.end_offline_job.remote())
     wall = time.perf_counter() - started
-    summary = summarize(output, _output_files(output) - before, wall)
-    _record_run(output, config, spec, input_path, limit, summary)
+    summary = summarize(out, set(out.parquet_files()) - before, wall, done)
+    job_record.finish_run(out, job, run, "finished", **asdict(summary))
     return summary
-
-
-def _record_run(output: Path, config: CaptionJobConfig, spec: InputSpec, input_path: str, limit: int | None,
-                summary: RunSummary) -> None:
-    path = output / JOB_FILE
-    job = json.loads(path.read_text()) if path.is_file() else {"runs": []}
-    job.update({"input": input_path, "input_kind": spec.kind, "id_column": spec.id_column,
-                "config": config.to_dict(), "total_rows": summary.total_rows})
-    job["runs"].append({"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "limit": limit, **asdict(summary)})
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(job, indent=2))
-    tmp.replace(path)

@@ -7,6 +7,13 @@ import argparse
 DEFAULT_CONFIG = "configs/caption.yaml"
 
 
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number of rows, got {value}")
+    return n
+
+
 def cmd_caption(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -24,7 +31,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
                                    text_scorer=args.text_scorer, batch_size=args.batch_size,
                                    serve_app=args.serve_app, sla=args.sla,
                                    controller=True if args.controller else None)
-    summary = run_caption_job(args.input, args.output, config, address=args.address, limit=args.limit)
+    summary = run_caption_job(args.input, args.output, config, address=args.address, limit=args.limit,
+                              retry_errors=args.retry_errors, allow_config_change=args.allow_config_change)
     print(summary.table())
     if summary.error_examples:
         print("errors, for example:\n  " + "\n  ".join(summary.error_examples))
@@ -54,7 +62,9 @@ def register(sub) -> None:
                    help="Parquet file/folder (columns image bytes or image_path, optional id, prompt), a folder of "
                         "images (jpg/png/webp/gif), or JSONL (image_path or base64 image, prompt); local or any "
                         "filesystem pyarrow handles (s3://, gs://, ...)")
-    c.add_argument("--output", required=True, help="output folder (resumes when it holds an earlier run)")
+    c.add_argument("--output", required=True,
+                   help="output folder, local or any filesystem pyarrow handles (s3://, gs://, abfs://, file://); "
+                        "resumes when it holds an earlier run. Credentials come from the environment")
     c.add_argument("--model", default=None, help="tiny (default), a local HF LLaVA directory, or a model YAML")
     c.add_argument("--config", default=None, help=f"job YAML (default: {DEFAULT_CONFIG} when present)")
     c.add_argument("--address", default=None, help="an existing Ray cluster: auto or ray://HOST:PORT "
@@ -65,7 +75,17 @@ def register(sub) -> None:
     c.add_argument("--text-scorer", default=None, help="override the config's text_scorer")
     c.add_argument("--prompt", default=None, help="prompt for rows without their own (default from config)")
     c.add_argument("--batch-size", type=int, default=None, help="rows per Ray Data batch handed to an engine actor (default from config)")
-    c.add_argument("--limit", type=int, default=None, help="process at most N rows in this run")
+    c.add_argument("--limit", type=_positive, default=None,
+                   help="process at most N more rows in this run (rows already in the output do not count), "
+                        "e.g. to work through a big input in slices")
+    c.add_argument("--retry-errors", action="store_true",
+                   help="first take the output's error rows out (and their ids out of the checkpoint) so this run "
+                        "does them again; every id still ends up exactly once. All error rows are retried: "
+                        "transient ones (an unreachable image URI, an engine failure) and permanent ones (an "
+                        "unreadable image, a prompt over the context), which fail again")
+    c.add_argument("--allow-config-change", action="store_true",
+                   help="resume an output whose record has another input, model, prompt, sparsity or "
+                        "max_new_tokens (refused by default: its rows would mix two jobs)")
     c.add_argument("--serve-app", default=None,
                    help="send rows through the replicas of this running `dynllava serve` app (shared with online "
                         "traffic) instead of starting engine actors; connects to the running cluster (--address "

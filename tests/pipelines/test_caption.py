@@ -114,27 +114,59 @@ def test_parquet_rows_match_the_engine_and_bad_rows_become_error_rows(ray_local,
 
 
 def test_resume_processes_only_missing_ids_and_records_each_run(ray_local, tmp_path, job_config):
+    """--limit N means N more rows on a resumed output; each run is recorded with its resolved config; a run
+    with nothing to do records valid JSON (null where a mean has no rows)."""
     ids = write_parquet_input(tmp_path / "in.parquet", 20)
     first = run_caption_job(str(tmp_path / "in.parquet"), tmp_path / "out", job_config, limit=7)
-    assert first.rows == 7
-    second = run_caption_job(str(tmp_path / "in.parquet"), tmp_path / "out", job_config)
+    second = run_caption_job(str(tmp_path / "in.parquet"), tmp_path / "out", job_config, limit=5)
+    assert (first.rows, second.rows, second.total_rows) == (7, 5, 12)
     third = run_caption_job(str(tmp_path / "in.parquet"), tmp_path / "out", job_config)
+    with pytest.raises(ValueError, match="another configuration.*max_new_tokens"):
+        run_caption_job(str(tmp_path / "in.parquet"), tmp_path / "out", job_config.with_overrides(max_new_tokens=3))
+    changed = job_config.with_overrides(max_new_tokens=3)
+    fourth = run_caption_job(str(tmp_path / "in.parquet"), tmp_path / "out", changed, allow_config_change=True)
     rows = output_rows(tmp_path / "out")
-    assert sorted(r["id"] for r in rows) == ids and (second.rows, third.rows, third.total_rows) == (13, 0, 20)
-    job = json.loads((tmp_path / "out" / JOB_FILE).read_text())
-    assert set(job) == {"input", "input_kind", "id_column", "config", "total_rows", "runs"}
+    assert sorted(r["id"] for r in rows) == ids and (third.rows, fourth.rows, fourth.total_rows) == (8, 0, 20)
+    text = (tmp_path / "out" / JOB_FILE).read_text()
+    job = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the job record"))
+    assert set(job) == {"input", "input_kind", "id_column", "identity", "total_rows", "runs"}
     assert (job["input"], job["input_kind"], job["id_column"], job["total_rows"]) == \
         (str(tmp_path / "in.parquet"), "parquet", "id", 20)
-    assert CaptionJobConfig.from_dict(job["config"]) == job_config  # the resolved config, round-tripped
-    assert [(r["rows"], r["errors"], r["limit"]) for r in job["runs"]] == [(7, 0, 7), (13, 0, None), (0, 0, None)]
-    assert set(job["runs"][0]) == {"finished_at", "limit", "rows", "errors", "total_rows", "wall_s", "rows_per_s",
-                                   "output_tokens_per_s", "image_keep", "text_keep", "kv_bytes_saved",
-                                   "error_examples", "sparsity_over_time"}
+    assert [CaptionJobConfig.from_dict(r["config"]) for r in job["runs"]] == [job_config] * 3 + [changed]
+    assert [(r["status"], r["rows"], r["errors"], r["limit"]) for r in job["runs"]] == \
+        [("finished", 7, 0, 7), ("finished", 5, 0, 5), ("finished", 8, 0, None), ("finished", 0, 0, None)]
+    assert set(job["runs"][0]) == {"status", "started_at", "finished_at", "limit", "retry_errors", "config", "rows",
+                                   "errors", "total_rows", "wall_s", "rows_per_s", "output_tokens_per_s",
+                                   "image_keep", "text_keep", "kv_bytes_saved", "error_examples",
+                                   "sparsity_over_time"}
     assert job["runs"][0]["image_keep"] == 0.5  # stride at 0.5 keeps 8 of 16 image tokens in every row
+    assert job["runs"][3]["image_keep"] is None  # no rows: no mean (was NaN, invalid JSON)
     saved = 1 - sum(r["kv_bytes_peak"] for r in rows) / sum(r["kv_bytes_dense"] for r in rows)
-    runs_saved = [r["kv_bytes_saved"] for r in job["runs"][:2]]
+    runs_saved = [r["kv_bytes_saved"] for r in job["runs"][:3]]
     assert min(runs_saved) <= saved <= max(runs_saved) and 0 < saved < 1
-    assert job["runs"][1]["rows_per_s"] == pytest.approx(13 / job["runs"][1]["wall_s"])
+    assert job["runs"][2]["rows_per_s"] == pytest.approx(8 / job["runs"][2]["wall_s"])
+    assert job["identity"]["max_new_tokens"] == 3  # the refused run recorded nothing; the allowed one did
+
+
+def test_retry_errors_redoes_failed_rows_exactly_once(ray_local, tmp_path, job_config):
+    """Rows whose image file is missing fail; once the files exist, --retry-errors redoes exactly those rows:
+    every id once, none an error. The output is a file:// URI."""
+    images = tmp_path / "imgs"
+    images.mkdir()
+    rows = [{"id": f"r{i}", "image_path": f"imgs/{i}.png"} for i in range(10)]
+    for i in range(10):
+        if i % 3:
+            (images / f"{i}.png").write_bytes(png_bytes(i))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
+    out = f"file://{tmp_path}/out"
+    first = run_caption_job(str(tmp_path / "in.parquet"), out, job_config)
+    assert (first.rows, first.errors) == (10, 4)
+    for i in range(0, 10, 3):
+        (images / f"{i}.png").write_bytes(png_bytes(i))
+    retried = run_caption_job(str(tmp_path / "in.parquet"), out, job_config, retry_errors=True)
+    got = output_rows(tmp_path / "out")
+    assert (retried.rows, retried.errors, retried.total_rows) == (4, 0, 10)
+    assert sorted(r["id"] for r in got) == sorted(r["id"] for r in rows) and all(r["error"] is None for r in got)
 
 
 def test_resume_after_the_job_process_is_killed(ray_local, tmp_path, job_config):
@@ -162,6 +194,8 @@ def test_resume_after_the_job_process_is_killed(ray_local, tmp_path, job_config)
     assert partial < len(ids), "the job finished before it could be interrupted; make it slower"
     run_caption_job(str(tmp_path / "in"), out, job_config)
     assert sorted(r["id"] for r in output_rows(out)) == ids
+    runs = json.loads((out / JOB_FILE).read_text())["runs"]
+    assert [r["status"] for r in runs] == ["killed", "finished"]  # the killed attempt is visible as such
 
 
 def crash_once_loader(model, device=None, dtype=None, marker: str = ""):
@@ -203,9 +237,10 @@ def test_unusable_inputs_fail_fast_with_one_message(ray_local, tmp_path, job_con
     pq.write_table(pa.table({"image": [png_bytes(0)]}), tmp_path / "noid.parquet")
     with pytest.raises(ValueError, match="row id"):
         run_caption_job(str(tmp_path / "noid.parquet"), tmp_path / "out3", job_config)
-    with pytest.raises(ValueError, match="mounted folder"):
-        run_caption_job(str(tmp_path / "wrong.parquet"), "s3://bucket/out", job_config)
-    assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        run_caption_job(str(tmp_path / "wrong.parquet"), tmp_path / "a_file", job_config)
+    assert not (tmp_path / "out1").exists()
 
 
 def test_the_sparsity_timeline_buckets_rows_by_time_and_the_summary_shows_a_move():
