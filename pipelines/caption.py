@@ -26,7 +26,6 @@ from pipelines.stages import DECODED_COLUMNS, GenerateStage, ServeGenerateStage,
 
 log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "_checkpoint"
-WRITE_NUM_CPUS = 0.05  # logical CPUs a write task reserves (see run_caption_job)
 
 
 @dataclass
@@ -120,6 +119,10 @@ def summarize(out: OutputLocation, new_files: set[str], wall_s: float, total_row
                       error_examples=sorted(set(errors))[:5],
                       sparsity_over_time=sparsity_timeline([data["generated_at"][i] for i in good],
                                                            [data["sparsity"][i] for i in good]))
+
+
+def _pass_through(batch):
+    return batch
 
 
 def rows_in_output(out: OutputLocation) -> int:
@@ -230,11 +233,13 @@ def run_caption_job(input_path: str, output: str | Path, config: CaptionJobConfi
     # Readers may return a whole file (or several) as one block; a block is the unit that flows through the
     # stages and is committed to the output, so cut them to decode-batch size (streaming, no shuffle).
     ds = ds.repartition(target_num_rows_per_block=config.decode_batch_size)
+    if limit is not None:  # N more rows: after the read's checkpoint filter, behind a map the limit cannot move
+        # past. A cheap pass-through map, not the decode: tasks the limit cancels must not be importing torch
+        # (a cancelled import leaves the worker, which the next run reuses, with a half-initialised module).
+        ds = ds.map_batches(_pass_through, batch_format="pyarrow", zero_copy_batch=True).limit(limit)
     ds = ds.map_batches(decode.udf, fn_kwargs=decode.kwargs, batch_size=config.decode_batch_size,
                         batch_format="numpy", num_cpus=config.decode_num_cpus,
                         compute=ray.data.TaskPoolStrategy(size=config.decode_tasks))
-    if limit is not None:  # after the read's checkpoint filter and a map the limit cannot move past: N more rows
-        ds = ds.limit(limit)
     pool = config.actors
     if config.serve_app:  # light callers; the engines are the app's replicas
         compute, num_cpus, num_gpus = ray.data.ActorPoolStrategy(size=config.serve_callers), 0.1, 0
@@ -255,10 +260,7 @@ def run_caption_job(input_path: str, output: str | Path, config: CaptionJobConfi
     if controller is not None:
         ray.get(controller.start_offline_job.remote(rows_total, time.time()))
     try:
-        # Write tasks reserve a sliver of CPU, so they still run when decode tasks and engine actors hold
-        # every core: rows are committed as they come, not at the end.
-        ds.write_parquet(out.path, filesystem=out.fs, min_rows_per_file=config.rows_per_file,
-                         ray_remote_args={"num_cpus": WRITE_NUM_CPUS})
+        ds.write_parquet(out.path, filesystem=out.fs, min_rows_per_file=config.rows_per_file)
     except BaseException as e:
         job_record.finish_run(out, job, run, "failed", error=f"{type(e).__name__}: {e}"[:2000])
         raise

@@ -177,6 +177,20 @@ MUTATIONS = (
     Mutation("default sparsity ceil-rounded", "dynllava/convert.py",
              'layer=int(sparse["sparse_layer"]), keep_rounding="floor")', 'layer=int(sparse["sparse_layer"]))',
              ("tests/dynllava/test_convert.py",)),
+    Mutation("--limit applied to the read (the same first rows again)", "pipelines/caption.py",
+             'ds = ds.map_batches(_pass_through, batch_format="pyarrow", zero_copy_batch=True).limit(limit)',
+             "ds = ds.limit(limit)", ("tests/pipelines/test_caption.py::test_resume_in_slices_then_retry_errors_and_the_record",)),
+    Mutation("retry leaves the ids in the checkpoint", "pipelines/retry.py",
+             "        if not pc.all(keep).as_py():", "        if False:",
+             ("tests/pipelines/test_caption.py::test_resume_in_slices_then_retry_errors_and_the_record",)),
+    Mutation("a killed run stays 'running'", "pipelines/job_record.py",
+             '            earlier["status"] = "killed"', "            pass", ("tests/pipelines/test_job_record.py",)),
+    Mutation("credentials recorded", "pipelines/output.py",
+             'return _SECRET_PARAMS.sub(r"\\1***", _CREDENTIALS.sub(r"\\1***@", str(uri)))', "return str(uri)",
+             ("tests/pipelines/test_job_record.py",)),
+    Mutation("NaN written into the record", "pipelines/job_record.py",
+             "    if isinstance(value, float) and not math.isfinite(value):\n        return None",
+             "    if False:\n        return None", ("tests/pipelines/test_job_record.py",)),
 )
 
 

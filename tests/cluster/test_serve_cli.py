@@ -100,7 +100,8 @@ def test_the_yaml_starts_a_working_endpoint(how, tmp_path):
     command = [str(BIN / "dynllava"), "serve", "--config", str(path), "--metrics-port", str(metrics_port)] \
         if how == "dynllava serve" else [str(BIN / "serve"), "run", str(path)]
     ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # its own Ray temp dir: nothing left in /tmp/ray
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": ray_tmp}
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": ray_tmp,
+           "RAY_metrics_report_interval_ms": "1000"}  # metrics reach the exporter in ~1 s, not ~10 s
     log = tmp_path / "server.log"
     with log.open("wb") as out:
         process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)

@@ -113,60 +113,55 @@ def test_parquet_rows_match_the_engine_and_bad_rows_become_error_rows(ray_local,
         assert json.loads(row["sparsity"]) == config.sparsity.to_dict()
 
 
-def test_resume_processes_only_missing_ids_and_records_each_run(ray_local, tmp_path, job_config):
-    """--limit N means N more rows on a resumed output; each run is recorded with its resolved config; a run
-    with nothing to do records valid JSON (null where a mean has no rows)."""
-    ids = write_parquet_input(tmp_path / "in.parquet", 20)
-    first = run_caption_job(str(tmp_path / "in.parquet"), tmp_path / "out", job_config, limit=7)
-    second = run_caption_job(str(tmp_path / "in.parquet"), tmp_path / "out", job_config, limit=5)
-    assert (first.rows, second.rows, second.total_rows) == (7, 5, 12)
-    third = run_caption_job(str(tmp_path / "in.parquet"), tmp_path / "out", job_config)
-    with pytest.raises(ValueError, match="another configuration.*max_new_tokens"):
-        run_caption_job(str(tmp_path / "in.parquet"), tmp_path / "out", job_config.with_overrides(max_new_tokens=3))
+def test_resume_in_slices_then_retry_errors_and_the_record(ray_local, tmp_path, job_config):
+    """--limit N means N more rows on a resumed output (here a file:// URI); a resume with another
+    max_new_tokens is refused unless allowed; rows whose image was missing fail, and once the files exist
+    --retry-errors redoes exactly those with the rest: every id once, none an error; each run is recorded with
+    its resolved config."""
+    images = tmp_path / "imgs"
+    images.mkdir()
+    missing = {3, 11, 17}
+    inputs = [{"id": f"r{i:02d}", "image_path": f"imgs/{i}.png"} for i in range(20)]
+    for i in set(range(20)) - missing:
+        (images / f"{i}.png").write_bytes(png_bytes(i))
+    pq.write_table(pa.Table.from_pylist(inputs), tmp_path / "in.parquet")
+    source, out = str(tmp_path / "in.parquet"), f"file://{tmp_path}/out"
+    first = run_caption_job(source, out, job_config, limit=7)
+    second = run_caption_job(source, out, job_config, limit=5)
+    done = output_rows(tmp_path / "out")
+    assert (first.rows, second.rows, second.total_rows, len(done)) == (7, 5, 12, 12)
+    failed = sorted(r["id"] for r in done if r["error"])
+    assert failed == sorted(r["id"] for r in done if int(r["id"][1:]) in missing)  # exactly the missing images
+    assert first.errors + second.errors == len(failed)
+
+    for i in missing:
+        (images / f"{i}.png").write_bytes(png_bytes(i))
     changed = job_config.with_overrides(max_new_tokens=3)
-    fourth = run_caption_job(str(tmp_path / "in.parquet"), tmp_path / "out", changed, allow_config_change=True)
+    with pytest.raises(ValueError, match="another configuration.*max_new_tokens"):
+        run_caption_job(source, out, changed)
+    third = run_caption_job(source, out, changed, allow_config_change=True, retry_errors=True)
     rows = output_rows(tmp_path / "out")
-    assert sorted(r["id"] for r in rows) == ids and (third.rows, fourth.rows, fourth.total_rows) == (8, 0, 20)
+    assert (third.rows, third.errors, third.total_rows) == (8 + len(failed), 0, 20)
+    assert sorted(r["id"] for r in rows) == [r["id"] for r in inputs] and all(r["error"] is None for r in rows)
+
     text = (tmp_path / "out" / JOB_FILE).read_text()
     job = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the job record"))
     assert set(job) == {"input", "input_kind", "id_column", "identity", "total_rows", "runs"}
-    assert (job["input"], job["input_kind"], job["id_column"], job["total_rows"]) == \
-        (str(tmp_path / "in.parquet"), "parquet", "id", 20)
-    assert [CaptionJobConfig.from_dict(r["config"]) for r in job["runs"]] == [job_config] * 3 + [changed]
-    assert [(r["status"], r["rows"], r["errors"], r["limit"]) for r in job["runs"]] == \
-        [("finished", 7, 0, 7), ("finished", 5, 0, 5), ("finished", 8, 0, None), ("finished", 0, 0, None)]
+    assert (job["input"], job["input_kind"], job["id_column"], job["total_rows"]) == (source, "parquet", "id", 20)
+    assert [CaptionJobConfig.from_dict(r["config"]) for r in job["runs"]] == [job_config] * 2 + [changed]
+    assert [(r["status"], r["rows"], r["limit"], r["retry_errors"]) for r in job["runs"]] == \
+        [("finished", 7, 7, False), ("finished", 5, 5, False), ("finished", 8 + len(failed), None, True)]
     assert set(job["runs"][0]) == {"status", "started_at", "finished_at", "limit", "retry_errors", "config", "rows",
                                    "errors", "total_rows", "wall_s", "rows_per_s", "output_tokens_per_s",
                                    "image_keep", "text_keep", "kv_bytes_saved", "error_examples",
                                    "sparsity_over_time"}
     assert job["runs"][0]["image_keep"] == 0.5  # stride at 0.5 keeps 8 of 16 image tokens in every row
-    assert job["runs"][3]["image_keep"] is None  # no rows: no mean (was NaN, invalid JSON)
-    saved = 1 - sum(r["kv_bytes_peak"] for r in rows) / sum(r["kv_bytes_dense"] for r in rows)
-    runs_saved = [r["kv_bytes_saved"] for r in job["runs"][:3]]
+    good = [r for r in rows if r["error"] is None]
+    saved = 1 - sum(r["kv_bytes_peak"] for r in good) / sum(r["kv_bytes_dense"] for r in good)
+    runs_saved = [r["kv_bytes_saved"] for r in job["runs"]]
     assert min(runs_saved) <= saved <= max(runs_saved) and 0 < saved < 1
-    assert job["runs"][2]["rows_per_s"] == pytest.approx(8 / job["runs"][2]["wall_s"])
+    assert job["runs"][2]["rows_per_s"] == pytest.approx(job["runs"][2]["rows"] / job["runs"][2]["wall_s"])
     assert job["identity"]["max_new_tokens"] == 3  # the refused run recorded nothing; the allowed one did
-
-
-def test_retry_errors_redoes_failed_rows_exactly_once(ray_local, tmp_path, job_config):
-    """Rows whose image file is missing fail; once the files exist, --retry-errors redoes exactly those rows:
-    every id once, none an error. The output is a file:// URI."""
-    images = tmp_path / "imgs"
-    images.mkdir()
-    rows = [{"id": f"r{i}", "image_path": f"imgs/{i}.png"} for i in range(10)]
-    for i in range(10):
-        if i % 3:
-            (images / f"{i}.png").write_bytes(png_bytes(i))
-    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
-    out = f"file://{tmp_path}/out"
-    first = run_caption_job(str(tmp_path / "in.parquet"), out, job_config)
-    assert (first.rows, first.errors) == (10, 4)
-    for i in range(0, 10, 3):
-        (images / f"{i}.png").write_bytes(png_bytes(i))
-    retried = run_caption_job(str(tmp_path / "in.parquet"), out, job_config, retry_errors=True)
-    got = output_rows(tmp_path / "out")
-    assert (retried.rows, retried.errors, retried.total_rows) == (4, 0, 10)
-    assert sorted(r["id"] for r in got) == sorted(r["id"] for r in rows) and all(r["error"] is None for r in got)
 
 
 def test_resume_after_the_job_process_is_killed(ray_local, tmp_path, job_config):
