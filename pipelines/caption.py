@@ -8,6 +8,7 @@ and their batches retried. What we add: bad rows become error rows, and `_job.js
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from pipelines import job_record
 from pipelines.config import CaptionJobConfig
 from pipelines.job_record import JOB_FILE
 from pipelines.output import OutputLocation, open_output, redact
+from pipelines.progress import CommittedRows, ProgressReporter
 from pipelines.retry import drop_error_rows
 from pipelines.sources import InputSpec, detect_kind, open_input
 from pipelines.stages import DECODED_COLUMNS, GenerateStage, ServeGenerateStage, Stage, decode_batch
@@ -183,14 +185,15 @@ def _rows_to_do(ds, done: int, limit: int | None) -> int:
 
 def run_caption_job(input_path: str, output: str | Path, config: CaptionJobConfig, address: str | None = None,
                     limit: int | None = None, loader: Callable | None = None, retry_errors: bool = False,
-                    allow_config_change: bool = False) -> RunSummary:
+                    allow_config_change: bool = False, progress_s: float | None = None) -> RunSummary:
     """Run (or resume) a caption job; returns this run's summary, recorded in `output/_job.json`.
 
     output: a local folder or any pyarrow filesystem URI (s3://, gs://, abfs://, file://); the checkpoint goes
     beside the rows. limit: at most this many more rows in this run (rows already in the output do not count).
     retry_errors: first take the output's error rows out (and their ids out of the checkpoint), so this run
     does them again. A resume whose input, model, prompt, sparsity or max_new_tokens differs from the output's
-    record is refused unless allow_config_change. `loader` replaces DynamicLlava.from_pretrained in the engine
+    record is refused unless allow_config_change. progress_s: print rows done, rows/s and (Parquet inputs) the
+    time left every so many seconds, from the committed checkpoint files. `loader` replaces DynamicLlava.from_pretrained in the engine
     actors (tests inject failures with it)."""
     import ray
     import ray.data
@@ -224,6 +227,8 @@ def run_caption_job(input_path: str, output: str | Path, config: CaptionJobConfi
     if controller is not None and ray.get(controller.status.remote())["sla"]["offline"]["deadline_s"]:
         rows_total = _rows_to_do(ds, done, limit)  # the deadline target needs it (counts the input once)
         log.info("deadline target: %d rows to do", rows_total)
+    elif progress_s and spec.kind == "parquet":  # from the files' footers; other inputs would have to be read
+        rows_total = _rows_to_do(ds, done, limit)
     # The plan reads the context its dataset was created with (a copy), so the checkpoint goes there; every
     # dataset derived below inherits it. Kept after success: a rerun must still see which ids are done.
     ds.context.checkpoint_config = CheckpointConfig(
@@ -259,8 +264,11 @@ def run_caption_job(input_path: str, output: str | Path, config: CaptionJobConfi
     started = time.perf_counter()
     if controller is not None:
         ray.get(controller.start_offline_job.remote(rows_total, time.time()))
+    reporter = (ProgressReporter(CommittedRows(out, CHECKPOINT_DIR).poll, rows_total, progress_s)
+                if progress_s else contextlib.nullcontext())
     try:
-        ds.write_parquet(out.path, filesystem=out.fs, min_rows_per_file=config.rows_per_file)
+        with reporter:
+            ds.write_parquet(out.path, filesystem=out.fs, min_rows_per_file=config.rows_per_file)
     except BaseException as e:
         job_record.finish_run(out, job, run, "failed", error=f"{type(e).__name__}: {e}"[:2000])
         raise

@@ -32,7 +32,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
                                    serve_app=args.serve_app, sla=args.sla,
                                    controller=True if args.controller else None)
     summary = run_caption_job(args.input, args.output, config, address=args.address, limit=args.limit,
-                              retry_errors=args.retry_errors, allow_config_change=args.allow_config_change)
+                              retry_errors=args.retry_errors, allow_config_change=args.allow_config_change,
+                              progress_s=args.progress_s or None)
     print(summary.table())
     if summary.error_examples:
         print("errors, for example:\n  " + "\n  ".join(summary.error_examples))
@@ -83,6 +84,9 @@ def register(sub) -> None:
                         "does them again; every id still ends up exactly once. All error rows are retried: "
                         "transient ones (an unreachable image URI, an engine failure) and permanent ones (an "
                         "unreadable image, a prompt over the context), which fail again")
+    c.add_argument("--progress-s", type=float, default=10.0,
+                   help="print rows done, rows/s and the time left (Parquet inputs) every so many seconds, from the "
+                        "committed checkpoint (default 10; 0: off). Ray Data's own progress bars show on a terminal")
     c.add_argument("--allow-config-change", action="store_true",
                    help="resume an output whose record has another input, model, prompt, sparsity or "
                         "max_new_tokens (refused by default: its rows would mix two jobs)")

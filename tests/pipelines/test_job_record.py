@@ -54,3 +54,28 @@ def test_caption_cli_fails_fast_and_accepts_v_anywhere(tmp_path, capsys):
     assert "no such file" in err and "Traceback" not in err and not ray.is_initialized()
     with pytest.raises(SystemExit):
         main(["caption", "--input", "x", "--output", "y", "--limit", "0"])
+
+
+def test_progress_counts_rows_of_newly_committed_checkpoint_files(tmp_path):
+    """Rows in checkpoint files committed after the start (pending ones not), and the line's rate and ETA."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.progress import CommittedRows, ProgressReporter, progress_line
+
+    out = open_output(tmp_path / "out")
+    (tmp_path / "out" / "_checkpoint").mkdir()
+    pq.write_table(pa.table({"id": ["a", "b"]}), tmp_path / "out" / "_checkpoint" / "old.parquet")
+    rows = CommittedRows(out, "_checkpoint")
+    assert rows.poll() == 0
+    pq.write_table(pa.table({"id": ["c", "d", "e"]}), tmp_path / "out" / "_checkpoint" / "x.parquet")
+    pq.write_table(pa.table({"id": ["f"]}), tmp_path / "out" / "_checkpoint" / "y.pending.parquet")
+    assert rows.poll() == 3 and rows.poll() == 3
+    assert progress_line(30, 120, 10.0) == "30 / 120 rows  3.0 rows/s  ETA 0m30s"
+    assert progress_line(0, None, 4.0) == "0 rows  (starting, 4 s)"
+    stream = io.StringIO()
+    with ProgressReporter(rows.poll, 9, interval_s=0.01, stream=stream):
+        pass
+    assert stream.getvalue().startswith("3 / 9 rows")
