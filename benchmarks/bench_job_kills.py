@@ -40,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kills", type=int, default=4, help="killed attempts (default 4)")
     p.add_argument("--kill-after", type=float, nargs=2, default=(20.0, 45.0),
                    help="a kill comes uniformly between these seconds after the attempt starts (default 20 45)")
+    p.add_argument("--actor-cpus", type=float, default=2.0, help="the stand-in actor's CPUs (the job default: 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="also write the JSON line to this file")
     return p.parse_args(argv)
@@ -67,13 +68,13 @@ def answered(count_file: Path) -> int:
 
 
 def attempt(input_path: Path, output: Path, count_file: Path, rows_per_file: int, kill_at: float | None,
-            log: Path) -> float:
+            log: Path, actor_cpus: float) -> float:
     """Run the stand-in job once (killed at kill_at seconds, or to the end); returns its wall seconds."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
     started = time.monotonic()
     with log.open("ab") as out:
         proc = subprocess.Popen([sys.executable, str(STAND_IN), str(input_path), str(output), str(count_file),
-                                 "--rows-per-file", str(rows_per_file)], env=env, stdout=out,
+                                 "--rows-per-file", str(rows_per_file), "--actor-cpus", str(actor_cpus)], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
             proc.wait(timeout=kill_at)
@@ -93,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         make_input(root / "in.parquet", args.rows)
         log = root / "jobs.log"
-        clean_s = attempt(root / "in.parquet", root / "clean", root / "clean.count", args.rows_per_file, None, log)
+        clean_s = attempt(root / "in.parquet", root / "clean", root / "clean.count", args.rows_per_file, None, log,
+                          args.actor_cpus)
         import json
 
         job = json.loads((root / "clean" / "_job.json").read_text())
@@ -103,19 +105,19 @@ def main(argv: list[str] | None = None) -> int:
         for k in range(args.kills):
             before_rows, before_answered = (committed(out) if out.exists() else 0), answered(count)
             at = rng.uniform(*args.kill_after)
-            attempt(root / "in.parquet", out, count, args.rows_per_file, at, log)
+            attempt(root / "in.parquet", out, count, args.rows_per_file, at, log, args.actor_cpus)
             done, did = committed(out) - before_rows, answered(count) - before_answered
             kills.append({"kill_at_s": round(at, 1), "answered": did, "committed": done, "lost": max(0, did - done)})
             print(f"kill {k + 1}: at {at:.1f} s, answered {did}, committed {done}, lost {max(0, did - done)}",
                   flush=True)
             if committed(out) >= args.rows:
                 break
-        attempt(root / "in.parquet", out, count, args.rows_per_file, None, log)
+        attempt(root / "in.parquet", out, count, args.rows_per_file, None, log, args.actor_cpus)
         ids = pq.read_table(str(out), columns=["id"]).column("id").to_pylist()
         exactly_once = sorted(ids) == [f"r{i:07d}" for i in range(args.rows)]
     lost = [k["lost"] for k in kills]
     result = {"bench": "job_kills", "hardware": hardware("cpu"), "commit": commit(), "rows": args.rows,
-              "rows_per_file": args.rows_per_file, "ceiling_rows_per_s": round(ceiling, 1),
+              "rows_per_file": args.rows_per_file, "actor_cpus": args.actor_cpus, "ceiling_rows_per_s": round(ceiling, 1),
               "clean_wall_s": round(clean_s, 1), "kills": kills,
               "lost_median": statistics.median(lost) if lost else None, "lost_max": max(lost) if lost else None,
               "lost_max_over_rows_per_file": round(max(lost) / args.rows_per_file, 2) if lost else None,

@@ -49,13 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("output")
     p.add_argument("count_file")
     p.add_argument("--rows-per-file", type=int, default=1000)
+    p.add_argument("--actor-cpus", type=float, default=2.0, help="the engine actor's CPUs (the job default: 2)")
     args = p.parse_args(argv)
     from pipelines.config import ActorPool, CaptionJobConfig
 
     os.environ[COUNT_ENV] = str(Path(args.count_file).resolve())
     pipelines.caption.GenerateStage = InstantGenerateStage
     config = CaptionJobConfig(model="tiny", batch_size=256, decode_batch_size=256, rows_per_file=args.rows_per_file,
-                              actors=ActorPool(min_size=1, max_size=1, num_cpus=1))
+                              actors=ActorPool(min_size=1, max_size=1, num_cpus=args.actor_cpus))
     summary = pipelines.caption.run_caption_job(args.input, args.output, config)
     print(summary.table())
     return 0
