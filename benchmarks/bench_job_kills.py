@@ -74,8 +74,8 @@ def attempt(input_path: Path, output: Path, count_file: Path, rows_per_file: int
     started = time.monotonic()
     with log.open("ab") as out:
         proc = subprocess.Popen([sys.executable, str(STAND_IN), str(input_path), str(output), str(count_file),
-                                 "--rows-per-file", str(rows_per_file), "--actor-cpus", str(actor_cpus)], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                 "--rows-per-file", str(rows_per_file), "--actor-cpus", str(actor_cpus)],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             proc.wait(timeout=kill_at)
         except subprocess.TimeoutExpired:
@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         exactly_once = sorted(ids) == [f"r{i:07d}" for i in range(args.rows)]
     lost = [k["lost"] for k in kills]
     result = {"bench": "job_kills", "hardware": hardware("cpu"), "commit": commit(), "rows": args.rows,
-              "rows_per_file": args.rows_per_file, "actor_cpus": args.actor_cpus, "ceiling_rows_per_s": round(ceiling, 1),
+              "rows_per_file": args.rows_per_file, "actor_cpus": args.actor_cpus,
+              "ceiling_rows_per_s": round(ceiling, 1),
               "clean_wall_s": round(clean_s, 1), "kills": kills,
               "lost_median": statistics.median(lost) if lost else None, "lost_max": max(lost) if lost else None,
               "lost_max_over_rows_per_file": round(max(lost) / args.rows_per_file, 2) if lost else None,
