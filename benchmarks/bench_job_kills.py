@@ -6,6 +6,7 @@ file) on --rows synthetic rows: one clean run into a fresh output gives the ceil
 job on another output is started and its whole process group SIGKILLed at a random moment (uniform in
 --kill-after seconds), and the work lost by that kill is the rows the stand-in answered in that attempt minus the
 rows the attempt left committed in the output. A last run completes the output; every id must be there once.
+The clean run is repeated with the output on an S3-compatible server on loopback (moto) for s3_over_local.
 Prints one JSON line with the hardware and commit.
 """
 
@@ -42,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a kill comes uniformly between these seconds after the attempt starts (default 20 45)")
     p.add_argument("--actor-cpus", type=float, default=2.0, help="the stand-in actor's CPUs (the job default: 2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-s3", action="store_true", help="skip the clean run with the output on a local S3 server")
     p.add_argument("--output", default=None, help="also write the JSON line to this file")
     return p.parse_args(argv)
 
@@ -67,10 +69,10 @@ def answered(count_file: Path) -> int:
     return sum(int(line) for line in count_file.read_text().split()) if count_file.exists() else 0
 
 
-def attempt(input_path: Path, output: Path, count_file: Path, rows_per_file: int, kill_at: float | None,
-            log: Path, actor_cpus: float) -> float:
+def attempt(input_path: Path, output: Path | str, count_file: Path, rows_per_file: int, kill_at: float | None,
+            log: Path, actor_cpus: float, env_extra: dict | None = None) -> float:
     """Run the stand-in job once (killed at kill_at seconds, or to the end); returns its wall seconds."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0", **(env_extra or {})}
     started = time.monotonic()
     with log.open("ab") as out:
         proc = subprocess.Popen([sys.executable, str(STAND_IN), str(input_path), str(output), str(count_file),
@@ -87,6 +89,33 @@ def attempt(input_path: Path, output: Path, count_file: Path, rows_per_file: int
     return time.monotonic() - started
 
 
+def s3_clean_run(root: Path, args: argparse.Namespace, log: Path) -> float:
+    """The clean run again with the output on an S3-compatible server on loopback (moto's, in this process);
+    returns its rows/s from the job record it wrote there."""
+    import json
+    import socket
+
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        creds = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+        fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="bench",
+                               secret_key="bench", region="us-east-1", allow_bucket_creation=True)
+        fs.create_dir("bench")
+        uri = f"s3://bench/out?endpoint_override=127.0.0.1:{port}&scheme=http"
+        attempt(root / "in.parquet", uri, root / "s3.count", args.rows_per_file, None, log, args.actor_cpus, creds)
+        with fs.open_input_stream("bench/out/_job.json") as f:
+            return json.loads(f.read())["runs"][-1]["rows_per_s"]
+    finally:
+        server.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rng = random.Random(args.seed)
@@ -100,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
         job = json.loads((root / "clean" / "_job.json").read_text())
         ceiling = job["runs"][-1]["rows_per_s"]  # rows over the job's write phase (Ray's start excluded)
+        s3_ceiling = None if args.no_s3 else s3_clean_run(root, args, log)
         kills = []
         out, count = root / "killed", root / "killed.count"
         for k in range(args.kills):
@@ -119,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"bench": "job_kills", "hardware": hardware("cpu"), "commit": commit(), "rows": args.rows,
               "rows_per_file": args.rows_per_file, "actor_cpus": args.actor_cpus,
               "ceiling_rows_per_s": round(ceiling, 1),
+              "s3_ceiling_rows_per_s": round(s3_ceiling, 1) if s3_ceiling else None,
+              "s3_over_local": round(s3_ceiling / ceiling, 3) if s3_ceiling else None,
               "clean_wall_s": round(clean_s, 1), "kills": kills,
               "lost_median": statistics.median(lost) if lost else None, "lost_max": max(lost) if lost else None,
               "lost_max_over_rows_per_file": round(max(lost) / args.rows_per_file, 2) if lost else None,
