@@ -90,3 +90,16 @@ def open_output(path_or_uri: str | Path) -> OutputLocation:
     except Exception as e:  # OSError / ArrowException from the filesystem, with its message
         raise ValueError(f"output {where}: cannot write there ({type(e).__name__}: {e})") from None
     return OutputLocation(where, fs, path)
+
+
+def existing_output(path_or_uri: str | Path) -> OutputLocation:
+    """An output folder to read (nothing is created or written); ValueError when it is not there."""
+    fs, path = resolve(path_or_uri)
+    where = redact(str(path_or_uri))
+    try:
+        info = fs.get_file_info(path)
+    except Exception as e:  # OSError / ArrowException from the filesystem
+        raise ValueError(f"output {where}: cannot read it ({type(e).__name__}: {e})") from None
+    if info.type != pafs.FileType.Directory:
+        raise ValueError(f"output {where}: no such folder")
+    return OutputLocation(where, fs, path)
