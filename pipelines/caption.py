@@ -193,8 +193,8 @@ def run_caption_job(input_path: str, output: str | Path, config: CaptionJobConfi
     retry_errors: first take the output's error rows out (and their ids out of the checkpoint), so this run
     does them again. A resume whose input, model, prompt, sparsity or max_new_tokens differs from the output's
     record is refused unless allow_config_change. progress_s: print rows done, rows/s and (Parquet inputs) the
-    time left every so many seconds, from the committed checkpoint files. `loader` replaces DynamicLlava.from_pretrained in the engine
-    actors (tests inject failures with it)."""
+    time left every so many seconds, from the committed checkpoint files. `loader` replaces
+    DynamicLlava.from_pretrained in the engine actors (tests inject failures with it)."""
     import ray
     import ray.data
     from ray.data.checkpoint import CheckpointConfig
@@ -218,7 +218,7 @@ def run_caption_job(input_path: str, output: str | Path, config: CaptionJobConfi
         job["retry_pending"] = True
         job_record.save(out, job)
         removed = drop_error_rows(out, CHECKPOINT_DIR, spec.id_column)
-        job["total_rows"] = (job["total_rows"] - removed) if "total_rows" in job else None
+        job["total_rows"] = job["total_rows"] - removed if job.get("total_rows") is not None else None
         job.pop("retry_pending")
         job_record.save(out, job)
     done = job["total_rows"] if job.get("total_rows") is not None else rows_in_output(out)
