@@ -13,13 +13,10 @@ from dynllava.scorers import TEXT_SCORERS, VISION_SCORERS
 log = logging.getLogger("dynllava")
 
 
-class _TextKeepNone(float):
-    """--text-keep none: a value distinct from 'flag not given' (None)."""
-
-
-def _text_keep(value: str) -> float:
+def _text_keep(value: str) -> float | str:
+    """A fraction, or "none" (the learned predictor decides), kept apart from None (the flag not given)."""
     if value.lower() in ("none", "auto", "predictor"):
-        return _TextKeepNone(0.0)
+        return "none"
     return float(value)
 
 
@@ -49,7 +46,7 @@ SPARSITY_FLAGS = ("vision_keep", "text_keep", "vision_scorer", "text_scorer", "l
 def _sparsity_from(args: argparse.Namespace, base: SparsityConfig | None = None) -> SparsityConfig:
     """`base` (default dense) with the sparsity flags that were given. --text-keep none is a given value."""
     given = {k: getattr(args, k) for k in SPARSITY_FLAGS if getattr(args, k) is not None}
-    if isinstance(given.get("text_keep"), _TextKeepNone):
+    if given.get("text_keep") == "none":
         given["text_keep"] = None
     return (base or SparsityConfig()).replace(**given)
 

@@ -157,7 +157,7 @@ def prepare_batch(processor, images: Sequence[Any], prompts: Sequence[str], max_
             what = "has no image placeholder" if n_placeholders == 0 else f"has {n_placeholders} placeholders"
             raise ValueError(f"prompts[{i}]: {what} ({token!r}) but {len(row_list)} image(s) were given")
         rule = getattr(processor, PROMPT_RULE_ATTR, None)
-        if row_list and all(isinstance(img, PixelValues) for img in row_list) or row_list and rule is not None:
+        if row_list and (rule is not None or all(isinstance(img, PixelValues) for img in row_list)):
             row_pixels = (torch.stack([img.values for img in row_list]) if isinstance(row_list[0], PixelValues)
                           else preprocess_pixels(processor, row_list, i))  # [n, 3, H, W]
             n_tokens = image_token_count(processor, *row_pixels.shape[-2:])

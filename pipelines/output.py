@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+PENDING_SUFFIX = ".pending.parquet"  # Ray Data's uncommitted checkpoint files
 _CREDENTIALS = re.compile(r"^([a-zA-Z][\w+.-]*://)[^/@]*@")  # scheme://user:secret@host...
 _SECRET_PARAMS = re.compile(r"((?:access_key|secret_key|session_token|token|password|sas_token|key)=)[^&]*",
                             re.IGNORECASE)
@@ -57,17 +58,36 @@ class OutputLocation:
             return f.read().decode()
 
     def write_text(self, name: str, text: str) -> None:
-        """Replace a small file whole: a temporary file renamed over it where the filesystem renames (local),
-        one PUT elsewhere (object stores replace an object atomically)."""
-        target = self.join(name)
-        if isinstance(self.fs, pafs.LocalFileSystem):
-            tmp = target + ".tmp"
-            with self.fs.open_output_stream(tmp) as f:
+        """Replace a small file whole (see `replace`)."""
+        def write(path: str) -> None:
+            with self.fs.open_output_stream(path) as f:
                 f.write(text.encode())
-            self.fs.move(tmp, target)
+        self.replace(self.join(name), write)
+
+    def write_table(self, path: str, table) -> None:
+        """Replace a Parquet file on the output with `table` (see `replace`); an empty table deletes it."""
+        import pyarrow.parquet as pq
+
+        if table.num_rows == 0:
+            self.fs.delete_file(path)
         else:
-            with self.fs.open_output_stream(target) as f:
-                f.write(text.encode())
+            self.replace(path, lambda tmp: pq.write_table(table, tmp, filesystem=self.fs))
+
+    def replace(self, path: str, write) -> None:
+        """Replace `path` whole with what `write(path)` writes: a temporary file renamed over it where the
+        filesystem renames (local), one PUT elsewhere (object stores replace an object atomically)."""
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            write(path + ".tmp")
+            self.fs.move(path + ".tmp", path)
+        else:
+            write(path)
+
+    def committed_checkpoint_files(self, checkpoint_dir: str) -> list[str]:
+        """Paths of the committed files of Ray Data's checkpoint under `checkpoint_dir` (its pending ones, which
+        its own restore cleans, left out)."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.join(checkpoint_dir), allow_not_found=True))
+        return [i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+                and not i.path.endswith(PENDING_SUFFIX)]
 
 
 def open_output(path_or_uri: str | Path) -> OutputLocation:

@@ -8,12 +8,9 @@ import threading
 import time
 from typing import Callable, TextIO
 
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.output import OutputLocation
-
-PENDING_SUFFIX = ".pending.parquet"
 
 
 def progress_line(done: int, total: int | None, elapsed_s: float) -> str:
@@ -33,17 +30,12 @@ class CommittedRows:
     """Counts the rows in checkpoint files committed since it was created (files present then are ignored)."""
 
     def __init__(self, out: OutputLocation, checkpoint_dir: str):
-        self.out, self.path = out, out.join(checkpoint_dir)
-        self.seen = set(self._committed())
+        self.out, self.checkpoint_dir = out, checkpoint_dir
+        self.seen = set(out.committed_checkpoint_files(checkpoint_dir))
         self.rows = 0
 
-    def _committed(self) -> list[str]:
-        infos = self.out.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
-        return [i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
-                and not i.path.endswith(PENDING_SUFFIX)]
-
     def poll(self) -> int:
-        for path in self._committed():
+        for path in self.out.committed_checkpoint_files(self.checkpoint_dir):
             if path not in self.seen:
                 self.seen.add(path)
                 try:

@@ -12,26 +12,11 @@ from __future__ import annotations
 import logging
 
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.output import OutputLocation
 
 log = logging.getLogger(__name__)
-PENDING_SUFFIX = ".pending.parquet"  # Ray Data's uncommitted checkpoint files (its own restore cleans them)
-
-
-def _replace(out: OutputLocation, path: str, table) -> None:
-    """Rewrite one Parquet file with `table` (delete it when empty): a new file moved over it where the
-    filesystem renames, one PUT on object stores."""
-    if table.num_rows == 0:
-        out.fs.delete_file(path)
-        return
-    if isinstance(out.fs, pafs.LocalFileSystem):
-        pq.write_table(table, path + ".tmp", filesystem=out.fs)
-        out.fs.move(path + ".tmp", path)
-    else:
-        pq.write_table(table, path, filesystem=out.fs)
 
 
 def drop_error_rows(out: OutputLocation, checkpoint_dir: str, id_column: str) -> int:
@@ -46,18 +31,14 @@ def drop_error_rows(out: OutputLocation, checkpoint_dir: str, id_column: str) ->
     ids = {i for group in errored.values() for i in group}
     if not ids:
         return 0
-    checkpoint = out.join(checkpoint_dir)
-    infos = out.fs.get_file_info(pafs.FileSelector(checkpoint, allow_not_found=True))
-    for info in infos:
-        if info.type != pafs.FileType.File or not info.path.endswith(".parquet") or info.path.endswith(PENDING_SUFFIX):
-            continue
-        table = pq.read_table(info.path, filesystem=out.fs)
+    for path in out.committed_checkpoint_files(checkpoint_dir):
+        table = pq.read_table(path, filesystem=out.fs)
         keep = pc.invert(pc.is_in(table.column(id_column), value_set=_array(ids, table.column(id_column).type)))
         if not pc.all(keep).as_py():
-            _replace(out, info.path, table.filter(keep))
+            out.write_table(path, table.filter(keep))
     for path in errored:
         table = pq.read_table(path, filesystem=out.fs)
-        _replace(out, path, table.filter(pc.is_null(table.column("error"))))
+        out.write_table(path, table.filter(pc.is_null(table.column("error"))))
     log.info("retrying %d error rows from %d output files", len(ids), len(errored))
     return len(ids)
 
