@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("count_file")
     p.add_argument("--rows-per-file", type=int, default=1000)
     p.add_argument("--actor-cpus", type=float, default=2.0, help="the engine actor's CPUs (the job default: 2)")
+    p.add_argument("--stats-file", default=None, help="write this process's peak RSS (MB) here as JSON at the end")
     args = p.parse_args(argv)
     from pipelines.config import ActorPool, CaptionJobConfig
 
@@ -59,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
                               actors=ActorPool(min_size=1, max_size=1, num_cpus=args.actor_cpus))
     summary = pipelines.caption.run_caption_job(args.input, args.output, config)
     print(summary.table())
+    if args.stats_file:
+        import json
+        import resource
+
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        Path(args.stats_file).write_text(json.dumps({"driver_peak_rss_mb": round(peak_mb, 1)}))
     return 0
 
 

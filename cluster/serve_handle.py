@@ -35,5 +35,5 @@ class ServeEngines:
     def generate_rows(self, pixels: np.ndarray, prompts: list[str], max_new_tokens: int,
                       sparsity: SparsityConfig) -> list[Any]:
         """Rows of resized uint8 pixels [N, 3, H, W] and raw prompts, through the replicas' running batches.
-        Returns a GenerationOutput or an error string per row."""
+        Returns a GenerationOutput or RowError per row."""
         return self.handle.generate_rows.remote(pixels, prompts, max_new_tokens, sparsity.to_dict()).result()

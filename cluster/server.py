@@ -40,6 +40,7 @@ from dynllava.config import SparsityConfig
 from dynllava.engine import GenerationOutput, TokenLogprob
 from dynllava.inputs import normalise_pixels
 from dynllava.model import DynamicLlava
+from dynllava.row_errors import INPUT, TRANSIENT, RowError
 from dynllava.streaming import TextStream
 from dynllava.telemetry import TelemetrySnapshot, resident_bytes
 
@@ -220,11 +221,11 @@ class LlavaServer:
                             sparsity: dict[str, Any]) -> list[Any]:
         """Deployment-handle method for `dynllava caption --serve-app`: rows of resized uint8 pixels
         [N, 3, H, W] and raw prompts join the continuous batch beside online requests. Returns a
-        GenerationOutput or an error string per row. A full queue makes these rows wait, never fail."""
+        GenerationOutput or RowError per row. A full queue makes these rows wait, never fail."""
         try:
             applied = self._allowed(SparsityConfig.from_dict(sparsity))
         except ValueError as e:
-            return [f"sparsity: {e}"] * len(prompts)
+            return [RowError(f"sparsity: {e}", INPUT)] * len(prompts)
         images = await self._prepare(normalise_pixels, self.model.processor, pixels)
         return list(await asyncio.gather(*(self._offline_row(image, prompt, max_new_tokens, applied)
                                            for image, prompt in zip(images, prompts))))
@@ -284,7 +285,7 @@ class LlavaServer:
             prepared = await self._prepare(self.model.prepare, [image], [self.model.format_prompt(prompt)],
                                            max_new_tokens)
         except ValueError as e:
-            return str(e)
+            return RowError.from_exception(e)
         request = EngineRequest(prepared, sparsity, max_new_tokens)
         events = self._listen(request, stream=False)
         while True:
@@ -293,12 +294,12 @@ class LlavaServer:
                 break
             await asyncio.sleep(0.05)  # back-pressure: offline rows wait for room
         if isinstance(result, Exception):
-            return str(result)
+            return RowError.from_exception(result)
         try:
             async with contextlib.aclosing(self._follow(result, events)) as outputs:
                 return [item async for item in outputs][-1]
         except GenerationFailed as e:
-            return str(e)
+            return RowError(str(e), TRANSIENT)
 
     # ------------------------------------------------------------------ request handling
     def _authorize(self, request: Request) -> None:

@@ -17,12 +17,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from dynllava.row_errors import INPUT
 from pipelines import job_record
 from pipelines.config import CaptionJobConfig
 from pipelines.job_record import JOB_FILE
 from pipelines.output import OutputLocation, open_output, redact
 from pipelines.progress import CommittedRows, ProgressReporter
-from pipelines.retry import drop_error_rows
+from pipelines.retry import drop_error_rows, retry_passes
 from pipelines.sources import InputSpec, detect_kind, open_input
 from pipelines.stages import DECODED_COLUMNS, GenerateStage, ServeGenerateStage, Stage, decode_batch
 
@@ -37,6 +38,7 @@ class RunSummary:
 
     rows: int  # rows written by this run (good + error)
     errors: int
+    transient_errors: int  # of those errors, the ones a later `--retry-errors` redoes (dynllava.row_errors)
     total_rows: int  # rows in the output folder after this run
     wall_s: float
     rows_per_s: float
@@ -48,7 +50,9 @@ class RunSummary:
     sparsity_over_time: list[dict] = field(default_factory=list)  # see sparsity_timeline
 
     def table(self) -> str:
-        rows = [("rows written", f"{self.rows}"), ("errors", f"{self.errors}"),
+        errors = f"{self.errors}" + (f" ({self.transient_errors} transient: --retry-errors redoes them)"
+                                     if self.transient_errors else "")
+        rows = [("rows written", f"{self.rows}"), ("errors", errors),
                 ("rows in output", f"{self.total_rows}"), ("wall time", f"{self.wall_s:.1f} s"),
                 ("rows/s", f"{self.rows_per_s:.2f}"), ("output tokens/s", f"{self.output_tokens_per_s:.1f}"),
                 ("mean image keep", f"{self.image_keep:.3f}"), ("mean text keep", f"{self.text_keep:.3f}"),
@@ -100,7 +104,7 @@ def summarize(out: OutputLocation, new_files: set[str], wall_s: float, total_row
     not read: `total_rows` comes from the job record)."""
     import pyarrow.parquet as pq
 
-    cols = ["error", "n_image_kept", "n_image_tokens", "n_text_admitted", "n_text_generated", "kv_bytes_peak",
+    cols = ["error", "error_kind", "n_image_kept", "n_image_tokens", "n_text_admitted", "n_text_generated", "kv_bytes_peak",
             "kv_bytes_dense", "generated_at", "sparsity"]
     tables = [pq.read_table(out.join(f), columns=cols, filesystem=out.fs) for f in sorted(new_files)]
     data = {c: [v for t in tables for v in t.column(c).to_pylist()] for c in cols}
@@ -113,7 +117,9 @@ def summarize(out: OutputLocation, new_files: set[str], wall_s: float, total_row
         return sum(data[a][i] for i in good) / den if den else float("nan")
 
     tokens = sum(data["n_text_generated"][i] for i in good)
-    return RunSummary(rows=n, errors=len(errors), total_rows=total_rows + n, wall_s=wall_s,
+    transient = sum(data["error"][i] is not None and data["error_kind"][i] != INPUT for i in range(n))
+    return RunSummary(rows=n, errors=len(errors), transient_errors=transient, total_rows=total_rows + n,
+                      wall_s=wall_s,
                       rows_per_s=n / wall_s if wall_s else 0.0, output_tokens_per_s=tokens / wall_s if wall_s else 0.0,
                       image_keep=ratio("n_image_kept", "n_image_tokens"),
                       text_keep=ratio("n_text_admitted", "n_text_generated"),
@@ -184,14 +190,14 @@ def _rows_to_do(ds, done: int, limit: int | None) -> int:
 
 
 def run_caption_job(input_path: str, output: str | Path, config: CaptionJobConfig, address: str | None = None,
-                    limit: int | None = None, loader: Callable | None = None, retry_errors: bool = False,
+                    limit: int | None = None, loader: Callable | None = None, retry_errors: str | None = None,
                     allow_config_change: bool = False, progress_s: float | None = None) -> RunSummary:
     """Run (or resume) a caption job; returns this run's summary, recorded in `output/_job.json`.
 
     output: a local folder or any pyarrow filesystem URI (s3://, gs://, abfs://, file://); the checkpoint goes
     beside the rows. limit: at most this many more rows in this run (rows already in the output do not count).
-    retry_errors: first take the output's error rows out (and their ids out of the checkpoint), so this run
-    does them again. A resume whose input, model, prompt, sparsity or max_new_tokens differs from the output's
+    retry_errors: "transient" or "all": first take those error rows out of the output (and their ids out of the
+    checkpoint), so this run does them again (dynllava.row_errors says which errors are transient). A resume whose input, model, prompt, sparsity or max_new_tokens differs from the output's
     record is refused unless allow_config_change. progress_s: print rows done, rows/s and (Parquet inputs) the
     time left every so many seconds, from the committed checkpoint files. `loader` replaces
     DynamicLlava.from_pretrained in the engine actors (tests inject failures with it)."""
@@ -206,6 +212,7 @@ def run_caption_job(input_path: str, output: str | Path, config: CaptionJobConfi
     job = job_record.load(out)
     identity = {"input": redact(input_path), "model": config.model, "prompt": config.prompt,
                 "sparsity": config.sparsity.to_dict(), "max_new_tokens": config.max_new_tokens}
+    passes = retry_passes(job.get("retry_pending"), retry_errors)
     changes = job_record.identity_changes(job, identity)
     if changes and not allow_config_change:
         raise ValueError(f"output {out.uri} holds a job with another configuration ({'; '.join(changes)}); "
@@ -214,12 +221,13 @@ def run_caption_job(input_path: str, output: str | Path, config: CaptionJobConfi
     if config.serve_app:
         _check_serve_app(config.serve_app)
     ds, spec = open_input(input_path, config.columns)
-    if job.get("retry_pending") or retry_errors:  # a retry interrupted earlier is finished first
-        job["retry_pending"] = True
+    for which in passes:
+        job["retry_pending"] = which  # from here until it is done, every later run finishes this pass first
         job_record.save(out, job)
-        removed = drop_error_rows(out, CHECKPOINT_DIR, spec.id_column)
-        job["total_rows"] = job["total_rows"] - removed if job.get("total_rows") is not None else None
+        drop_error_rows(out, CHECKPOINT_DIR, spec.id_column, which)
         job.pop("retry_pending")
+    if passes:
+        job["total_rows"] = rows_in_output(out)  # from the footers: exact even after a retry that was cut short
         job_record.save(out, job)
     done = job["total_rows"] if job.get("total_rows") is not None else rows_in_output(out)
     controller = _job_controller(config)

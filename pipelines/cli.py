@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from dynllava.row_errors import RETRY_CHOICES, TRANSIENT
+
 DEFAULT_CONFIG = "configs/caption.yaml"
 
 
@@ -79,11 +81,13 @@ def register(sub) -> None:
     c.add_argument("--limit", type=_positive, default=None,
                    help="process at most N more rows in this run (rows already in the output do not count), "
                         "e.g. to work through a big input in slices")
-    c.add_argument("--retry-errors", action="store_true",
+    c.add_argument("--retry-errors", nargs="?", const=TRANSIENT, default=None, choices=RETRY_CHOICES,
                    help="first take the output's error rows out (and their ids out of the checkpoint) so this run "
-                        "does them again; every id still ends up exactly once. All error rows are retried: "
-                        "transient ones (an unreachable image URI, an engine failure) and permanent ones (an "
-                        "unreadable image, a prompt over the context), which fail again")
+                        "does them again; every id still ends up exactly once. Plain --retry-errors redoes the "
+                        "transient ones (an image URI that could not be read, out of memory, an engine failure: "
+                        "error_kind 'transient'); --retry-errors all also redoes the rows' own faults (an "
+                        "unreadable or missing image, an empty prompt, a prompt over the context: 'input'), "
+                        "e.g. after uploading the missing images or raising a limit")
     c.add_argument("--progress-s", type=float, default=10.0,
                    help="print rows done, rows/s and the time left (Parquet inputs) every so many seconds, from the "
                         "committed checkpoint (default 10; 0: off). Ray Data's own progress bars show on a terminal")

@@ -22,14 +22,15 @@ from typing import Any, Callable
 import numpy as np
 
 from dynllava.inputs import load_image, normalise_pixels
+from dynllava.row_errors import TRANSIENT, RowError
 from pipelines.sources import InputSpec
 
 log = logging.getLogger(__name__)
 # Columns between decode and generate; the id column of the input also travels through unchanged.
-DECODED_COLUMNS = ("id", "prompt", "pixels", "error")
-OUTPUT_COLUMNS = ("id", "caption", "error", "finish_reason", "n_image_kept", "n_text_admitted", "kv_bytes_peak",
-                  "latency_s", "model", "sparsity", "n_image_tokens", "n_text_generated", "kv_bytes_dense",
-                  "generated_at")
+DECODED_COLUMNS = ("id", "prompt", "pixels", "error", "error_kind")
+OUTPUT_COLUMNS = ("id", "caption", "error", "error_kind", "finish_reason", "n_image_kept", "n_text_admitted",
+                  "kv_bytes_peak", "latency_s", "model", "sparsity", "n_image_tokens", "n_text_generated",
+                  "kv_bytes_dense", "generated_at")
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, spec: InputSpec, model: str, d
     shape = (3, crop["height"], crop["width"])
     n = len(batch[spec.id_column])
     pixels = np.zeros((n, *shape), dtype=np.uint8)
-    errors: list[str | None] = [None] * n
+    errors: list[RowError | None] = [None] * n
     prompts = []
     for i in range(n):
         prompt = batch[spec.prompt_column][i] if spec.prompt_column else None
@@ -118,10 +119,11 @@ def decode_batch(batch: dict[str, np.ndarray], *, spec: InputSpec, model: str, d
             pixels[i] = processor.image_processor(image, do_rescale=False, do_normalize=False,
                                                   return_tensors="np")["pixel_values"][0]
         except (ValueError, OSError) as e:
-            errors[i] = str(e)
+            errors[i] = RowError.from_exception(e)
     out = {"id": batch[spec.id_column].astype(str) if spec.id_column != "id" else batch["id"],
            "prompt": np.array(prompts, dtype=object), "pixels": pixels,
-           "error": np.array(errors, dtype=object)}
+           "error": np.array([e and e.message for e in errors], dtype=object),
+           "error_kind": np.array([e and e.kind for e in errors], dtype=object)}
     if spec.id_column != "id":
         out[spec.id_column] = batch[spec.id_column]  # the resume key must reach the writer unchanged
     return out
@@ -180,13 +182,13 @@ class GenerateStage:
             log.info("controller: sparsity -> %s", changed)
 
     def generate_rows(self, pixels: np.ndarray, prompts: list[str]) -> list[Any]:
-        """Rows' uint8 pixels [N, 3, H, W] and raw prompts -> GenerationOutput or an error string per row."""
+        """Rows' uint8 pixels [N, 3, H, W] and raw prompts -> GenerationOutput or RowError per row."""
         images = normalise_pixels(self.model.processor, pixels)
         return self._generate(images, [self.model.format_prompt(p) for p in prompts])
 
     def _generate(self, images: list, prompts: list[str]) -> list[Any]:
-        """Submit each row to the engine and wait for all of them. Returns GenerationOutput or an error string
-        per row."""
+        """Submit each row to the engine and wait for all of them. Returns GenerationOutput or RowError per row
+        (the engine's own failures are transient; what its checks refuse is the row's)."""
         import threading
 
         from dynllava.batching import EngineRequest
@@ -198,7 +200,7 @@ class GenerateStage:
             try:
                 prepared = self.model.prepare([image], [prompt], self.max_new_tokens)
             except ValueError as e:
-                results[i] = str(e)
+                results[i] = RowError.from_exception(e)
                 continue
             pending[len(requests)] = i
             requests.append(EngineRequest(prepared, self.sparsity, self.max_new_tokens, stream=False,
@@ -209,7 +211,7 @@ class GenerateStage:
         def finished(row: int) -> Callable:
             def on_event(event) -> None:
                 with lock:
-                    results[row] = event.output if event.output is not None else event.error
+                    results[row] = event.output if event.output is not None else RowError(event.error, TRANSIENT)
                     left[0] -= 1
                     if left[0] == 0:
                         done.set()
@@ -220,7 +222,7 @@ class GenerateStage:
         refused = 0
         for index, ticket in enumerate(self.engine.submit_many(requests)):
             if isinstance(ticket, Exception):
-                results[pending[index]] = str(ticket)
+                results[pending[index]] = RowError.from_exception(ticket)
                 refused += 1
         with lock:
             left[0] -= refused
@@ -243,12 +245,13 @@ class GenerateStage:
             self.controller.report_once()
         out: dict[str, list] = {c: [] for c in OUTPUT_COLUMNS}
         for i in range(n):
-            res = results.get(i, batch["error"][i])
-            good = not isinstance(res, str)
+            res = results[i] if i in results else RowError(batch["error"][i], batch["error_kind"][i])
+            good = not isinstance(res, RowError)
             s = res.stats if good else None
             out["id"].append(batch["id"][i])
             out["caption"].append(res.text.strip() if good else None)
-            out["error"].append(None if good else res)
+            out["error"].append(None if good else res.message)
+            out["error_kind"].append(None if good else res.kind)
             out["finish_reason"].append(res.finish_reason if good else None)
             out["n_image_kept"].append(s.n_image_kept if good else 0)
             out["n_text_admitted"].append(s.n_text_admitted if good else 0)
@@ -260,8 +263,8 @@ class GenerateStage:
             out["n_text_generated"].append(s.n_text_generated if good else 0)
             out["kv_bytes_dense"].append(s.kv_bytes_dense_equivalent if good else 0)
             out["generated_at"].append(generated_at)
-        columns = {c: np.array(v, dtype=object if c in ("id", "caption", "error", "finish_reason", "model",
-                                                        "sparsity") else None) for c, v in out.items()}
+        text = ("id", "caption", "error", "error_kind", "finish_reason", "model", "sparsity")
+        columns = {c: np.array(v, dtype=object if c in text else None) for c, v in out.items()}
         for c in self.extra_columns:
             columns[c] = batch[c]
         return columns

@@ -23,6 +23,7 @@ import pytest
 
 from cluster.serve_handle import DEPLOYMENT_NAME
 from cluster.sla import SLA, Bounds, KeepSetting, OnlineTargets, Pacing
+from dynllava.row_errors import RowError
 from tests.cluster.conftest import free_port
 from tests.conftest import REPO_ROOT
 
@@ -246,7 +247,7 @@ def test_a_node_joins_for_the_second_replica_and_leaves_with_it(fake_nodes_app):
                                            {"vision_keep": 1.0, "text_keep": 1.0}).result()
 
     first = ask()
-    assert len(first) == 1 and not isinstance(first[0], str), f"the app serves: {first}"
+    assert len(first) == 1 and not isinstance(first[0], RowError), f"the app serves: {first}"
     stop, served, errors = threading.Event(), [], []
 
     def load() -> None:  # steady traffic: every request misses the 0.1 ms TTFT target
@@ -254,7 +255,7 @@ def test_a_node_joins_for_the_second_replica_and_leaves_with_it(fake_nodes_app):
             while not stop.is_set():
                 rows = ask()
                 served.extend(rows)
-                errors.extend(row for row in rows if isinstance(row, str))
+                errors.extend(row for row in rows if isinstance(row, RowError))
                 time.sleep(0.1)
         except Exception as e:  # a dead sender would stall the test until the deadline: say why
             errors.append(repr(e))

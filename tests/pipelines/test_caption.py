@@ -115,9 +115,9 @@ def test_parquet_rows_match_the_engine_and_bad_rows_become_error_rows(ray_local,
 
 def test_resume_in_slices_then_retry_errors_and_the_record(ray_local, tmp_path, job_config):
     """--limit N means N more rows on a resumed output (here a file:// URI); a resume with another
-    max_new_tokens is refused unless allowed; rows whose image was missing fail, and once the files exist
-    --retry-errors redoes exactly those with the rest: every id once, none an error; each run is recorded with
-    its resolved config."""
+    max_new_tokens is refused unless allowed; rows whose image was missing fail (the row's own fault: error_kind
+    input), and once the files exist --retry-errors all redoes exactly those with the rest: every id once, none
+    an error; each run is recorded with its resolved config."""
     images = tmp_path / "imgs"
     images.mkdir()
     missing = {3, 11, 17}
@@ -132,14 +132,15 @@ def test_resume_in_slices_then_retry_errors_and_the_record(ray_local, tmp_path, 
     assert (first.rows, second.rows, second.total_rows, len(done)) == (7, 5, 12, 12)
     failed = sorted(r["id"] for r in done if r["error"])
     assert failed == sorted(r["id"] for r in done if int(r["id"][1:]) in missing)  # exactly the missing images
-    assert first.errors + second.errors == len(failed)
+    assert first.errors + second.errors == len(failed) and first.transient_errors + second.transient_errors == 0
+    assert {r["error_kind"] for r in done if r["error"]} == {"input"}
 
     for i in missing:
         (images / f"{i}.png").write_bytes(png_bytes(i))
     changed = job_config.with_overrides(max_new_tokens=3)
     with pytest.raises(ValueError, match="another configuration.*max_new_tokens"):
         run_caption_job(source, out, changed)
-    third = run_caption_job(source, out, changed, allow_config_change=True, retry_errors=True)
+    third = run_caption_job(source, out, changed, allow_config_change=True, retry_errors="all")
     rows = output_rows(tmp_path / "out")
     assert (third.rows, third.errors, third.total_rows) == (8 + len(failed), 0, 20)
     assert sorted(r["id"] for r in rows) == [r["id"] for r in inputs] and all(r["error"] is None for r in rows)
@@ -150,9 +151,9 @@ def test_resume_in_slices_then_retry_errors_and_the_record(ray_local, tmp_path, 
     assert (job["input"], job["input_kind"], job["id_column"], job["total_rows"]) == (source, "parquet", "id", 20)
     assert [CaptionJobConfig.from_dict(r["config"]) for r in job["runs"]] == [job_config] * 2 + [changed]
     assert [(r["status"], r["rows"], r["limit"], r["retry_errors"]) for r in job["runs"]] == \
-        [("finished", 7, 7, False), ("finished", 5, 5, False), ("finished", 8 + len(failed), None, True)]
+        [("finished", 7, 7, None), ("finished", 5, 5, None), ("finished", 8 + len(failed), None, "all")]
     assert set(job["runs"][0]) == {"status", "started_at", "finished_at", "limit", "retry_errors", "config", "rows",
-                                   "errors", "total_rows", "wall_s", "rows_per_s", "output_tokens_per_s",
+                                   "errors", "transient_errors", "total_rows", "wall_s", "rows_per_s", "output_tokens_per_s",
                                    "image_keep", "text_keep", "kv_bytes_saved", "error_examples",
                                    "sparsity_over_time"}
     assert job["runs"][0]["image_keep"] == 0.5  # stride at 0.5 keeps 8 of 16 image tokens in every row
@@ -246,7 +247,7 @@ def test_the_sparsity_timeline_buckets_rows_by_time_and_the_summary_shows_a_move
     timeline = sparsity_timeline([100.0, 100.5, 101.0, 109.0, 110.0], [dense, dense, floor, floor, floor], buckets=2)
     assert timeline == [{"from_s": 0.0, "rows": 3, "vision_keep": 0.75, "text_keep": 0.833},
                         {"from_s": 5.0, "rows": 2, "vision_keep": 0.25, "text_keep": 0.5}]
-    summary = RunSummary(rows=5, errors=0, total_rows=5, wall_s=10.0, rows_per_s=0.5, output_tokens_per_s=1.0,
+    summary = RunSummary(rows=5, errors=0, transient_errors=0, total_rows=5, wall_s=10.0, rows_per_s=0.5, output_tokens_per_s=1.0,
                          image_keep=0.55, text_keep=0.7, kv_bytes_saved=0.1, error_examples=[],
                          sparsity_over_time=timeline)
     assert summary.table().endswith("sparsity over time       +0s 0.75/0.83  +5s 0.25/0.50")

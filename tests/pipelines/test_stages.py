@@ -36,6 +36,7 @@ def test_decode_checks_every_row_and_preprocesses_like_the_processor(tiny_yaml, 
     errors = list(out["error"])
     assert errors[0] is None and errors[2] is None and errors[3] is None
     assert "unreadable" in errors[1] and "max_image_pixels" in errors[4] and "empty prompt" in errors[5]
+    assert list(out["error_kind"]) == [None, "input", None, None, "input", "input"]
     assert list(out["prompt"][:3]) == ["Q?", "Q?", "Default?"]
     expected = preprocess_images(tiny_model.processor, [good, png_bytes(3)])
     got = normalise_pixels(tiny_model.processor, out["pixels"][[0, 3]])
@@ -51,12 +52,13 @@ def test_generate_passes_errors_through_and_isolates_a_rejected_row(tiny_yaml):
                            spec=spec(prompt_column=None, image_path_column=None), model=tiny_yaml,
                            default_prompt="Q?", max_pixels=10**6)
     batch = {**decoded, "prompt": np.array(["Q?", "Q?", "w " * 400], dtype=object),
-             "error": np.array([None, "unreadable image (x)", None], dtype=object)}
+             "error": np.array([None, "unreadable image (x)", None], dtype=object),
+             "error_kind": np.array([None, "input", None], dtype=object)}
     out = stage(batch)
     assert list(out["id"]) == ["ok", "bad", "long"]
     assert out["error"][0] is None and out["caption"][0] is not None and out["n_image_kept"][0] > 0
     assert out["error"][1] == "unreadable image (x)" and out["caption"][1] is None
-    assert "context" in out["error"][2]
+    assert "context" in out["error"][2] and list(out["error_kind"]) == [None, "input", "input"]
     with pytest.raises(KeyError, match="generate"):
         require_columns({"id": 1}, ("id", "prompt"), "generate")
 
@@ -120,6 +122,7 @@ def test_out_of_memory_on_a_batch_retries_row_by_row(tiny_yaml):
     out = stage(decoded)
     assert calls == [3, 1, 1, 1]
     assert out["error"][1].startswith("OutOfMemoryError: CUDA out of memory") and out["caption"][1] is None
+    assert out["error_kind"][1] == "transient"  # memory may be free on a later attempt
     expected = reference(decoded)
     assert [out["caption"][i] for i in (0, 2)] == [expected["caption"][i] for i in (0, 2)]
     assert out["error"][0] is None and out["error"][2] is None
@@ -137,12 +140,12 @@ def test_output_rows_have_the_documented_columns(tiny_yaml):
                            default_prompt="Q?", max_pixels=10**6)
     out = stage(decoded)
     assert tuple(out) == OUTPUT_COLUMNS == (
-        "id", "caption", "error", "finish_reason", "n_image_kept", "n_text_admitted", "kv_bytes_peak", "latency_s",
-        "model", "sparsity", "n_image_tokens", "n_text_generated", "kv_bytes_dense", "generated_at")
+        "id", "caption", "error", "error_kind", "finish_reason", "n_image_kept", "n_text_admitted", "kv_bytes_peak",
+        "latency_s", "model", "sparsity", "n_image_tokens", "n_text_generated", "kv_bytes_dense", "generated_at")
     alone = stage.model.generate([png_bytes(0)], [stage.model.format_prompt("Q?")], sparsity=stage.sparsity,
                                  max_new_tokens=5)[0]
     good = {c: out[c][0] for c in OUTPUT_COLUMNS}
-    assert good["caption"] == alone.text.strip() and good["error"] is None
+    assert good["caption"] == alone.text.strip() and good["error"] is None and good["error_kind"] is None
     assert good["finish_reason"] == alone.finish_reason and good["model"] == "test-tiny"
     assert (good["n_image_tokens"], good["n_image_kept"]) == (16, 8)
     assert (good["n_text_generated"], good["n_text_admitted"]) == (alone.stats.n_text_generated,
@@ -152,4 +155,5 @@ def test_output_rows_have_the_documented_columns(tiny_yaml):
     assert json.loads(good["sparsity"]) == stage.sparsity.to_dict() and good["latency_s"] > 0
     bad = {c: out[c][1] for c in OUTPUT_COLUMNS}
     assert "unreadable image" in bad["error"] and bad["caption"] is None and bad["n_image_kept"] == 0
+    assert bad["error_kind"] == "input"
     assert out["generated_at"][0] == out["generated_at"][1] > 1.7e9  # unix seconds of the batch
