@@ -29,6 +29,10 @@ from pipelines.stages import DECODED_COLUMNS, GenerateStage, ServeGenerateStage,
 
 log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "_checkpoint"
+# A write task's logical CPUs. Writing 1,000 rows is mostly waiting on the filesystem; at Ray's default of 1 CPU
+# the write stage fits in no share of Ray Data's resource budget while the engine actors and the decode tasks
+# hold theirs, so nothing was committed in a run's first tens of seconds (a kill then lost all its work).
+WRITE_NUM_CPUS = 0.25
 
 
 @dataclass
@@ -104,8 +108,8 @@ def summarize(out: OutputLocation, new_files: set[str], wall_s: float, total_row
     not read: `total_rows` comes from the job record)."""
     import pyarrow.parquet as pq
 
-    cols = ["error", "error_kind", "n_image_kept", "n_image_tokens", "n_text_admitted", "n_text_generated", "kv_bytes_peak",
-            "kv_bytes_dense", "generated_at", "sparsity"]
+    cols = ["error", "error_kind", "n_image_kept", "n_image_tokens", "n_text_admitted", "n_text_generated",
+            "kv_bytes_peak", "kv_bytes_dense", "generated_at", "sparsity"]
     tables = [pq.read_table(out.join(f), columns=cols, filesystem=out.fs) for f in sorted(new_files)]
     data = {c: [v for t in tables for v in t.column(c).to_pylist()] for c in cols}
     n = len(data["error"])
@@ -276,7 +280,8 @@ def run_caption_job(input_path: str, output: str | Path, config: CaptionJobConfi
                 if progress_s else contextlib.nullcontext())
     try:
         with reporter:
-            ds.write_parquet(out.path, filesystem=out.fs, min_rows_per_file=config.rows_per_file)
+            ds.write_parquet(out.path, filesystem=out.fs, min_rows_per_file=config.rows_per_file,
+                             ray_remote_args={"num_cpus": WRITE_NUM_CPUS})
     except BaseException as e:
         job_record.finish_run(out, job, run, "failed", error=f"{type(e).__name__}: {e}"[:2000])
         raise
