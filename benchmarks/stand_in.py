@@ -35,7 +35,7 @@ class InstantGenerateStage(GenerateStage):
         self.controller = None
         self.count_file = os.environ.get(COUNT_ENV, "")  # the job's workers inherit the driver's environment
 
-    def generate_rows(self, pixels, prompts: list[str]) -> list:
+    def generate_rows(self, pixels, prompts: list[str], image_sizes) -> list:
         if self.count_file:
             with open(self.count_file, "a") as f:
                 f.write(f"{len(prompts)}\n")

@@ -33,7 +33,9 @@ class ServeEngines:
         return self.handle.model_name.remote().result()
 
     def generate_rows(self, pixels: np.ndarray, prompts: list[str], max_new_tokens: int,
-                      sparsity: SparsityConfig) -> list[Any]:
-        """Rows of resized uint8 pixels [N, 3, H, W] and raw prompts, through the replicas' running batches.
-        Returns a GenerationOutput or RowError per row."""
-        return self.handle.generate_rows.remote(pixels, prompts, max_new_tokens, sparsity.to_dict()).result()
+                      sparsity: SparsityConfig, image_sizes: np.ndarray | None = None) -> list[Any]:
+        """Rows of resized uint8 pixels (dynllava.inputs.resize_image's), raw prompts and the images' original
+        sizes [N, 2] (needed by any-resolution models), through the replicas' running batches. Returns a
+        GenerationOutput or RowError per row."""
+        return self.handle.generate_rows.remote(pixels, prompts, max_new_tokens, sparsity.to_dict(),
+                                                image_sizes).result()

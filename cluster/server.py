@@ -218,15 +218,16 @@ class LlavaServer:
         return self.served_name
 
     async def generate_rows(self, pixels, prompts: list[str], max_new_tokens: int,
-                            sparsity: dict[str, Any]) -> list[Any]:
+                            sparsity: dict[str, Any], image_sizes=None) -> list[Any]:
         """Deployment-handle method for `dynllava caption --serve-app`: rows of resized uint8 pixels
-        [N, 3, H, W] and raw prompts join the continuous batch beside online requests. Returns a
+        (dynllava.inputs.resize_image's), raw prompts and the images' original sizes [N, 2] (any-res models)
+        join the continuous batch beside online requests. Returns a
         GenerationOutput or RowError per row. A full queue makes these rows wait, never fail."""
         try:
             applied = self._allowed(SparsityConfig.from_dict(sparsity))
         except ValueError as e:
             return [RowError(f"sparsity: {e}", INPUT)] * len(prompts)
-        images = await self._prepare(normalise_pixels, self.model.processor, pixels)
+        images = await self._prepare(normalise_pixels, self.model.processor, pixels, image_sizes)
         return list(await asyncio.gather(*(self._offline_row(image, prompt, max_new_tokens, applied)
                                            for image, prompt in zip(images, prompts))))
 

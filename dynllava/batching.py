@@ -45,6 +45,7 @@ from dynllava.engine import (CACHE_BLOCK_TOKENS, GRAPH_CACHE_BLOCK_TOKENS, Decod
                              LogitRules, StaticBatch, TokenLogprob, check_generation_args, check_seed, check_stop,
                              decoding_bytes, finish_row, model_dims, new_row, per_row, release, row_step_flops,
                              sample_next)
+from dynllava.image_layout import image_keep_counts
 from dynllava.inputs import PreparedBatch, concat_prepared, split_prepared
 from dynllava.kv_blocks import OutOfBlocks
 from dynllava.paged_cache import PagedKVCache, PagedKVPool
@@ -162,9 +163,9 @@ def prompt_slots(model, request: EngineRequest) -> tuple[int, int]:
     p = request.prepared
     if request.sparsity.mode == "no_cache":
         return 0, 0
-    n_image = int((p.input_ids[0, : p.lengths[0]] == model.image_token_id).sum())
     s = request.sparsity
-    return p.lengths[0], p.lengths[0] - n_image + ops.keep_count(n_image, s.vision_keep, s.keep_rounding)
+    kept = image_keep_counts([p.image_layouts], [s.vision_keep], [s.keep_rounding])[0]
+    return p.lengths[0], p.lengths[0] - sum(x.length for x in p.image_layouts) + sum(kept)
 
 
 def reserved_slots(model, request: EngineRequest) -> tuple[int, int]:

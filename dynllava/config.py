@@ -113,8 +113,9 @@ class SparsityConfig:
 
 @dataclass(frozen=True)
 class VisionShape:
-    """CLIP-style vision tower shape (fields are CLIPVisionConfig's)."""
+    """Vision tower shape (fields are CLIPVisionConfig's / SiglipVisionConfig's)."""
 
+    model_type: str = "clip"  # clip (a CLS token first) | siglip (none)
     hidden_size: int = 1024
     intermediate_size: int = 4096
     num_hidden_layers: int = 24
@@ -140,28 +141,51 @@ class TextShape:
 
 
 SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_VISION_MODELS = ("clip", "siglip")
+MODEL_FAMILIES = ("llava", "llava_next", "llava_onevision")  # LLaVA-1.5, LLaVA-NeXT (v1.6), LLaVA-OneVision
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     """A LLaVA shape for building a model without a checkpoint (`random_weights: true` YAML files).
 
-    The image token count is (image_size / patch_size)^2, e.g. 576 for LLaVA-1.5 (336 px, patch 14).
+    A view of the image is (image_size / patch_size)^2 tokens, e.g. 576 for LLaVA-1.5 (336 px, patch 14). The
+    any-resolution families add a grid of such tiles (image_grid_pinpoints: the canvas sizes, [height, width]
+    in pixels) with a newline token per grid row.
     """
 
     name: str = "llava"
     random_weights: bool = True
     seed: int = 0
+    family: str = "llava"  # one of MODEL_FAMILIES
     vision: VisionShape = field(default_factory=VisionShape)
     text: TextShape = field(default_factory=TextShape)
     vision_feature_layer: int = -2
+    vision_feature_select_strategy: str = "default"  # default: drop the tower's CLS token; full: keep all
     image_token_id: int = 32000
+    image_grid_pinpoints: tuple[tuple[int, int], ...] | None = None  # any-res families only
+    vision_aspect_ratio: str | None = None  # LLaVA-OneVision: anyres_max_N, the grid's cap in tiles
 
     def __post_init__(self) -> None:
         if not self.random_weights:
             raise ValueError("a model YAML without a checkpoint must set random_weights: true")
         v, t = self.vision, self.text
-        if v.image_size % v.patch_size:
+        if self.family not in MODEL_FAMILIES:
+            raise ValueError(f"family must be one of {MODEL_FAMILIES}, got {self.family!r}")
+        if v.model_type not in SUPPORTED_VISION_MODELS:
+            raise ValueError(f"vision.model_type must be one of {SUPPORTED_VISION_MODELS}, got {v.model_type!r}")
+        if self.vision_feature_select_strategy not in ("default", "full"):
+            raise ValueError("vision_feature_select_strategy must be default or full")
+        if (self.family == "llava") != (self.image_grid_pinpoints is None):
+            raise ValueError("image_grid_pinpoints: required by the any-resolution families, not used by llava")
+        for pin in self.image_grid_pinpoints or ():
+            if len(pin) != 2 or any(x <= 0 or x % v.image_size for x in pin):
+                raise ValueError(f"image_grid_pinpoints: {list(pin)} is not [height, width] in multiples of "
+                                 f"vision.image_size {v.image_size}")
+        if (self.family == "llava_onevision") != (self.vision_aspect_ratio is not None):
+            raise ValueError("vision_aspect_ratio: required by llava_onevision (e.g. anyres_max_9), not used by "
+                             "the other families")
+        if v.image_size % v.patch_size and v.model_type != "siglip":  # SigLIP's 384 / 14 drops the remainder
             raise ValueError(f"vision.image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
         if t.model_type not in SUPPORTED_TEXT_MODELS:
             raise ValueError(f"text.model_type must be one of {SUPPORTED_TEXT_MODELS}, got {t.model_type!r}")
@@ -172,6 +196,7 @@ class ModelSpec:
 
     @property
     def n_image_tokens(self) -> int:
+        """Tokens of one view (LLaVA-1.5: of an image)."""
         return (self.vision.image_size // self.vision.patch_size) ** 2
 
     @classmethod
@@ -179,6 +204,8 @@ class ModelSpec:
         data = dict(data)
         vision = VisionShape(**data.pop("vision", {}))
         text = TextShape(**data.pop("text", {}))
+        if data.get("image_grid_pinpoints") is not None:
+            data["image_grid_pinpoints"] = tuple(tuple(p) for p in data["image_grid_pinpoints"])
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown model spec keys: {sorted(unknown)}")

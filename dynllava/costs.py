@@ -23,18 +23,23 @@ class ModelDims:
     vision_layers: int
     vision_hidden: int
     vision_intermediate: int
-    vision_tokens: int  # patches + CLS per image
+    vision_tokens: int  # tokens through the tower per view: patches (+ CLS for CLIP, none for SigLIP)
     predictor_width: int = 512  # the image predictor's W (the paper's 512; see predictors.ImagePredictor)
+    projector_tokens: int | None = None  # tokens through the projector per view (None: vision_tokens - 1)
 
     @classmethod
     def from_hf_config(cls, config) -> "ModelDims":
         t, v = config.text_config, config.vision_config
         head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+        patches = (v.image_size // v.patch_size) ** 2
+        cls_token = 0 if "siglip" in v.model_type else 1
+        full = getattr(config, "vision_feature_select_strategy", "default") == "full"
         return cls(
             n_layers=t.num_hidden_layers, hidden=t.hidden_size, intermediate=t.intermediate_size,
             n_heads=t.num_attention_heads, n_kv_heads=t.num_key_value_heads, head_dim=head_dim,
             vocab=t.vocab_size, vision_layers=v.num_hidden_layers, vision_hidden=v.hidden_size,
-            vision_intermediate=v.intermediate_size, vision_tokens=(v.image_size // v.patch_size) ** 2 + 1,
+            vision_intermediate=v.intermediate_size, vision_tokens=patches + cls_token,
+            projector_tokens=patches + (cls_token if full else 0),
         )
 
 
@@ -47,13 +52,16 @@ def decoder_layer_flops(d: ModelDims, n_query: int, n_key: int) -> float:
     return float(q_o + k_v + mlp + attention)
 
 
-def vision_flops(d: ModelDims, n_images: int) -> float:
-    """CLIP tower (all layers) + 2-layer projector, for n_images images. The patch-embedding convolution
-    (2 * patches * 3p^2 * c, under 0.3% of the tower) is left out."""
+def vision_flops(d: ModelDims, n_views: int) -> float:
+    """Vision tower (all layers) + 2-layer projector, for n_views views of vision_tokens each (LLaVA-1.5: one per
+    image; any-res: each image's base view and tiles). The patch-embedding convolution (2 * patches * 3p^2 * c,
+    under 0.3% of the tower), the any-res newline tokens (a copy) and OneVision's downscaling of large grids (an
+    interpolation) are left out."""
     n, c, i = d.vision_tokens, d.vision_hidden, d.vision_intermediate
     per_layer = 8 * n * c * c + 4 * n * n * c + 4 * n * c * i
-    projector = 2 * (n - 1) * (c * d.hidden + d.hidden * d.hidden)
-    return float(n_images * (d.vision_layers * per_layer + projector))
+    projected = d.projector_tokens if d.projector_tokens is not None else n - 1
+    projector = 2 * projected * (c * d.hidden + d.hidden * d.hidden)
+    return float(n_views * (d.vision_layers * per_layer + projector))
 
 
 def image_predictor_flops(d: ModelDims, n_image: int, blocks: int = 2) -> float:
@@ -74,11 +82,12 @@ def lm_head_flops(d: ModelDims) -> float:
     return float(2 * d.hidden * d.vocab)
 
 
-def prefill_flops(d: ModelDims, n_tokens: int, n_kept: int, layer_k: int, n_images: int,
+def prefill_flops(d: ModelDims, n_tokens: int, n_kept: int, layer_k: int, n_views: int,
                   n_image_tokens: int = 0, learned: bool = False) -> float:
-    """Whole prefill: vision tower, layers < K over n_tokens, layers >= K over n_kept, last-token logits.
-    Dense is n_kept == n_tokens. `learned` adds the image predictor's cost."""
-    total = vision_flops(d, n_images) + lm_head_flops(d)
+    """Whole prefill: vision tower over n_views views, layers < K over n_tokens (image tokens, any-res newlines
+    included), layers >= K over n_kept, last-token logits. Dense is n_kept == n_tokens. `learned` adds the image
+    predictor's cost over the row's n_image_tokens."""
+    total = vision_flops(d, n_views) + lm_head_flops(d)
     total += layer_k * decoder_layer_flops(d, n_tokens, n_tokens)
     total += (d.n_layers - layer_k) * decoder_layer_flops(d, n_kept, n_kept)
     if learned and n_kept < n_tokens:

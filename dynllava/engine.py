@@ -133,7 +133,7 @@ class DecodingRow:
     flops_dense: float = 0.0  # decoding FLOPs so far (prefill's are added when the row finishes)
     flops_sparse: float = 0.0
     # set from the prefill that ran this row (StaticBatch.record_prefill)
-    n_images: int = 0
+    n_views: int = 0  # vision-tower passes (images; any-res: their tiles and base views)
     n_image: int = 0  # image tokens in the prompt
     n_image_kept: int = 0
     n_kept_prompt: int = 0  # prompt tokens in layers >= K
@@ -479,11 +479,12 @@ class StaticBatch:
     def prefill(self) -> torch.Tensor:
         """Run the prompt; returns next-token logits [B, V]."""
         m, b, t = self.model, *self.input_ids.shape
-        h = m.embed(self.input_ids, self.prepared.pixel_values)
+        p = self.prepared
+        h = m.embed(self.input_ids, p.pixel_values, p.image_sizes, p.n_images)
         positions = torch.arange(t, device=h.device).expand(b, t)
         choose, need_attention = m.vision_keep_fn(self.image_mask, self.valid,
                                                   [s.vision_keep for s in self.sparsities], self.cfg.vision_scorer,
-                                                  [s.keep_rounding for s in self.sparsities])
+                                                  [s.keep_rounding for s in self.sparsities], p.layouts_by_row())
         if self.cfg.mode == "kv_cache":
             self.cache = PagedKVCache(self.kv_pool, b) if self.kv_pool is not None else SparseKVCache(
                 m.n_layers, self.k, b, m.n_kv_heads, m.head_dim, m.dtype, h.device, self.block_tokens)
@@ -506,13 +507,13 @@ class StaticBatch:
         """Store on each row what its prefill kept and cost (rows may then be decoded in other batches)."""
         n_image = self.image_mask.sum(1).tolist()
         n_image_kept = (self.prompt_keep & self.image_mask).sum(1).tolist()
-        for i, row in enumerate(rows):
-            row.n_images = self.prepared.n_images[i]
+        for i, (row, layouts) in enumerate(zip(rows, self.prepared.layouts_by_row())):
+            row.n_views = sum(x.n_tiles for x in layouts)
             row.n_image, row.n_image_kept, row.n_kept_prompt = n_image[i], n_image_kept[i], self.n_kept_prompt[i]
             learned = row.sparsity.vision_scorer == "learned" and row.n_image_kept < row.n_image
             row.prefill_flops = (
-                costs.prefill_flops(self.dims, row.prompt_len, row.prompt_len, self.k, row.n_images),
-                costs.prefill_flops(self.dims, row.prompt_len, row.n_kept_prompt, self.k, row.n_images,
+                costs.prefill_flops(self.dims, row.prompt_len, row.prompt_len, self.k, row.n_views),
+                costs.prefill_flops(self.dims, row.prompt_len, row.n_kept_prompt, self.k, row.n_views,
                                     row.n_image, learned))
 
     # ---------------------------------------------------------------- decode

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from dynllava.image_layout import ImageLayout, single_view
 
 ImageInput = Any  # PIL.Image.Image | str | Path | bytes | PixelValues | None
 
@@ -16,9 +19,12 @@ ImageInput = Any  # PIL.Image.Image | str | Path | bytes | PixelValues | None
 @dataclass
 class PixelValues:
     """An image the model's image processor has already resized and normalised, e.g. on a CPU worker so the
-    accelerator's actor only runs the model. values: [3, H, W] float (H, W = the processor's crop size)."""
+    accelerator's actor only runs the model. values: [3, H, W] float (H, W = the processor's crop size), or for
+    the any-resolution families [n_tiles, 3, S, S] (the image's base view and tiles, unpadded) with image_size,
+    the original (height, width)."""
 
     values: torch.Tensor
+    image_size: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -71,10 +77,35 @@ def preprocess_images(processor, images: Sequence[Any]) -> list[PixelValues]:
     return [PixelValues(p) for p in pixels]
 
 
-def normalise_pixels(processor, pixels) -> list[PixelValues]:
-    """The rest of the processor's work on resized, cropped uint8 pixels [N, 3, H, W] (numpy): rescale and
-    normalise, bit-identical to running the whole processor on the original image. Returns PixelValues per row.
-    (The offline job resizes on CPU workers and ships uint8, a quarter of the float bytes; the engine does this.)"""
+def is_anyres(processor) -> bool:
+    """Whether the processor tiles images at any resolution (LLaVA-NeXT, LLaVA-OneVision)."""
+    return getattr(processor.image_processor, "image_grid_pinpoints", None) is not None
+
+
+def resize_image(processor, image: Image.Image) -> tuple[np.ndarray, tuple[int, int]]:
+    """The processor's geometric work on one image, without rescaling or normalising: uint8 pixels [3, H, W]
+    (LLaVA-1.5: resized and cropped) or [n_tiles, 3, S, S] (any-res: its base view and tiles), and the image's
+    original (height, width). `normalise_pixels` finishes the job."""
+    if is_anyres(processor):  # one image as its own group: what prepare_batch does for a row of one image
+        out = processor.image_processor([[image]], do_rescale=False, do_normalize=False, return_tensors="np")
+        return out["pixel_values"][0].astype(np.uint8), tuple(int(x) for x in out["image_sizes"][0])
+    values = processor.image_processor(image, do_rescale=False, do_normalize=False,
+                                       return_tensors="np")["pixel_values"][0]
+    return values.astype(np.uint8), (image.height, image.width)
+
+
+def normalise_pixels(processor, pixels, image_sizes: Sequence[tuple[int, int]] | None = None) -> list[PixelValues]:
+    """The rest of the processor's work on `resize_image`'s uint8 pixels, one entry per row (numpy [N, 3, H, W], or
+    any-res: a sequence of [n_tiles, 3, S, S] with image_sizes): rescale and normalise, bit-identical to running
+    the whole processor on the original image. Returns PixelValues per row. (The offline job resizes on CPU
+    workers and ships uint8, a quarter of the float bytes; the engine does this.)"""
+    if is_anyres(processor):
+        if image_sizes is None:
+            raise ValueError("any-resolution pixels need their images' original sizes")
+        ip = processor.image_processor
+        return [PixelValues(torch.from_numpy(np.stack([
+            ip.normalize(ip.rescale(tile, scale=ip.rescale_factor), mean=ip.image_mean, std=ip.image_std)
+            for tile in tiles])), tuple(int(x) for x in size)) for tiles, size in zip(pixels, image_sizes)]
     values = processor.image_processor(list(pixels), do_resize=False, do_center_crop=False,
                                        input_data_format="channels_first", return_tensors="pt")["pixel_values"]
     return [PixelValues(v) for v in values]
@@ -116,8 +147,10 @@ def load_image(image: ImageInput, field: str, max_pixels: int | None = None,
 class PreparedBatch:
     """Right-padded model inputs for B rows.
 
-    input_ids: [B, T] long (padding = pad id); valid: [B, T] bool; pixel_values: [N_img, 3, H, W] or None,
-    images in row order; lengths: prompt tokens per row; n_images: images per row.
+    input_ids: [B, T] long (padding = pad id); valid: [B, T] bool; pixel_values: [N_views, 3, H, W] or None,
+    the views the vision tower runs (LLaVA-1.5: one per image; any-res: each image's tiles, unpadded), images in
+    row order; lengths: prompt tokens per row; n_images: images per row; image_layouts: each image's run of
+    `<image>` slots, images in row order; image_sizes: [N_img, 2] original (height, width), any-res only.
     """
 
     input_ids: torch.Tensor
@@ -125,6 +158,19 @@ class PreparedBatch:
     pixel_values: torch.Tensor | None
     lengths: list[int]
     n_images: list[int]
+    image_layouts: list[ImageLayout] = field(default_factory=list)
+    image_sizes: torch.Tensor | None = None
+
+    def layouts_by_row(self) -> list[list[ImageLayout]]:
+        """image_layouts cut into rows."""
+        out, first = [], 0
+        for n in self.n_images:
+            out.append(self.image_layouts[first : first + n])
+            first += n
+        return out
+
+
+LayoutFn = Callable[[torch.Tensor, list[int]], list[ImageLayout]]  # (image_sizes [N, 2], images per row) -> layouts
 
 
 def _as_image_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
@@ -136,18 +182,20 @@ def _as_image_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput
 
 
 def prepare_batch(processor, images: Sequence[Any], prompts: Sequence[str], max_context: int,
-                  max_new_tokens: int) -> PreparedBatch:
+                  max_new_tokens: int, layout_fn: LayoutFn | None = None) -> PreparedBatch:
     """Validate and tokenize each row (expanding `<image>` into the image tokens), then right-pad.
 
     images[i] is None, one image, or a list of images for prompts[i]; the prompt must hold one image
-    placeholder per image.
+    placeholder per image. layout_fn: the model's image layouts, required by the any-resolution processors
+    (those that return `image_sizes`; DynamicLlava.prepare passes its own).
     """
     if len(images) != len(prompts):
         raise ValueError(f"images and prompts must have the same length, got {len(images)} and {len(prompts)}")
     if not prompts:
         raise ValueError("prompts: empty batch")
     token = processor.image_token
-    ids, pixels, n_images = [], [], []
+    image_id = processor.tokenizer.convert_tokens_to_ids(token)
+    ids, pixels, n_images, layouts, sizes = [], [], [], [], []
     for i, (row_images, prompt) in enumerate(zip(images, prompts)):
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"prompts[{i}]: must be a non-empty string")
@@ -157,7 +205,20 @@ def prepare_batch(processor, images: Sequence[Any], prompts: Sequence[str], max_
             what = "has no image placeholder" if n_placeholders == 0 else f"has {n_placeholders} placeholders"
             raise ValueError(f"prompts[{i}]: {what} ({token!r}) but {len(row_list)} image(s) were given")
         rule = getattr(processor, PROMPT_RULE_ATTR, None)
-        if row_list and (rule is not None or all(isinstance(img, PixelValues) for img in row_list)):
+        row_sizes = None
+        given = bool(row_list) and all(isinstance(img, PixelValues) for img in row_list)
+        if given and layout_fn is not None:  # any-res tiles preprocessed elsewhere (the offline job's decode)
+            row_sizes = torch.tensor([_image_size(img, i) for img in row_list])
+            layouts_given = layout_fn(row_sizes, [len(row_list)])
+            for j, (img, x) in enumerate(zip(row_list, layouts_given)):
+                if img.values.dim() != 4 or img.values.shape[0] != x.n_tiles:
+                    raise ValueError(f"images[{i}][{j}]: {tuple(img.values.shape)} pixel values, expected {x.n_tiles} "
+                                     "tiles [n, 3, H, W] for this image size")
+            pieces = prompt.split(token)
+            expanded = pieces[0] + "".join(token * x.length + piece for x, piece in zip(layouts_given, pieces[1:]))
+            row = processor.tokenizer(expanded, return_tensors="pt")["input_ids"][0]
+            row_pixels = torch.cat([img.values for img in row_list])
+        elif row_list and (rule is not None or given):
             row_pixels = (torch.stack([img.values for img in row_list]) if isinstance(row_list[0], PixelValues)
                           else preprocess_pixels(processor, row_list, i))  # [n, 3, H, W]
             n_tokens = image_token_count(processor, *row_pixels.shape[-2:])
@@ -169,13 +230,21 @@ def prepare_batch(processor, images: Sequence[Any], prompts: Sequence[str], max_
             row, row_pixels = torch.tensor(tokenize_llava(processor.tokenizer, prompt, token, 0, rule.legacy)), None
         else:
             opened = [load_image(img, f"images[{i}]") for img in row_list]
-            out = processor(images=opened or None, text=prompt, return_tensors="pt")
-            row, row_pixels = out["input_ids"][0], out.get("pixel_values")
+            # a row's images as one group: LLaVA-OneVision's multi-image mode when there are several
+            out = processor(images=([opened] if layout_fn else opened) if opened else None, text=prompt,
+                            return_tensors="pt")
+            row, row_pixels, row_sizes = out["input_ids"][0], out.get("pixel_values"), out.get("image_sizes")
+        row_layouts = _row_layouts(row, image_id, len(row_list), row_sizes, layout_fn, i)
+        if row_sizes is not None:
+            if row_pixels.dim() == 5:  # the processor's [n, max tiles, 3, S, S], padded -> each image's own tiles
+                row_pixels = torch.cat([row_pixels[j, : x.n_tiles] for j, x in enumerate(row_layouts)])
+            sizes.append(row_sizes)
         if len(row) + max_new_tokens > max_context:
             raise ValueError(f"prompts[{i}]: {len(row)} prompt tokens + max_new_tokens {max_new_tokens} exceed "
                              f"the model's context of {max_context} tokens")
         ids.append(row)
         n_images.append(len(row_list))
+        layouts += row_layouts
         if row_list:
             pixels.append(row_pixels)
     lengths = [len(r) for r in ids]
@@ -186,7 +255,33 @@ def prepare_batch(processor, images: Sequence[Any], prompts: Sequence[str], max_
         input_ids[i, : len(row)] = row
     valid = torch.arange(input_ids.shape[1])[None, :] < torch.tensor(lengths)[:, None]
     pixel_values = torch.cat(pixels) if pixels else None
-    return PreparedBatch(input_ids, valid, pixel_values, lengths, n_images)
+    return PreparedBatch(input_ids, valid, pixel_values, lengths, n_images, layouts,
+                         torch.cat(sizes) if sizes else None)
+
+
+def _image_size(image: PixelValues, row: int) -> tuple[int, int]:
+    if image.image_size is None:
+        raise ValueError(f"images[{row}]: any-resolution pixel values need the original image_size (height, width)")
+    return tuple(int(x) for x in image.image_size)
+
+
+def _row_layouts(row: torch.Tensor, image_id: int, n_images: int, sizes: torch.Tensor | None,
+                 layout_fn: LayoutFn | None, index: int) -> list[ImageLayout]:
+    """The layouts of one row's images, checked against the `<image>` slots its tokens hold."""
+    slots = int((row == image_id).sum())
+    if not n_images:
+        return []
+    if sizes is None:  # LLaVA-1.5: equal single views
+        layouts = [single_view(slots // n_images)] * n_images
+    elif layout_fn is None:
+        raise ValueError("an any-resolution processor's inputs need the model's image layouts (prepare them with "
+                         "DynamicLlava.prepare)")
+    else:
+        layouts = layout_fn(sizes, [n_images])
+    if sum(x.length for x in layouts) != slots:
+        raise ValueError(f"prompts[{index}]: {slots} image slots for images of {[x.length for x in layouts]} "
+                         "tokens (the processor and the model disagree)")
+    return layouts
 
 
 def concat_prepared(batches: Sequence[PreparedBatch], pad_id: int = 0) -> PreparedBatch:
@@ -201,16 +296,21 @@ def concat_prepared(batches: Sequence[PreparedBatch], pad_id: int = 0) -> Prepar
             row += 1
     valid = torch.arange(input_ids.shape[1])[None, :] < torch.tensor(lengths)[:, None]
     pixels = [b.pixel_values for b in batches if b.pixel_values is not None]
+    sizes = [b.image_sizes for b in batches if b.image_sizes is not None]
     return PreparedBatch(input_ids, valid, torch.cat(pixels) if pixels else None, lengths,
-                         [k for b in batches for k in b.n_images])
+                         [k for b in batches for k in b.n_images], [x for b in batches for x in b.image_layouts],
+                         torch.cat(sizes) if sizes else None)
 
 
 def split_prepared(batch: PreparedBatch) -> list[PreparedBatch]:
     """One single-row PreparedBatch per row of `batch` (each cut to its own length), e.g. to submit a batch's
     rows to the engine as separate requests. The inverse of `concat_prepared`."""
-    out, first_image = [], 0
-    for i, (n, k) in enumerate(zip(batch.lengths, batch.n_images)):
-        pixels = batch.pixel_values[first_image : first_image + k] if k else None
-        first_image += k
-        out.append(PreparedBatch(batch.input_ids[i : i + 1, :n], batch.valid[i : i + 1, :n], pixels, [n], [k]))
+    out, first_image, first_view = [], 0, 0
+    for i, (n, k, layouts) in enumerate(zip(batch.lengths, batch.n_images, batch.layouts_by_row())):
+        views = sum(x.n_tiles for x in layouts)
+        pixels = batch.pixel_values[first_view : first_view + views] if k else None
+        sizes = batch.image_sizes[first_image : first_image + k] if batch.image_sizes is not None and k else None
+        first_image, first_view = first_image + k, first_view + views
+        out.append(PreparedBatch(batch.input_ids[i : i + 1, :n], batch.valid[i : i + 1, :n], pixels, [n], [k],
+                                 layouts, sizes))
     return out

@@ -13,18 +13,30 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoConfig,
     AutoProcessor,
+    AutoTokenizer,
     CLIPVisionConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
-    LlavaProcessor,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionProcessor,
     PreTrainedTokenizerFast,
+    LlavaProcessor,
+    SiglipVisionConfig,
+)
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+    LlavaOnevisionImageProcessorPil,
 )
 try:  # transformers >= 5.x ships a PIL backend that needs no torchvision
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil as LlavaImageProcessor
 except ImportError:  # pragma: no cover - older 5.x releases
     from transformers import LlavaImageProcessor
 
-from dynllava.config import SUPPORTED_TEXT_MODELS, ModelSpec, SparsityConfig
+from dynllava.config import MODEL_FAMILIES, SUPPORTED_TEXT_MODELS, ModelSpec, SparsityConfig
 from dynllava.inputs import PROMPT_RULE_ATTR, PromptRule
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +49,19 @@ LLAVA_15_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
+MODEL_CLASSES = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration,
+                 "llava_onevision": LlavaOnevisionForConditionalGeneration}
+CONFIG_CLASSES = {"llava": LlavaConfig, "llava_next": LlavaNextConfig, "llava_onevision": LlavaOnevisionConfig}
+
+
+class OnevisionImageProcessor(LlavaOnevisionProcessor):
+    """LLaVA-OneVision's processor without its video processor: transformers' own one requires torchvision
+    (for videos, which dynllava does not take) even to be built. Images and prompts are processed by the
+    parent's code unchanged."""
+
+    @classmethod
+    def get_attributes(cls) -> list[str]:
+        return ["image_processor", "tokenizer"]
 MODEL_NOTES_FILE = "dynllava.json"  # written by `dynllava convert`: prompt rule and default sparsity
 
 
@@ -96,14 +121,34 @@ def build_processor(tokenizer, image_size: int, patch_size: int) -> LlavaProcess
     )
 
 
-def hf_config_from_spec(spec: ModelSpec) -> LlavaConfig:
-    """The LlavaConfig (CLIP vision + Llama-family text) for a ModelSpec."""
+def build_anyres_processor(tokenizer, spec: ModelSpec):
+    """LLaVA-NeXT's or LLaVA-OneVision's processor (tiling at any resolution, normalise, `<image>` expansion,
+    chat template), built locally for a random-weight shape."""
+    side, pinpoints = spec.vision.image_size, [list(p) for p in spec.image_grid_pinpoints]
+    if spec.family == "llava_next":
+        image_processor = LlavaNextImageProcessorPil(
+            size={"shortest_edge": side}, crop_size={"height": side, "width": side}, image_grid_pinpoints=pinpoints)
+        return LlavaNextProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.vision.patch_size,
+            vision_feature_select_strategy=spec.vision_feature_select_strategy,
+            num_additional_image_tokens=1 if spec.vision.model_type == "clip" else 0,
+            chat_template=LLAVA_15_CHAT_TEMPLATE)
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": side, "width": side},
+                                                      image_grid_pinpoints=pinpoints)
+    return OnevisionImageProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=spec.n_image_tokens,
+        vision_feature_select_strategy=spec.vision_feature_select_strategy,
+        vision_aspect_ratio=spec.vision_aspect_ratio, chat_template=LLAVA_15_CHAT_TEMPLATE)
+
+
+def hf_config_from_spec(spec: ModelSpec):
+    """The transformers config of the spec's family (CLIP or SigLIP vision + a Llama-family text model)."""
     v, t = spec.vision, spec.text
-    vision_config = CLIPVisionConfig(
-        hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_hidden_layers,
-        num_attention_heads=v.num_attention_heads, image_size=v.image_size, patch_size=v.patch_size,
-        projection_dim=v.hidden_size,
-    )
+    shape = dict(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+                 num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
+                 image_size=v.image_size, patch_size=v.patch_size)
+    vision_config = (SiglipVisionConfig(**shape, vision_use_head=False) if v.model_type == "siglip"
+                     else CLIPVisionConfig(**shape, projection_dim=v.hidden_size))
     text_config = AutoConfig.for_model(
         t.model_type, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
         num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
@@ -112,11 +157,16 @@ def hf_config_from_spec(spec: ModelSpec) -> LlavaConfig:
         rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta},
         pad_token_id=3, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
     )
-    return LlavaConfig(
-        vision_config=vision_config, text_config=text_config, image_token_index=spec.image_token_id,
-        image_seq_length=spec.n_image_tokens, vision_feature_layer=spec.vision_feature_layer,
-        vision_feature_select_strategy="default",
-    )
+    common = dict(vision_config=vision_config, text_config=text_config, image_token_index=spec.image_token_id,
+                  vision_feature_layer=spec.vision_feature_layer,
+                  vision_feature_select_strategy=spec.vision_feature_select_strategy)
+    if spec.family == "llava":
+        return LlavaConfig(**common, image_seq_length=spec.n_image_tokens)
+    pinpoints = [list(p) for p in spec.image_grid_pinpoints]
+    if spec.family == "llava_next":
+        return LlavaNextConfig(**common, image_grid_pinpoints=pinpoints, image_seq_length=spec.n_image_tokens)
+    return LlavaOnevisionConfig(**common, image_grid_pinpoints=pinpoints, vision_aspect_ratio=spec.vision_aspect_ratio,
+                                video_token_index=spec.image_token_id + 1, tie_word_embeddings=False)
 
 
 def build_random(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
@@ -125,14 +175,16 @@ def build_random(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
     config._attn_implementation = "sdpa"
     torch.manual_seed(spec.seed)
     with torch.device(device):
-        model = LlavaForConditionalGeneration(config).to(dtype)
+        model = MODEL_CLASSES[spec.family](config).to(dtype)
     return model.eval(), processor_for_spec(spec)
 
 
-def processor_for_spec(spec: ModelSpec) -> LlavaProcessor:
+def processor_for_spec(spec: ModelSpec):
     """The processor of a random-weight shape: a byte-level tokenizer and the shape's image geometry."""
     tokenizer = byte_level_tokenizer(spec.image_token_id, spec.text.vocab_size)
-    return build_processor(tokenizer, spec.vision.image_size, spec.vision.patch_size)
+    if spec.family == "llava":
+        return build_processor(tokenizer, spec.vision.image_size, spec.vision.patch_size)
+    return build_anyres_processor(tokenizer, spec)
 
 
 def load_processor(source: str | Path):
@@ -140,7 +192,10 @@ def load_processor(source: str | Path):
     path = resolve_source(source)
     if path.suffix in (".yaml", ".yml"):
         return processor_for_spec(ModelSpec.from_yaml(path))
-    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    if AutoConfig.from_pretrained(path, local_files_only=True).model_type == "llava_onevision":
+        processor = OnevisionImageProcessor.from_pretrained(path, local_files_only=True)  # no torchvision needed
+    else:
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     if getattr(processor, "chat_template", None) is None:
         processor.chat_template = LLAVA_15_CHAT_TEMPLATE
     prompt = read_model_notes(path).get("prompt")
@@ -168,15 +223,16 @@ def default_sparsity(path: Path) -> SparsityConfig | None:
 
 
 def load_directory(path: Path, device: torch.device, dtype: torch.dtype):
-    """An HF-format LLaVA directory (as llava-hf/llava-1.5-7b-hf is laid out), local files only."""
+    """An HF-format LLaVA directory (as llava-hf/llava-1.5-7b-hf, llava-v1.6-*-hf or llava-onevision-*-hf are laid
+    out), local files only."""
     config = AutoConfig.from_pretrained(path, local_files_only=True)
-    if config.model_type != "llava":
-        raise ValueError(f"{path}: model_type {config.model_type!r} is not 'llava'")
+    if config.model_type not in MODEL_FAMILIES:
+        raise ValueError(f"{path}: model_type {config.model_type!r} is not one of {MODEL_FAMILIES}")
     if config.text_config.model_type not in SUPPORTED_TEXT_MODELS:
         raise ValueError(f"{path}: language model {config.text_config.model_type!r} is not one of "
                          f"{SUPPORTED_TEXT_MODELS}")
     # no device_map: that needs `accelerate`, a dependency we do not otherwise use; load, then move
-    model = LlavaForConditionalGeneration.from_pretrained(
+    model = MODEL_CLASSES[config.model_type].from_pretrained(
         path, dtype=dtype, local_files_only=True, attn_implementation="sdpa"
     ).to(device)
     return model.eval(), load_processor(path)

@@ -7,6 +7,7 @@ positions after the sequence is cut at layer K.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -18,6 +19,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from dynllava import ops
 from dynllava.cache import SparseKVCache
 from dynllava.config import ModelSpec, SparsityConfig
+from dynllava.image_layout import (ANYRES_FAMILIES, ImageLayout, anyres_layouts, image_groups, image_keep_counts,
+                                   newline_mask)
 from dynllava.inputs import PreparedBatch, prepare_batch
 from dynllava.loading import build_random, default_sparsity, load_directory, resolve_source
 from dynllava.predictors import Predictors
@@ -48,7 +51,8 @@ class ContextResult:
 
 
 class DynamicLlava:
-    """A LLaVA model (transformers' LlavaForConditionalGeneration) run with Dynamic-LLaVA sparsification.
+    """A LLaVA model run with Dynamic-LLaVA sparsification: transformers' LlavaForConditionalGeneration
+    (LLaVA-1.5), LlavaNextForConditionalGeneration or LlavaOnevisionForConditionalGeneration (any resolution).
 
     hf_model: the transformers model it runs on; processor: its HF processor (tokenizer + image processor);
     predictors: learned image/text predictors, or None (then only training-free scorers are available).
@@ -62,6 +66,8 @@ class DynamicLlava:
         self.default_sparsity: SparsityConfig | None = None  # the checkpoint's own setting (dynllava convert)
         config = hf_model.config
         self.config = config
+        self.family = config.model_type  # llava | llava_next | llava_onevision
+        self.anyres = self.family in ANYRES_FAMILIES
         self.lm = hf_model.model.language_model
         self.layers = self.lm.layers
         self.n_layers = len(self.layers)
@@ -107,22 +113,41 @@ class DynamicLlava:
         return self.lm.embed_tokens.weight.dtype
 
     def format_prompt(self, text: str, n_images: int = 1) -> str:
-        """Wrap a user message in the model's chat template, adding image placeholders if it has none."""
+        """Wrap a user message in the model's chat template, adding image placeholders if it has none.
+
+        Templates differ in what a message's content is: LLaVA-1.5's take a string, llava-hf's LLaVA-NeXT and
+        OneVision templates a list of parts ({"type": "image"}, {"type": "text", ...}) and place the images
+        themselves. The parts are tried first and kept when the template rendered them (the text and exactly
+        n_images placeholders); otherwise the string form is used."""
         token = self.processor.image_token
+        render = functools.partial(self.processor.apply_chat_template, add_generation_prompt=True, tokenize=False)
         if n_images and token not in text:
+            parts = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
+            try:
+                prompt = render([{"role": "user", "content": parts}])
+            except Exception:  # a template that cannot take parts at all (jinja raises its own errors)
+                prompt = ""
+            if text in prompt and prompt.count(token) == n_images:
+                return prompt
             text = "\n".join([token] * n_images + [text])
-        messages = [{"role": "user", "content": text}]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return render([{"role": "user", "content": text}])
 
     def prepare(self, images: Sequence[Any], prompts: Sequence[str], max_new_tokens: int) -> PreparedBatch:
         """Validate and tokenize a batch (see inputs.prepare_batch)."""
-        return prepare_batch(self.processor, images, prompts, self.max_context, max_new_tokens)
+        return prepare_batch(self.processor, images, prompts, self.max_context, max_new_tokens,
+                             self.image_layouts if self.anyres else None)
+
+    def image_layouts(self, image_sizes: torch.Tensor, n_images: list[int]) -> list[ImageLayout]:
+        """Each any-res image's run of `<image>` slots (image_layout.anyres_layouts)."""
+        return anyres_layouts(self.hf_model, image_sizes, n_images)
 
     # ------------------------------------------------------------------ building blocks
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+              image_sizes: torch.Tensor | None = None, n_images: Sequence[int] | None = None) -> torch.Tensor:
         """Token embeddings with projected image features scattered into the `<image>` slots.
 
-        input_ids: [B, T]; pixel_values: [N_img, 3, H, W] -> [B, T, C].
+        input_ids: [B, T]; pixel_values: [N_views, 3, H, W] (PreparedBatch's) -> [B, T, C]. The any-res
+        families also need image_sizes [N_img, 2] and n_images (images per row).
         """
         h = self.lm.embed_tokens(input_ids)
         image_slots = input_ids == self.image_token_id
@@ -130,11 +155,19 @@ class DynamicLlava:
             if image_slots.any():
                 raise ValueError("prompts hold image placeholders but no image was given")
             return h
-        feats = self.image_features(pixel_values.to(self.device, self.dtype))  # [N_img, P, C]
-        if int(image_slots.sum()) != feats.shape[0] * feats.shape[1]:
-            raise ValueError(f"{int(image_slots.sum())} image placeholder tokens for {feats.shape[0]} image(s) of "
-                             f"{feats.shape[1]} tokens each")
-        return h.masked_scatter(image_slots[..., None], feats.reshape(-1, feats.shape[-1]).to(h.dtype))
+        pixel_values = pixel_values.to(self.device, self.dtype)
+        if self.anyres:
+            if image_sizes is None or n_images is None:
+                raise ValueError(f"a {self.family} model needs image_sizes and n_images with its pixels")
+            extra = {"batch_num_images": list(n_images)} if self.family == "llava_onevision" else {}
+            feats = torch.cat(self.hf_model.model.get_image_features(
+                pixel_values=pixel_values, image_sizes=image_sizes.to(self.device), **extra).pooler_output)
+        else:
+            feats = self.image_features(pixel_values).flatten(0, 1)  # [N_img * P, C]
+        if int(image_slots.sum()) != feats.shape[0]:
+            raise ValueError(f"{int(image_slots.sum())} image placeholder tokens for {feats.shape[0]} image "
+                             "feature tokens")
+        return h.masked_scatter(image_slots[..., None], feats.to(h.dtype))
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Vision tower -> selected hidden layer(s) -> projector. [N, 3, H, W] -> [N, P, C]."""
@@ -266,20 +299,26 @@ class DynamicLlava:
         return ContextResult(h[rows, lengths - 1], keep, lengths.tolist())
 
     def vision_keep_fn(self, image_mask: torch.Tensor, valid: torch.Tensor, keeps: list[float],
-                       scorer_name: str, roundings: list[str] | None = None) -> tuple[Callable, bool]:
-        """choose_keep for prefill: all text + the top keep_count(n_image, keep, rounding) image tokens per row
-        (a fixed count; rounding "ceil" unless `roundings` says otherwise per row)."""
-        n_image = image_mask.sum(1).tolist()
+                       scorer_name: str, roundings: list[str] | None = None,
+                       layouts: Sequence[Sequence[ImageLayout]] | None = None) -> tuple[Callable, bool]:
+        """choose_keep for prefill: all text + the top image_keep_counts of each image's tokens (a fixed count
+        per image, so a small image is not starved by a large one; rounding "ceil" unless `roundings` says
+        otherwise per row). layouts[b]: row b's images (None: one image per row holding all its slots)."""
+        if layouts is None:
+            layouts = [[ImageLayout(n, 1, n)] if n else [] for n in image_mask.sum(1).tolist()]
         roundings = roundings or ["ceil"] * len(keeps)
-        n_keep = [ops.keep_count(n, kp, r) for n, kp, r in zip(n_image, keeps, roundings)]
-        if n_keep == n_image:
+        counts = image_keep_counts(layouts, keeps, roundings)
+        if all(k == x.length for row, ks in zip(layouts, counts) for x, k in zip(row, ks)):
             return (lambda hidden, attention: None), False
         scorer = VISION_SCORERS[scorer_name]()
-        n_keep_t = torch.tensor(n_keep, device=valid.device)
+        width = max(len(row) for row in layouts)
+        per_image = torch.tensor([ks + [0] * (width - len(ks)) for ks in counts], device=valid.device)
+        groups = image_groups(image_mask, layouts)
+        newline = newline_mask(groups, layouts)
 
         def choose(hidden: torch.Tensor, attention: torch.Tensor | None) -> torch.Tensor:
-            inputs = VisionInputs(hidden, image_mask, n_keep_t, attention, self.predictors)
-            picked = ops.topk_keep_mask(scorer.score(inputs), image_mask, n_keep_t)
+            inputs = VisionInputs(hidden, image_mask, per_image, attention, self.predictors, groups, newline)
+            picked = ops.topk_keep_mask_grouped(scorer.score(inputs), groups, per_image)
             return (valid & ~image_mask) | picked
 
         return choose, scorer.needs_attention

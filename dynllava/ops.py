@@ -35,6 +35,19 @@ def topk_keep_mask(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tens
     return (ranks < k[:, None]) & candidates
 
 
+def topk_keep_mask_grouped(scores: torch.Tensor, groups: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """topk_keep_mask within each group: per row b and group m, the k[b, m] highest-scoring positions whose
+    groups[b, t] == m (e.g. each image of a row; ties: earlier position wins).
+
+    scores: [B, T] float; groups: [B, T] long (-1: in no group); k: [B, M] long. Returns keep: [B, T] bool.
+    One sort per group index (a row rarely holds more than a few images).
+    """
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    for m in range(k.shape[1]):
+        keep |= topk_keep_mask(scores, groups == m, k[:, m])
+    return keep
+
+
 def compact(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices that move each row's kept positions to the front, in original order.
 

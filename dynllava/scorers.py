@@ -25,8 +25,10 @@ class VisionInputs:
     """What a vision scorer may read at the boundary of layer K (prefill).
 
     hidden: [B, T, C] hidden states entering layer K; image_mask: [B, T] bool (image tokens);
-    n_keep: [B] long, image tokens to keep per row; last_attention: [B, T] attention the last prompt token pays
-    at layer K-1 (heads averaged), present only when the scorer sets needs_attention; predictors: learned weights.
+    n_keep: [B, M] long, tokens to keep of each row's image m (the top-k is taken per image); last_attention:
+    [B, T] attention the last prompt token pays at layer K-1 (heads averaged), present only when the scorer sets
+    needs_attention; predictors: learned weights; groups: [B, T] long, each image token's image within its row
+    (-1: text); newline: [B, T] bool, the any-res grid rows' newline tokens (image tokens too).
     """
 
     hidden: torch.Tensor
@@ -34,6 +36,8 @@ class VisionInputs:
     n_keep: torch.Tensor
     last_attention: torch.Tensor | None = None
     predictors: Predictors | None = None
+    groups: torch.Tensor | None = None
+    newline: torch.Tensor | None = None
 
 
 @dataclass
@@ -91,19 +95,25 @@ class FastV:
 
 @dataclass
 class Stride:
-    """Uniform spatial subsampling: keeps n_keep image tokens evenly spaced over each row's image tokens."""
+    """Uniform spatial subsampling: keeps n_keep tokens evenly spaced over each image's tokens in raster order
+    (an any-res image: its base view, then its grid), newline tokens left out while there are enough others."""
 
     needs_attention = False
 
     def score(self, x: VisionInputs) -> torch.Tensor:
-        order = x.image_mask.long().cumsum(1) - 1  # index of each token among the row's image tokens
-        n_img = x.image_mask.sum(1, keepdim=True).clamp_min(1)
-        k = x.n_keep[:, None].clamp_min(1)
+        groups = x.groups if x.groups is not None else torch.where(x.image_mask, 0, -1)
+        candidates = x.image_mask & ~x.newline if x.newline is not None else x.image_mask
+        slot = groups.clamp_min(0)
+        n_img = torch.zeros(x.n_keep.shape, dtype=torch.long, device=groups.device).scatter_add_(
+            1, slot, candidates.long())  # [B, M] candidates per image
+        start = n_img.cumsum(1) - n_img  # candidates before each image
+        order = candidates.long().cumsum(1) - 1 - torch.gather(start, 1, slot)  # index within its image
+        n = torch.gather(n_img, 1, slot).clamp_min(1)
+        k = torch.gather(torch.minimum(x.n_keep, n_img), 1, slot).clamp_min(1)
         # token j (spanning [j, j + 1)) is picked when it holds a slot centre (m + 0.5) * n / k, m < k
-        slot_of_next = torch.ceil((order + 1) * k / n_img - 0.5)
-        slot_of_this = torch.ceil(order * k / n_img - 0.5)
-        picked = (slot_of_next > slot_of_this) & x.image_mask
-        return picked.float()
+        slot_of_next = torch.ceil((order + 1) * k / n - 0.5)
+        slot_of_this = torch.ceil(order * k / n - 0.5)
+        return ((slot_of_next > slot_of_this) & candidates).float()
 
 
 @dataclass

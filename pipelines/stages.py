@@ -21,13 +21,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from dynllava.inputs import load_image, normalise_pixels
+from dynllava.inputs import is_anyres, load_image, normalise_pixels, resize_image
 from dynllava.row_errors import TRANSIENT, RowError
 from pipelines.sources import InputSpec
 
 log = logging.getLogger(__name__)
 # Columns between decode and generate; the id column of the input also travels through unchanged.
-DECODED_COLUMNS = ("id", "prompt", "pixels", "error", "error_kind")
+DECODED_COLUMNS = ("id", "prompt", "pixels", "image_size", "error", "error_kind")
 OUTPUT_COLUMNS = ("id", "caption", "error", "error_kind", "finish_reason", "n_image_kept", "n_text_admitted",
                   "kv_bytes_peak", "latency_s", "model", "sparsity", "n_image_tokens", "n_text_generated",
                   "kv_bytes_dense", "generated_at")
@@ -90,17 +90,22 @@ def _image_bytes(value: Any, from_path: bool, base_dir: str) -> bytes:
 
 def decode_batch(batch: dict[str, np.ndarray], *, spec: InputSpec, model: str, default_prompt: str,
                  max_pixels: int) -> dict[str, np.ndarray]:
-    """CPU task: for each row, read and check its image, resize and crop it exactly as the model's processor
-    does (pixels [3, H, W] uint8: a quarter of the float bytes to ship to the actor, which only normalises),
-    and pick its prompt (the row's, else the job's). Rows that fail get zero pixels and an `error`; the
-    generate stage passes them through."""
+    """CPU task: for each row, read and check its image, resize and crop (any-res: tile) it exactly as the
+    model's processor does (uint8 pixels [3, H, W], any-res [n_tiles, 3, S, S]: a quarter of the float bytes to
+    ship to the actor, which only normalises; `image_size` its original height and width), and pick its prompt
+    (the row's, else the job's). Rows that fail get zero pixels, an `error` and its `error_kind`
+    (dynllava.row_errors); the generate stage passes them through."""
     image_col = spec.image_column or spec.image_path_column
     require_columns(batch, (spec.id_column, image_col), "decode")
     processor = _processor(model)
-    crop = processor.image_processor.crop_size
-    shape = (3, crop["height"], crop["width"])
     n = len(batch[spec.id_column])
-    pixels = np.zeros((n, *shape), dtype=np.uint8)
+    if is_anyres(processor):  # a different number of tiles per row: one array per row
+        pixels = np.empty(n, dtype=object)
+        pixels[:] = [np.zeros((1, 3, 1, 1), dtype=np.uint8)] * n
+    else:
+        crop = processor.image_processor.crop_size
+        pixels = np.zeros((n, 3, crop["height"], crop["width"]), dtype=np.uint8)
+    sizes = np.zeros((n, 2), dtype=np.int64)
     errors: list[RowError | None] = [None] * n
     prompts = []
     for i in range(n):
@@ -115,13 +120,11 @@ def decode_batch(batch: dict[str, np.ndarray], *, spec: InputSpec, model: str, d
                 data = _image_bytes(batch[spec.image_path_column][i], True, spec.base_dir)
             else:
                 data = _image_bytes(value, False, spec.base_dir)
-            image = load_image(data, "image", max_pixels)
-            pixels[i] = processor.image_processor(image, do_rescale=False, do_normalize=False,
-                                                  return_tensors="np")["pixel_values"][0]
+            pixels[i], sizes[i] = resize_image(processor, load_image(data, "image", max_pixels))
         except (ValueError, OSError) as e:
             errors[i] = RowError.from_exception(e)
     out = {"id": batch[spec.id_column].astype(str) if spec.id_column != "id" else batch["id"],
-           "prompt": np.array(prompts, dtype=object), "pixels": pixels,
+           "prompt": np.array(prompts, dtype=object), "pixels": pixels, "image_size": sizes,
            "error": np.array([e and e.message for e in errors], dtype=object),
            "error_kind": np.array([e and e.kind for e in errors], dtype=object)}
     if spec.id_column != "id":
@@ -181,9 +184,10 @@ class GenerateStage:
             self.engine.set_keep(changed.vision_keep, changed.text_keep)
             log.info("controller: sparsity -> %s", changed)
 
-    def generate_rows(self, pixels: np.ndarray, prompts: list[str]) -> list[Any]:
-        """Rows' uint8 pixels [N, 3, H, W] and raw prompts -> GenerationOutput or RowError per row."""
-        images = normalise_pixels(self.model.processor, pixels)
+    def generate_rows(self, pixels: np.ndarray, prompts: list[str], image_sizes: np.ndarray) -> list[Any]:
+        """Rows' uint8 pixels (decode_batch's), raw prompts and original image sizes [N, 2] -> GenerationOutput or
+        RowError per row."""
+        images = normalise_pixels(self.model.processor, pixels, image_sizes)
         return self._generate(images, [self.model.format_prompt(p) for p in prompts])
 
     def _generate(self, images: list, prompts: list[str]) -> list[Any]:
@@ -239,7 +243,8 @@ class GenerateStage:
         ok = [i for i in range(n) if is_null(batch["error"][i])]
         results: dict[int, Any] = {}
         if ok:
-            results = dict(zip(ok, self.generate_rows(batch["pixels"][ok], [str(batch["prompt"][i]) for i in ok])))
+            results = dict(zip(ok, self.generate_rows(batch["pixels"][ok], [str(batch["prompt"][i]) for i in ok],
+                                                      batch["image_size"][ok])))
         generated_at = time.time()
         if self.controller is not None:  # besides the periodic reports: the batch's rows count at once
             self.controller.report_once()
@@ -285,5 +290,5 @@ class ServeGenerateStage(GenerateStage):
         self.model_name = self.engines.model_name()
         self.controller = None  # the replicas report for themselves
 
-    def generate_rows(self, pixels: np.ndarray, prompts: list[str]) -> list[Any]:
-        return self.engines.generate_rows(pixels, prompts, self.max_new_tokens, self.sparsity)
+    def generate_rows(self, pixels: np.ndarray, prompts: list[str], image_sizes: np.ndarray) -> list[Any]:
+        return self.engines.generate_rows(pixels, prompts, self.max_new_tokens, self.sparsity, image_sizes)

@@ -10,20 +10,22 @@ from dataclasses import dataclass
 import torch
 
 from dynllava.data import shapes
-from dynllava.inputs import image_token_count
+from dynllava.inputs import LayoutFn, image_token_count, is_anyres
 
 IGNORE = -100
 
 
 @dataclass
 class Example:
-    """One training sequence. input_ids, labels: [T] long; pixel_values: [3, H, W]; answer_spans: (start, end)
-    token ranges of each answer, for the text-budget rule (answers >= 50 tokens)."""
+    """One training sequence. input_ids, labels: [T] long; pixel_values: [3, H, W] (any-res: [n_tiles, 3, S, S],
+    the image's base view and tiles); answer_spans: (start, end) token ranges of each answer, for the
+    text-budget rule (answers >= 50 tokens); image_size: the image's (height, width), any-res only."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     pixel_values: torch.Tensor
     answer_spans: list[tuple[int, int]]
+    image_size: tuple[int, int] | None = None
 
 
 def conversation_text(turns: list[tuple[str, str]], image_token: str, eos: str) -> tuple[str, list[tuple[int, int]]]:
@@ -38,8 +40,10 @@ def conversation_text(turns: list[tuple[str, str]], image_token: str, eos: str) 
     return text, spans
 
 
-def encode(processor, image, turns: list[tuple[str, str]], bos: bool = True) -> Example:
-    """Tokenize one conversation about one image into an Example."""
+def encode(processor, image, turns: list[tuple[str, str]], bos: bool = True,
+           layout_fn: LayoutFn | None = None) -> Example:
+    """Tokenize one conversation about one image into an Example. layout_fn: the model's image layouts
+    (DynamicLlava.image_layouts), required by the any-resolution families."""
     tok = processor.tokenizer
     text, spans = conversation_text(turns, processor.image_token, tok.eos_token)
     enc = tok(text, return_offsets_mapping=True, add_special_tokens=bos)
@@ -51,8 +55,17 @@ def encode(processor, image, turns: list[tuple[str, str]], bos: bool = True) -> 
         labels.append(ids[t] if inside is not None else IGNORE)
         if inside is not None:
             token_spans[inside].append(t)
-    pixel_values = processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
-    n_image = image_token_count(processor, *pixel_values.shape[-2:])
+    image_size = None
+    if is_anyres(processor):  # the image as a group of one, as inference prepares it
+        if layout_fn is None:
+            raise ValueError("an any-resolution model's training examples need its image layouts")
+        out = processor.image_processor([[image]], return_tensors="pt")
+        layout = layout_fn(out["image_sizes"], [1])[0]
+        pixel_values, n_image = out["pixel_values"][0, : layout.n_tiles], layout.length
+        image_size = tuple(int(x) for x in out["image_sizes"][0])
+    else:
+        pixel_values = processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
+        n_image = image_token_count(processor, *pixel_values.shape[-2:])
     image_id = processor.image_token_id
     at = ids.index(image_id)
     ids = ids[:at] + [image_id] * n_image + ids[at + 1 :]
@@ -60,7 +73,7 @@ def encode(processor, image, turns: list[tuple[str, str]], bos: bool = True) -> 
     shift = n_image - 1
     answer_spans = [(ts[0] + shift, ts[-1] + 1 + shift) for ts in token_spans if ts]
     del span_i
-    return Example(torch.tensor(ids), torch.tensor(labels), pixel_values, answer_spans)
+    return Example(torch.tensor(ids), torch.tensor(labels), pixel_values, answer_spans, image_size)
 
 
 def shape_turns(rng: random.Random, split_seed: int, index: int, n_questions: int = 3,
@@ -89,7 +102,8 @@ def shape_turns(rng: random.Random, split_seed: int, index: int, n_questions: in
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of Examples into a batch for the HF model's forward."""
+    """Right-pad a list of Examples into a batch for the HF model's forward (any-res: every example's tiles
+    concatenated, [N_views, 3, S, S], with image_sizes [B, 2])."""
     t = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), t), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), t), IGNORE, dtype=torch.long)
@@ -97,5 +111,10 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     for i, e in enumerate(examples):
         n = len(e.input_ids)
         ids[i, :n], labels[i, :n], mask[i, :n] = e.input_ids, e.labels, 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask,
-            "pixel_values": torch.stack([e.pixel_values for e in examples])}
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    if examples[0].image_size is not None:
+        batch["pixel_values"] = torch.cat([e.pixel_values for e in examples])
+        batch["image_sizes"] = torch.tensor([e.image_size for e in examples])
+    else:
+        batch["pixel_values"] = torch.stack([e.pixel_values for e in examples])
+    return batch

@@ -48,12 +48,13 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed:
 
 
 def masked_forward(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, valid: torch.Tensor,
-                   answer_mask: torch.Tensor, layer_k: int, tau: float) -> MaskedOutput:
+                   answer_mask: torch.Tensor, layer_k: int, tau: float,
+                   image_sizes: torch.Tensor | None = None) -> MaskedOutput:
     """One training forward of DynamicLlava `model` with its predictors (see module docstring).
 
     input_ids, valid, answer_mask: [B, T] (answer_mask marks output-text tokens, the text predictor's domain);
-    pixel_values: [N_img, 3, H, W]."""
-    h = model.embed(input_ids, pixel_values)
+    pixel_values: [N_views, 3, H, W], one image per row; image_sizes: [B, 2], any-res only."""
+    h = model.embed(input_ids, pixel_values, image_sizes, [1] * input_ids.shape[0])
     b, t, _ = h.shape
     positions = torch.arange(t, device=h.device).expand(b, t)
     cos, sin = model.rotary(h, positions)

@@ -86,15 +86,16 @@ def llava_json_turns(path: str | Path, image_root: str | Path) -> Iterator[tuple
             yield image, turns
 
 
-def _batches(processor, config: PredictorTrainConfig, data: str | None, image_root: str | None
-             ) -> Iterator[list[Example]]:
+def _batches(processor, config: PredictorTrainConfig, data: str | None, image_root: str | None,
+             layout_fn=None) -> Iterator[list[Example]]:
     rng = random.Random(config.seed)
     if data is None:  # shape scenes, continuing past the rows the base model saw
         index = 10_000_000
         while True:
             batch = []
             for _ in range(config.batch_size):
-                batch.append(encode(processor, *shape_turns(rng, shapes.SPLIT_SEEDS["train"], index)))
+                batch.append(encode(processor, *shape_turns(rng, shapes.SPLIT_SEEDS["train"], index),
+                                    layout_fn=layout_fn))
                 index += 1
             yield batch
     else:  # epochs over the records; a batch may span two epochs, so no record is skipped and a small file works
@@ -103,7 +104,7 @@ def _batches(processor, config: PredictorTrainConfig, data: str | None, image_ro
             usable = 0
             for image, turns in llava_json_turns(data, image_root or "."):
                 usable += 1
-                batch.append(encode(processor, image, turns))
+                batch.append(encode(processor, image, turns, layout_fn=layout_fn))
                 if len(batch) == config.batch_size:
                     yield batch
                     batch = []
@@ -162,7 +163,7 @@ def train_predictors(model_dir: str | Path, output: str | Path, config: Predicto
     hf.train()
     model.predictors.train()
     pad = model.processor.tokenizer.pad_token_id
-    batches = _batches(model.processor, config, data, image_root)
+    batches = _batches(model.processor, config, data, image_root, model.image_layouts if model.anyres else None)
     image_rate = text_rate = 1.0
     with open(out / "predictor_log.jsonl", "w") as log_file, \
             tqdm(total=config.steps, desc="train predictors", disable=not progress) as bar:
@@ -181,12 +182,16 @@ def train_predictors(model_dir: str | Path, output: str | Path, config: Predicto
                 group["lr"] = lr * max(scale, 0.05)
             tau = tau_at(step, config)
             pixels = batch["pixel_values"].to(model.device)
+            sizes = batch.get("image_sizes")
+            images = {} if sizes is None else {"image_sizes": sizes.to(model.device)}
+            if model.family == "llava_onevision":
+                images["batch_num_images"] = torch.ones(len(examples), dtype=torch.long)
             dense_step = config.lm_lr > 0 and config.dense_every > 0 and step % config.dense_every == 0
             with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=config.autocast_bf16):
                 if dense_step:
-                    logits = hf(input_ids=ids, pixel_values=pixels, attention_mask=valid.long()).logits
+                    logits = hf(input_ids=ids, pixel_values=pixels, attention_mask=valid.long(), **images).logits
                 else:
-                    out_ = masked_forward(model, ids, pixels, valid, answer_mask, config.layer, tau)
+                    out_ = masked_forward(model, ids, pixels, valid, answer_mask, config.layer, tau, sizes)
                     logits = out_.logits
                 ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                      ignore_index=IGNORE)

@@ -97,8 +97,11 @@ def test_config_files_mirror_the_config_objects():
     root = Path(__file__).resolve().parents[2] / "configs"
     assert SparsityConfig.from_yaml(root / "sparsity.yaml") == SparsityConfig()
     shapes = {p.stem: ModelSpec.from_yaml(p) for p in (root / "models").glob("*.yaml")}
-    assert {"tiny", "llava-1.5-7b", "llava-1.5-13b"} <= set(shapes)
-    assert all(s.n_image_tokens == 576 for s in shapes.values())  # LLaVA-1.5 geometry
+    assert {"tiny", "llava-1.5-7b", "llava-1.5-13b", "tiny-next", "tiny-onevision", "llava-v1.6-vicuna-7b",
+            "llava-v1.6-mistral-7b"} <= set(shapes)
+    assert all(s.n_image_tokens == 576 for s in shapes.values() if s.family in ("llava", "llava_next"))  # 336 / 14
+    assert shapes["tiny-onevision"].n_image_tokens == 729  # SigLIP's 384 / 14, the remainder dropped
+    assert {s.family for s in shapes.values()} == {"llava", "llava_next", "llava_onevision"}
     assert (shapes["llava-1.5-7b"].text.hidden_size, shapes["llava-1.5-13b"].text.num_hidden_layers) == (4096, 40)
 
 

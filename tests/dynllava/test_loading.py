@@ -42,5 +42,5 @@ def test_directory_without_predictors_names_training_free_scorers(saved_dir, tmp
 
 def test_directory_that_is_not_llava_is_rejected(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
-    with pytest.raises(ValueError, match="not 'llava'"):
+    with pytest.raises(ValueError, match="model_type 'bert' is not one of"):
         DynamicLlava.from_pretrained(tmp_path, device="cpu")

@@ -15,16 +15,23 @@ C = 64
 
 
 def vision_inputs(seed: int, rows: int = 3, with_predictors: bool = True) -> VisionInputs:
+    """Rows with a different image span each, cut into two images (the second with a newline every 4th token,
+    as an any-res grid); n_keep per image."""
     g = torch.Generator().manual_seed(seed)
     t = 24
     image_mask = torch.zeros(rows, t, dtype=torch.bool)
-    for b in range(rows):  # a different image span per row
-        image_mask[b, 2 + b : 2 + b + 12 + 2 * b] = True
+    groups = torch.full((rows, t), -1)
+    newline = torch.zeros(rows, t, dtype=torch.bool)
+    for b in range(rows):
+        start, n = 2 + b, 12 + 2 * b
+        image_mask[b, start : start + n] = True
+        groups[b, start : start + n // 2], groups[b, start + n // 2 : start + n] = 0, 1
+        newline[b, start + n // 2 + 3 : start + n : 4] = True
     attention = torch.rand(rows, t, generator=g).softmax(-1)
     torch.manual_seed(0)
     predictors = Predictors(C).eval() if with_predictors else None
-    return VisionInputs(torch.randn(rows, t, C, generator=g), image_mask, torch.tensor([3, 5, 1]), attention,
-                        predictors)
+    return VisionInputs(torch.randn(rows, t, C, generator=g), image_mask, torch.tensor([[3, 2], [5, 4], [1, 1]]),
+                        attention, predictors, groups, newline)
 
 
 @pytest.mark.parametrize("name", sorted(VISION_SCORERS))
@@ -36,10 +43,12 @@ def test_vision_scorer_conformance(name):
         again = scorer.score(x)
     assert scores.shape == x.image_mask.shape and torch.isfinite(scores).all()
     assert torch.equal(scores, again), "scores must be deterministic"
-    keep = ops.topk_keep_mask(scores, x.image_mask, x.n_keep)
-    assert keep.sum(1).tolist() == x.n_keep.tolist() and not (keep & ~x.image_mask).any()
+    keep = ops.topk_keep_mask_grouped(scores, x.groups, x.n_keep)
+    per_image = [[int((keep[b] & (x.groups[b] == m)).sum()) for m in range(2)] for b in range(3)]
+    assert per_image == x.n_keep.tolist() and not (keep & ~x.image_mask).any()
     # a row scores the same alone as in a batch
-    alone = VisionInputs(x.hidden[1:2], x.image_mask[1:2], x.n_keep[1:2], x.last_attention[1:2], x.predictors)
+    alone = VisionInputs(x.hidden[1:2], x.image_mask[1:2], x.n_keep[1:2], x.last_attention[1:2], x.predictors,
+                         x.groups[1:2], x.newline[1:2])
     with torch.inference_mode():
         row = scorer.score(alone)[0]
     m = x.image_mask[1]
@@ -91,10 +100,28 @@ def test_stride_spreads_kept_tokens_evenly():
     x = vision_inputs(0)
     x.image_mask[:] = False
     x.image_mask[:, :20] = True
-    x.n_keep = torch.tensor([4, 5, 10])
-    keep = ops.topk_keep_mask(VISION_SCORERS["stride"]().score(x), x.image_mask, x.n_keep)
+    x.groups, x.newline = torch.where(x.image_mask, 0, -1), torch.zeros_like(x.image_mask)
+    x.n_keep = torch.tensor([[4], [5], [10]])
+    keep = ops.topk_keep_mask_grouped(VISION_SCORERS["stride"]().score(x), x.groups, x.n_keep)
     assert keep[0].nonzero().flatten().tolist() == [2, 7, 12, 17]
     assert keep[2].nonzero().flatten().tolist() == list(range(1, 20, 2))  # slot centres (m + 0.5) * 20 / 10
+
+
+def test_stride_spreads_each_images_budget_over_it_and_skips_newlines():
+    """Two images in a row: [0, 8) a plain view, [8, 20) a grid of 3 rows of 3 tokens + a newline. Each image
+    gets its own count, spread over its own tokens; newlines only when the others run out."""
+    x = vision_inputs(0, rows=1)
+    x.image_mask[:] = False
+    x.image_mask[0, :20] = True
+    x.groups = torch.where(x.image_mask, (torch.arange(24) >= 8).long(), -1)
+    x.newline = torch.zeros_like(x.image_mask)
+    x.newline[0, [11, 15, 19]] = True
+    x.n_keep = torch.tensor([[2, 3]])
+    keep = ops.topk_keep_mask_grouped(VISION_SCORERS["stride"]().score(x), x.groups, x.n_keep)
+    assert keep[0].nonzero().flatten().tolist() == [2, 6, 9, 13, 17]  # 9 grid tokens, centres 1.5, 4.5, 7.5
+    x.n_keep = torch.tensor([[2, 11]])  # more than the 9 grid tokens: two of the newlines join
+    keep = ops.topk_keep_mask_grouped(VISION_SCORERS["stride"]().score(x), x.groups, x.n_keep)
+    assert int(keep[0, 8:20].sum()) == 11 and not keep[0, 8:20][~x.newline[0, 8:20]].logical_not().any()
 
 
 def test_learned_text_own_decision_is_the_official_logit_comparison():

@@ -179,3 +179,28 @@ def test_cell_index_head_adds_a_position_target():
     own_cell = torch.nn.functional.cross_entropy(cell_head(patches).flatten(0, 1), cells.repeat(2))
     assert cell_head.out_features == 9
     assert torch.allclose(with_cells * 4, plain * 3 + own_cell, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_predictor_training_takes_any_resolution_models(family, tmp_path):
+    """A few steps on a tiny any-res model (masked steps and dense steps through transformers' own forward):
+    each scene is tiled as inference tiles it, the image predictor sees every view's tokens, and the model it
+    writes loads and runs with the learned scorers."""
+    from dynllava.config import ModelSpec, SparsityConfig
+    from dynllava.loading import build_random
+    from tests.dynllava.test_anyres import SPECS
+
+    spec = ModelSpec.from_dict(dict(SPECS[family], name=family, image_token_id=260))
+    hf, processor = build_random(spec, torch.device("cpu"), torch.float32)
+    hf.save_pretrained(tmp_path / "base")
+    processor.save_pretrained(tmp_path / "base")
+    config = PredictorTrainConfig(steps=4, lm_lr=1e-4, dense_every=2, **FAST)
+    out = train_predictors(tmp_path / "base", tmp_path / "out", config, device="cpu", progress=False)
+    log = _log(out)
+    assert len(log) == 4 and all(0.0 <= r["image_keep"] <= 1.0 and r["ce"] > 0 for r in log)
+    model = DynamicLlava.from_pretrained(out, device="cpu", dtype=torch.float32)
+    assert model.family == family and model.predictors is not None
+    result = model.generate([random_image(0)], [model.format_prompt("What is here?")], max_new_tokens=3,
+                            sparsity=SparsityConfig(vision_keep=0.3, text_keep=0.5))[0]
+    assert result.stats.n_image_kept == sum(-(-x.length * 3 // 10) for x in model.prepare(
+        [random_image(0)], [model.format_prompt("What is here?")], 3).image_layouts)

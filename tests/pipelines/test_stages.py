@@ -103,11 +103,11 @@ def test_out_of_memory_on_a_batch_retries_row_by_row(tiny_yaml):
         real = DynamicLlava.from_pretrained(model, device=device, dtype=dtype)
         embed = real.embed
 
-        def embed_within_memory(input_ids, pixel_values):
+        def embed_within_memory(input_ids, pixel_values, *images):
             calls.append(input_ids.shape[0])
             if input_ids.shape[0] > 1 or "huge" in real.processor.tokenizer.decode(input_ids[0]):
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-            return embed(input_ids, pixel_values)
+            return embed(input_ids, pixel_values, *images)
 
         real.embed = embed_within_memory
         return real
@@ -157,3 +157,42 @@ def test_output_rows_have_the_documented_columns(tiny_yaml):
     assert "unreadable image" in bad["error"] and bad["caption"] is None and bad["n_image_kept"] == 0
     assert bad["error_kind"] == "input"
     assert out["generated_at"][0] == out["generated_at"][1] > 1.7e9  # unix seconds of the batch
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_any_resolution_rows_decode_to_tiles_and_generate_as_the_model_does(tmp_path, family):
+    """An any-res model: decode ships each row's own number of uint8 tiles and its image size; the actor's
+    normalisation is bit-identical to the processor's, and each caption is what the model generates from the
+    original image."""
+    import io
+
+    import torch
+    import yaml
+    from PIL import Image
+
+    from dynllava.config import SparsityConfig
+    from dynllava.model import DynamicLlava
+    from tests.dynllava.test_anyres import SPECS
+
+    path = tmp_path / "model.yaml"
+    path.write_text(yaml.safe_dump(dict(SPECS[family], name=family, image_token_id=260)))
+    sizes = [(90, 40), (50, 100), (33, 33)]
+    encoded = [png_bytes(i, size) for i, size in enumerate(sizes)]
+    decoded = decode_batch({"id": np.array(["a", "b", "bad", "c"], dtype=object),
+                            "image": np.array(encoded[:2] + [b"junk", encoded[2]], dtype=object)},
+                           spec=spec(prompt_column=None, image_path_column=None), model=str(path),
+                           default_prompt="Q?", max_pixels=10**6)
+    assert [tuple(s) for s in decoded["image_size"][[0, 1, 3]]] == [(h, w) for w, h in sizes]
+    assert len({decoded["pixels"][i].shape[0] for i in (0, 1, 3)}) > 1  # a different tile count per row
+    model = DynamicLlava.from_pretrained(path, device="cpu", dtype=torch.float32)
+    originals = [Image.open(io.BytesIO(b)).convert("RGB") for b in encoded]
+    for i, image in zip((0, 1, 3), originals):
+        ours = normalise_pixels(model.processor, decoded["pixels"][[i]], decoded["image_size"][[i]])[0]
+        theirs = model.prepare([image], [model.format_prompt("Q?")], 1)
+        assert torch.equal(ours.values, theirs.pixel_values)
+    sparsity = {"vision_keep": 0.5, "vision_scorer": "stride", "text_keep": 1.0}
+    out = GenerateStage(str(path), sparsity, max_new_tokens=4)(decoded)
+    expected = model.generate(originals, [model.format_prompt("Q?")] * 3, sparsity=SparsityConfig(**sparsity),
+                              max_new_tokens=4)
+    assert [out["caption"][i] for i in (0, 1, 3)] == [e.text.strip() for e in expected]
+    assert out["error_kind"][2] == "input" and out["caption"][2] is None
