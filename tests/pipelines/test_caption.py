@@ -329,3 +329,33 @@ def test_a_job_under_a_memory_ceiling_starts_the_controller_and_runs_sparser(ray
     finally:
         if controller is not None:
             ray.kill(controller)
+
+
+def test_an_any_resolution_model_through_the_job(ray_local, tmp_path, job_config):
+    """A LLaVA-NeXT model (tiny, random weights) through the whole job, no special case: rows of different
+    aspect ratios become different numbers of tiles through Ray Data, and each caption is what the model
+    generates in-process from the original image."""
+    import io
+
+    import yaml
+    from PIL import Image
+
+    from dynllava.model import DynamicLlava
+    from tests.dynllava.test_anyres import SPECS
+
+    path = tmp_path / "next.yaml"
+    path.write_text(yaml.safe_dump(dict(SPECS["llava_next"], name="next", image_token_id=260)))
+    sizes = [(90, 40), (50, 100), (33, 33), (70, 64), (64, 30), (40, 90)]
+    rows = [{"id": f"r{i}", "image": png_bytes(i, size)} for i, size in enumerate(sizes)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
+    config = job_config.with_overrides(model=str(path))
+    summary = run_caption_job(str(tmp_path / "in.parquet"), tmp_path / "out", config)
+    assert (summary.rows, summary.errors) == (6, 0)
+    got = {r["id"]: r for r in output_rows(tmp_path / "out")}
+    model = DynamicLlava.from_pretrained(path, device="cpu")
+    expected = model.generate([Image.open(io.BytesIO(r["image"])) for r in rows],
+                              [model.format_prompt(config.prompt)] * len(rows), sparsity=config.sparsity,
+                              max_new_tokens=config.max_new_tokens)
+    assert [got[r["id"]]["caption"] for r in rows] == [e.text.strip() for e in expected]
+    assert [got[r["id"]]["n_image_tokens"] for r in rows] == [e.stats.n_image_tokens for e in expected]
+    assert len({got[r["id"]]["n_image_tokens"] for r in rows}) > 2  # the rows' images differ in token count
