@@ -18,7 +18,7 @@ from PIL import Image
 
 from cluster.openai_protocol import ApiError, Message
 from cluster.serve_config import Limits
-from dynllava.inputs import load_image
+from dynllava.inputs import IMAGE_PART, chat_prompt, load_image
 
 DATA_URL_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP"}
 
@@ -100,10 +100,8 @@ def to_prompt(processor, messages: list[Message], limits: Limits, allow_remote: 
             if len(images) >= limits.max_images:
                 raise ApiError(400, f"too many images: at most {limits.max_images} per request", param=field)
             images.append(open_image(part.image_url.url, f"{field}.image_url", limits, allow_remote))
-            pieces.append(token)
-        role = "system" if message.role == "developer" else message.role
-        turns.append({"role": role, "content": "\n".join(pieces)})
-    if turns[-1]["role"] != "user":
+            pieces.append(IMAGE_PART)
+        turns.append(("system" if message.role == "developer" else message.role, pieces))
+    if turns[-1][0] != "user":
         raise ApiError(400, "messages: the last message must be from the user", param="messages")
-    prompt = processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
-    return prompt, images
+    return chat_prompt(processor, turns), images

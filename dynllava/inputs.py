@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,34 @@ def preprocess_images(processor, images: Sequence[Any]) -> list[PixelValues]:
     opened = [load_image(img, f"images[{i}]") for i, img in enumerate(images)]
     pixels = processor.image_processor(opened, return_tensors="pt")["pixel_values"]
     return [PixelValues(p) for p in pixels]
+
+
+IMAGE_PART = None  # an image's place among a chat turn's parts (chat_prompt)
+
+
+def chat_prompt(processor, turns: Sequence[tuple[str, Sequence[str | None]]]) -> str:
+    """A conversation in the processor's chat template, ending with the generation prompt.
+
+    turns: (role, parts) with each part a text or IMAGE_PART, in order. Templates differ in what a message's
+    content is: LLaVA-1.5's take a string (images as `<image>` lines), llava-hf's LLaVA-NeXT and OneVision
+    templates a list of parts ({"type": "image"}, {"type": "text", "text": ...}) and place the images
+    themselves. Parts are tried first and kept when the template read them (every text and one placeholder per
+    image in the result, no part written out as a Python dict); otherwise each content is the parts' lines."""
+    token = processor.image_token
+    render = functools.partial(processor.apply_chat_template, add_generation_prompt=True, tokenize=False)
+    n_images = sum(p is IMAGE_PART for _, parts in turns for p in parts)
+    texts = [p for _, parts in turns for p in parts if p is not IMAGE_PART]
+    try:
+        prompt = render([{"role": role, "content": [{"type": "image"} if p is IMAGE_PART else
+                                                    {"type": "text", "text": p} for p in parts]}
+                         for role, parts in turns])
+    except Exception:  # a template that cannot take parts at all (jinja raises its own error types)
+        prompt = None
+    if prompt is not None and prompt.count(token) == n_images and "{'type'" not in prompt \
+            and all(t in prompt for t in texts):
+        return prompt
+    return render([{"role": role, "content": "\n".join(token if p is IMAGE_PART else p for p in parts)}
+                   for role, parts in turns])
 
 
 def is_anyres(processor) -> bool:

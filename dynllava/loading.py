@@ -156,6 +156,7 @@ def hf_config_from_spec(spec: ModelSpec):
         max_position_embeddings=t.max_position_embeddings, rms_norm_eps=t.rms_norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta},
         pad_token_id=3, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        **({"sliding_window": None} if t.model_type == "mistral" else {}),  # Mistral-7B v0.2 and later: none
     )
     common = dict(vision_config=vision_config, text_config=text_config, image_token_index=spec.image_token_id,
                   vision_feature_layer=spec.vision_feature_layer,

@@ -7,7 +7,6 @@ positions after the sequence is cut at layer K.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -21,7 +20,7 @@ from dynllava.cache import SparseKVCache
 from dynllava.config import ModelSpec, SparsityConfig
 from dynllava.image_layout import (ANYRES_FAMILIES, ImageLayout, anyres_layouts, image_groups, image_keep_counts,
                                    newline_mask)
-from dynllava.inputs import PreparedBatch, prepare_batch
+from dynllava.inputs import IMAGE_PART, PreparedBatch, chat_prompt, prepare_batch
 from dynllava.loading import build_random, default_sparsity, load_directory, resolve_source
 from dynllava.predictors import Predictors
 from dynllava.scorers import TEXT_SCORERS, VISION_SCORERS, VisionInputs, require_predictors
@@ -78,6 +77,10 @@ class DynamicLlava:
         self.n_kv_heads = config.text_config.num_key_value_heads
         self.image_token_id = config.image_token_id
         self.max_context = config.text_config.max_position_embeddings
+        window = getattr(config.text_config, "sliding_window", None)
+        if window and getattr(config.text_config, "use_sliding_window", True):
+            # the explicit forward attends over the whole context: equal to the model only within its window
+            self.max_context = min(self.max_context, window)
         eos = getattr(hf_model.generation_config, "eos_token_id", None)
         eos = eos if eos is not None else processor.tokenizer.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
@@ -113,24 +116,11 @@ class DynamicLlava:
         return self.lm.embed_tokens.weight.dtype
 
     def format_prompt(self, text: str, n_images: int = 1) -> str:
-        """Wrap a user message in the model's chat template, adding image placeholders if it has none.
-
-        Templates differ in what a message's content is: LLaVA-1.5's take a string, llava-hf's LLaVA-NeXT and
-        OneVision templates a list of parts ({"type": "image"}, {"type": "text", ...}) and place the images
-        themselves. The parts are tried first and kept when the template rendered them (the text and exactly
-        n_images placeholders); otherwise the string form is used."""
-        token = self.processor.image_token
-        render = functools.partial(self.processor.apply_chat_template, add_generation_prompt=True, tokenize=False)
-        if n_images and token not in text:
-            parts = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
-            try:
-                prompt = render([{"role": "user", "content": parts}])
-            except Exception:  # a template that cannot take parts at all (jinja raises its own errors)
-                prompt = ""
-            if text in prompt and prompt.count(token) == n_images:
-                return prompt
-            text = "\n".join([token] * n_images + [text])
-        return render([{"role": "user", "content": text}])
+        """Wrap a user message in the model's chat template (inputs.chat_prompt), with n_images images before
+        the text unless the text holds its own placeholders."""
+        if self.processor.image_token in text:
+            n_images = 0
+        return chat_prompt(self.processor, [("user", [IMAGE_PART] * n_images + [text])])
 
     def prepare(self, images: Sequence[Any], prompts: Sequence[str], max_new_tokens: int) -> PreparedBatch:
         """Validate and tokenize a batch (see inputs.prepare_batch)."""

@@ -59,3 +59,38 @@ def test_request_schema_errors_name_the_field(body, where):
     with pytest.raises(ApiError) as info:
         parse_request(body)
     assert info.value.status == 400 and where in info.value.message
+
+
+def test_chat_messages_in_a_template_that_takes_parts_and_in_one_that_takes_strings():
+    """The OpenAI messages become the model's prompt: llava-hf's LLaVA-NeXT/OneVision templates read a
+    message's parts and place the images themselves; LLaVA-1.5's string template gets `<image>` lines."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from cluster.chat_inputs import to_prompt
+    from cluster.openai_protocol import Message
+    from cluster.serve_config import Limits
+    from dynllava.config import ModelSpec, TextShape
+    from dynllava.loading import processor_for_spec
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    messages = [Message(role="system", content="Be brief."),
+                Message(role="user", content=[{"type": "image_url", "image_url": {"url": url}},
+                                              {"type": "text", "text": "What is it?"}]),
+                Message(role="assistant", content="A square."), Message(role="user", content="Sure?")]
+    processor = processor_for_spec(ModelSpec(name="t", image_token_id=300, text=TextShape(vocab_size=320)))
+    prompt, images = to_prompt(processor, messages, Limits(), allow_remote=False)
+    assert prompt == "Be brief.\nUSER: <image>\nWhat is it? ASSISTANT: A square.</s>USER: Sure? ASSISTANT:"
+    assert len(images) == 1
+    processor.chat_template = (  # llava-v1.6-mistral-7b-hf's shape: content is a list of parts
+        "{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' }}"
+        "{% for c in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+        "{% for c in message['content'] | selectattr('type', 'equalto', 'text') %}{{ c['text'] }}{% endfor %}"
+        "{{ ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'][0]['text'] }}"
+        "{% else %}{{ message['content'][0]['text'] + '\\n' }}{% endif %}{% endfor %}")
+    prompt, _ = to_prompt(processor, messages, Limits(), allow_remote=False)
+    assert prompt == "Be brief.\n[INST] <image>\nWhat is it? [/INST] A square.[INST] Sure? [/INST]"

@@ -44,3 +44,23 @@ def test_directory_that_is_not_llava_is_rejected(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(ValueError, match="model_type 'bert' is not one of"):
         DynamicLlava.from_pretrained(tmp_path, device="cpu")
+
+
+def test_a_sliding_window_caps_the_context():
+    """The explicit forward attends over the whole context, so a model with an active sliding window is run only
+    within it (prompts beyond are refused); the Mistral shapes have none, as Mistral-7B v0.2."""
+    from dynllava.config import ModelSpec, TextShape, VisionShape
+    from dynllava.loading import build_random
+
+    spec = ModelSpec(name="m", text=TextShape(model_type="mistral", hidden_size=64, intermediate_size=128,
+                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                              vocab_size=32064, max_position_embeddings=512),
+                     vision=VisionShape(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=28, patch_size=14))
+    hf, processor = build_random(spec, torch.device("cpu"), torch.float32)
+    assert hf.config.text_config.sliding_window is None and DynamicLlava(hf, processor).max_context == 512
+    hf.config.text_config.sliding_window = 100
+    model = DynamicLlava(hf, processor)
+    assert model.max_context == 100
+    with pytest.raises(ValueError, match="context of 100 tokens"):
+        model.prepare([None], ["x" * 95], max_new_tokens=10)
