@@ -13,7 +13,7 @@ from PIL import Image
 from dynllava.batching import prompt_slots
 from dynllava.batching import EngineRequest
 from dynllava.config import ModelSpec, SparsityConfig
-from dynllava.engine import StaticBatch
+from dynllava.engine import DecodingRow, StaticBatch
 from dynllava.image_layout import image_groups, newline_mask
 from dynllava.loading import build_random
 from dynllava.model import DynamicLlava
@@ -197,3 +197,7 @@ def test_prefill_formula_counts_every_view_and_equals_the_executed_flops(model):
             executed = counted_flops(batch.prefill)
         n, kept = prepared.lengths[0], int(batch.prompt_keep.sum())
         assert executed == pytest.approx(costs.prefill_flops(d, n, kept, 2, n_views) + n_views * conv, rel=1e-3)
+        row = DecodingRow(n, batch.sparsities[0], None)
+        batch.record_prefill([row])  # what the request's stats report
+        assert row.n_views == n_views and row.prefill_flops == (costs.prefill_flops(d, n, n, 2, n_views),
+                                                                costs.prefill_flops(d, n, kept, 2, n_views))
