@@ -11,6 +11,7 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -515,3 +516,53 @@ def test_remote_image_urls_when_the_operator_allows_them(serve_urls, tiny, tmp_p
         assert missing.status == 400 and "could not fetch" in missing.json()["error"]["message"]
     finally:
         server.shutdown()
+
+
+def test_a_replica_serves_an_any_resolution_model(ray_local, tmp_path):
+    """The replica class itself (outside Serve) with a LLaVA-NeXT model (tiny, random weights): a chat request
+    with a wide image and the `--serve-app` rows path (the job's uint8 tiles and image sizes) each answer what
+    the model generates in-process, no special case."""
+    import yaml
+    from starlette.requests import Request
+
+    from cluster.serve_config import ServeConfig
+    from cluster.server import LlavaServer
+    from dynllava.inputs import load_image, resize_image
+    from tests.dynllava.test_anyres import SPECS
+
+    path = tmp_path / "next.yaml"
+    path.write_text(yaml.safe_dump(dict(SPECS["llava_next"], name="next", image_token_id=260)))
+    model = DynamicLlava.from_pretrained(path, device="cpu", dtype=torch.float32)
+    buf = io.BytesIO()
+    Image.new("RGB", (90, 40), (200, 30, 30)).save(buf, "PNG")
+    image = load_image(buf.getvalue(), "image")
+    replica_class = LlavaServer.func_or_class.__mro__[1]  # the class under Serve's ASGI wrapper
+    sparsity = SparsityConfig(vision_keep=0.3, vision_scorer="stride", text_keep=0.5, text_scorer="recent")
+    server = replica_class(ServeConfig(model=str(path), threads=1, sparsity=sparsity).to_dict())
+    try:
+        body = json.dumps({"messages": [user(buf.getvalue(), "What is it?")], "max_tokens": 5,
+                           "temperature": 0}).encode()
+        tiles, size = resize_image(model.processor, image)
+        pixels = np.empty(1, dtype=object)
+        pixels[0] = tiles
+
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def both():  # one event loop, as in a replica
+            scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "query_string": b"",
+                     "headers": [(b"content-type", b"application/json"),
+                                 (b"content-length", str(len(body)).encode())]}
+            reply = json.loads((await server.chat_completions(Request(scope, receive))).body)
+            rows = await server.generate_rows(pixels, ["What is it?"], 5, sparsity.to_dict(), np.array([size]))
+            return reply, rows
+
+        reply, rows = asyncio.run(both())
+        alone = model.generate([image], [model.format_prompt("What is it?")], sparsity=sparsity, max_new_tokens=5)[0]
+        assert SparsityConfig.from_dict(reply["dynllava"]["applied"]) == sparsity
+        assert reply["choices"][0]["message"]["content"] == alone.text
+        assert reply["dynllava"]["stats"]["n_image_tokens"] == alone.stats.n_image_tokens > 16
+        assert rows[0].token_ids == alone.token_ids
+    finally:
+        server._stop_sampling.set()
+        server.engine.stop()
