@@ -87,23 +87,32 @@ def chat_prompt(processor, turns: Sequence[tuple[str, Sequence[str | None]]]) ->
     turns: (role, parts) with each part a text or IMAGE_PART, in order. Templates differ in what a message's
     content is: LLaVA-1.5's take a string (images as `<image>` lines), llava-hf's LLaVA-NeXT and OneVision
     templates a list of parts ({"type": "image"}, {"type": "text", "text": ...}) and place the images
-    themselves. Parts are tried first and kept when the template read them (every text and one placeholder per
-    image in the result, no part written out as a Python dict); otherwise each content is the parts' lines."""
+    themselves. Which kind a template is, is found once per template (`_takes_parts`)."""
     token = processor.image_token
     render = functools.partial(processor.apply_chat_template, add_generation_prompt=True, tokenize=False)
-    n_images = sum(p is IMAGE_PART for _, parts in turns for p in parts)
-    texts = [p for _, parts in turns for p in parts if p is not IMAGE_PART]
-    try:
-        prompt = render([{"role": role, "content": [{"type": "image"} if p is IMAGE_PART else
-                                                    {"type": "text", "text": p} for p in parts]}
-                         for role, parts in turns])
-    except Exception:  # a template that cannot take parts at all (jinja raises its own error types)
-        prompt = None
-    if prompt is not None and prompt.count(token) == n_images and "{'type'" not in prompt \
-            and all(t in prompt for t in texts):
-        return prompt
+    if _takes_parts(processor, render):
+        return render([{"role": role, "content": [{"type": "image"} if p is IMAGE_PART else
+                                                  {"type": "text", "text": p} for p in parts]}
+                       for role, parts in turns])
     return render([{"role": role, "content": "\n".join(token if p is IMAGE_PART else p for p in parts)}
                    for role, parts in turns])
+
+
+_TAKES_PARTS: dict[tuple[str, str], bool] = {}  # (template, image token) -> whether it reads a list of parts
+
+
+def _takes_parts(processor, render: Callable) -> bool:
+    """Whether the chat template reads a message's content as parts: a probe message of one image and one text
+    comes out with both (one placeholder, the text) and no part written out as a Python dict."""
+    key = (str(processor.chat_template), processor.image_token)
+    if key not in _TAKES_PARTS:
+        probe = "dynllava template probe"
+        try:
+            out = render([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": probe}]}])
+        except Exception:  # a template that cannot take parts at all (jinja raises its own error types)
+            out = ""
+        _TAKES_PARTS[key] = out.count(processor.image_token) == 1 and probe in out and "{'type'" not in out
+    return _TAKES_PARTS[key]
 
 
 def is_anyres(processor) -> bool:

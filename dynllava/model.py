@@ -289,14 +289,11 @@ class DynamicLlava:
         return ContextResult(h[rows, lengths - 1], keep, lengths.tolist())
 
     def vision_keep_fn(self, image_mask: torch.Tensor, valid: torch.Tensor, keeps: list[float],
-                       scorer_name: str, roundings: list[str] | None = None,
-                       layouts: Sequence[Sequence[ImageLayout]] | None = None) -> tuple[Callable, bool]:
+                       scorer_name: str, roundings: list[str],
+                       layouts: Sequence[Sequence[ImageLayout]]) -> tuple[Callable, bool]:
         """choose_keep for prefill: all text + the top image_keep_counts of each image's tokens (a fixed count
-        per image, so a small image is not starved by a large one; rounding "ceil" unless `roundings` says
-        otherwise per row). layouts[b]: row b's images (None: one image per row holding all its slots)."""
-        if layouts is None:
-            layouts = [[ImageLayout(n, 1, n)] if n else [] for n in image_mask.sum(1).tolist()]
-        roundings = roundings or ["ceil"] * len(keeps)
+        per image, so a small image is not starved by a large one; rounding per row). layouts[b]: row b's
+        images (PreparedBatch.layouts_by_row)."""
         counts = image_keep_counts(layouts, keeps, roundings)
         if all(k == x.length for row, ks in zip(layouts, counts) for x, k in zip(row, ks)):
             return (lambda hidden, attention: None), False
