@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.bench_serve import drive, free_port, percentile, request_body  # noqa: E402
-from benchmarks.plot import Panel, save_panels  # noqa: E402
+from dynllava.plots import Panel, save_panels  # noqa: E402
 from benchmarks.provenance import commit, emit, hardware  # noqa: E402
 from cluster.serve_config import ServeConfig  # noqa: E402
 from cluster.sla import SLA, Bounds, KeepSetting, OnlineTargets  # noqa: E402

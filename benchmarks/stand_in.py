@@ -20,7 +20,8 @@ from pipelines.stages import GenerateStage  # noqa: E402
 
 COUNT_ENV = "DYNLLAVA_STAND_IN_COUNT_FILE"
 ZERO_STATS = SimpleNamespace(n_image_kept=0, n_text_admitted=0, kv_bytes_peak=0, ttft_s=0.0, decode_s=0.0,
-                             n_image_tokens=0, n_text_generated=1, kv_bytes_dense_equivalent=1)
+                             n_image_tokens=0, n_text_generated=1, kv_bytes_dense_equivalent=1,
+                             flops_dense=1.0, flops_sparse=1.0)
 
 
 class InstantGenerateStage(GenerateStage):
@@ -28,7 +29,7 @@ class InstantGenerateStage(GenerateStage):
 
     def __init__(self, model: str, sparsity: dict, max_new_tokens: int, extra_columns: tuple[str, ...] = (),
                  **_ignored):
-        self._set_sparsity(sparsity)
+        self.set_sparsity(sparsity)
         self.max_new_tokens = max_new_tokens
         self.extra_columns = extra_columns
         self.model_name = "stand-in"

@@ -5,6 +5,7 @@ controller's pacing (how fast it moves, how long it waits before relaxing or rel
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,17 +122,30 @@ class SLA:
     replicas: Bounds = field(default_factory=lambda: Bounds(1, 4))
     nodes: Bounds = field(default_factory=lambda: Bounds(0, 2))
     pacing: Pacing = field(default_factory=Pacing)
+    # a measured ladder, preferred first, floor last (written by `dynllava calibrate`); when set it replaces
+    # the geometric one: preferred, floor and pacing.levels are taken from it
+    ladder: tuple[KeepSetting, ...] | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.memory_ceiling <= 1:
             raise ValueError(f"memory_ceiling must be in (0, 1], got {self.memory_ceiling!r}")
+        if self.ladder is not None:
+            ladder = _ladder(self.ladder)
+            object.__setattr__(self, "ladder", ladder)
+            object.__setattr__(self, "preferred", ladder[0])
+            object.__setattr__(self, "floor", ladder[-1])
+            object.__setattr__(self, "pacing", dataclasses.replace(self.pacing, levels=len(ladder) - 1))
         if self.floor.vision_keep > self.preferred.vision_keep or self.floor.text_keep > self.preferred.text_keep:
             raise ValueError("floor must not keep more than preferred")
 
     def keep_at(self, level: int) -> KeepSetting:
-        """The ladder: level 0 = preferred, level `pacing.levels` = floor, geometric in between (equal ratios,
-        so each step cuts the same share of the remaining tokens)."""
-        t = min(max(level, 0), self.pacing.levels) / self.pacing.levels
+        """The ladder: level 0 = preferred, level `pacing.levels` = floor; the measured `ladder`'s steps when
+        set, else geometric in between (equal ratios, so each step cuts the same share of the remaining
+        tokens)."""
+        level = min(max(level, 0), self.pacing.levels)
+        if self.ladder is not None:
+            return self.ladder[level]
+        t = level / self.pacing.levels
 
         def between(hi: float, lo: float) -> float:
             return round(hi * math.exp(t * math.log(lo / hi)), 4)
@@ -148,6 +162,28 @@ class SLA:
         if not Path(path).is_file():
             raise ValueError(f"sla {path}: no such file")
         return cls.from_dict(yaml.safe_load(Path(path).read_text()), where=str(path))
+
+
+def _ladder(steps) -> tuple[KeepSetting, ...]:
+    """A ladder from YAML (a list of {vision_keep, text_keep}) or KeepSettings: at least two steps, each keeping
+    no more of either kind of token than the step before it."""
+    if isinstance(steps, (str, bytes, dict)) or not hasattr(steps, "__iter__"):
+        raise ValueError(f"ladder must be a list of {{vision_keep, text_keep}} steps, got {steps!r}")
+    out = []
+    for i, step in enumerate(steps):
+        if isinstance(step, dict):
+            unknown = set(step) - {"vision_keep", "text_keep"}
+            if unknown:
+                raise ValueError(f"ladder[{i}]: unknown keys {sorted(unknown)}")
+            step = KeepSetting(**step)
+        if not isinstance(step, KeepSetting):
+            raise ValueError(f"ladder[{i}] must be a mapping with vision_keep and text_keep, got {step!r}")
+        if out and (step.vision_keep > out[-1].vision_keep or step.text_keep > out[-1].text_keep):
+            raise ValueError(f"ladder[{i}] keeps more than ladder[{i - 1}]: each step must be at least as sparse")
+        out.append(step)
+    if len(out) < 2:
+        raise ValueError("ladder needs at least two steps (preferred, floor)")
+    return tuple(out)
 
 
 DEFAULT_SLA = "configs/sla.yaml"

@@ -219,3 +219,15 @@ class ModelSpec:
             return cls.from_dict(data)
         except TypeError as e:  # unknown keys inside vision/text
             raise ValueError(f"{path}: {e}") from None
+
+
+def setting_label(s: SparsityConfig) -> str:
+    """A short name for a setting: dense, or what it prunes and how ("vision learned 0.2, text learned 0.5")."""
+    if s.is_dense:
+        return "dense"
+    parts = []
+    if s.vision_keep < 1:
+        parts.append(f"vision {s.vision_scorer} {s.vision_keep:g}")
+    if s.text_keep is None or s.text_keep < 1:
+        parts.append(f"text {s.text_scorer} {'auto' if s.text_keep is None else f'{s.text_keep:g}'}")
+    return ", ".join(parts)

@@ -9,7 +9,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dynllava.config import SparsityConfig
+from dynllava.config import SparsityConfig, setting_label
 from dynllava.data.grading import Scores
 from dynllava.data.shapes import SPLIT_SEEDS, Row, make_row
 from dynllava.engine import teacher_forced_nll
@@ -87,7 +87,7 @@ def evaluate(model, rows: list[Row], sparsity: SparsityConfig, label: str = "", 
         ppl = math.exp(nll / count)
     summary = scores.summary()
     return EvalResult(
-        label=label or _label(sparsity), sparsity=sparsity.to_dict(), n_rows=len(rows),
+        label=label or setting_label(sparsity), sparsity=sparsity.to_dict(), n_rows=len(rows),
         caption_attribute_f1=summary["caption_attribute_f1"], vqa_accuracy=summary["vqa_accuracy"], perplexity=ppl,
         image_keep=image_kept / image_total if image_total else 1.0,
         text_keep=admitted / decided if decided else 1.0,
@@ -95,17 +95,6 @@ def evaluate(model, rows: list[Row], sparsity: SparsityConfig, label: str = "", 
         kv_bytes_saved=1 - kv_sparse / kv_dense if kv_dense and sparsity.mode == "kv_cache" else 0.0,
         per_task={k: v for k, v in summary.items() if k.endswith("_score")},
     )
-
-
-def _label(s: SparsityConfig) -> str:
-    if s.is_dense:
-        return "dense"
-    parts = []
-    if s.vision_keep < 1:
-        parts.append(f"vision {s.vision_scorer} {s.vision_keep:g}")
-    if s.text_keep is None or s.text_keep < 1:
-        parts.append(f"text {s.text_scorer} {'auto' if s.text_keep is None else f'{s.text_keep:g}'}")
-    return ", ".join(parts)
 
 
 def sweep_configs(learned: bool) -> list[SparsityConfig]:
@@ -161,50 +150,18 @@ def target_checks(results: list[EvalResult]) -> list[tuple[str, bool, str]]:
     return checks
 
 
-def plot(results: list[EvalResult], path: str | Path) -> None:
-    """PNG: VQA accuracy and caption F1 vs vision_keep (a line per vision scorer), caption F1 vs text_keep (a line
-    per text scorer). Drawn with Pillow (no plotting dependency)."""
-    from PIL import Image, ImageDraw
+def plot(results: list[EvalResult], path: str | Path) -> Path | None:
+    """PNG (with the `plot` extra): VQA accuracy and caption F1 vs vision_keep (a line per vision scorer) and vs
+    text_keep (a line per text scorer); None without matplotlib."""
+    from dynllava.plots import plot_eval_sweep
 
-    dense = next((r for r in results if r.label == "dense"), None)
-    panels = [("VQA accuracy vs vision_keep", "vision", "vqa_accuracy", VISION_SCORERS),
-              ("caption F1 vs vision_keep", "vision", "caption_attribute_f1", VISION_SCORERS),
-              ("caption F1 vs text_keep", "text", "caption_attribute_f1", TEXT_SCORERS)]
-    colours = [(200, 40, 40), (40, 90, 200), (40, 150, 60), (150, 90, 20)]
-    w, h, pad = 420, 320, 48
-    img = Image.new("RGB", (w * len(panels), h), "white")
-    draw = ImageDraw.Draw(img)
-    for p, (title, axis, metric, scorers) in enumerate(panels):
-        x0 = p * w
-        draw.text((x0 + pad, 8), title, fill="black")
-        draw.rectangle((x0 + pad, pad, x0 + w - 16, h - pad), outline="black")
-        xs = lambda v: x0 + pad + v * (w - 16 - pad)  # noqa: E731 - keep ratio 0..1 -> pixels
-        ys = lambda v: h - pad - v * (h - 2 * pad)  # noqa: E731 - metric 0..1 -> pixels
-        for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
-            draw.text((xs(tick) - 8, h - pad + 4), f"{tick:g}", fill="black")
-            draw.text((x0 + 8, ys(tick) - 6), f"{tick:.2f}", fill="black")
-        for c, scorer in enumerate(scorers):
-            points = [(r.sparsity[f"{axis}_keep"], getattr(r, metric)) for r in results
-                      if r.sparsity[f"{axis}_scorer"] == scorer and _varies_only(r, axis)]
-            if dense:
-                points.append((1.0, getattr(dense, metric)))
-            points = sorted(set(points))
-            if len(points) >= 2:
-                draw.line([(xs(x), ys(y)) for x, y in points], fill=colours[c], width=2)
-            for x, y in points:
-                draw.ellipse((xs(x) - 3, ys(y) - 3, xs(x) + 3, ys(y) + 3), fill=colours[c])
-            draw.text((x0 + w - 110, pad + 6 + 14 * c), scorer, fill=colours[c])
-    img.save(path)
-
-
-def _varies_only(result: EvalResult, axis: str) -> bool:
-    """True when the point is sparse on `axis` only (it belongs on that axis' curve)."""
-    other = result.sparsity["text_keep" if axis == "vision" else "vision_keep"]
-    return other is not None and other >= 1.0 and result.label != "dense"
+    return plot_eval_sweep([asdict(r) for r in results], path,
+                           {"vqa_accuracy": "VQA accuracy (0-1)", "caption_attribute_f1": "caption attribute F1 (0-1)"},
+                           "quality vs sparsity (shape scenes, test split)")
 
 
 def write_results(results: list[EvalResult], output: str | Path, model_name: str) -> dict[str, Path]:
-    """eval.md (table + target checks), eval.json and eval.png in `output`."""
+    """eval.md (table + target checks), eval.json and (with the `plot` extra) eval.png in `output`."""
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     checks = target_checks(results)
@@ -216,5 +173,6 @@ def write_results(results: list[EvalResult], output: str | Path, model_name: str
     paths["json"].write_text(json.dumps({"model": model_name, "results": [asdict(r) for r in results],
                                          "targets": [{"target": n, "met": ok, "measured": g} for n, ok, g in checks]},
                                         indent=1))
-    plot(results, paths["png"])
+    if plot(results, paths["png"]) is None:
+        del paths["png"]
     return paths

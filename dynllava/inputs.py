@@ -177,7 +177,9 @@ def load_image(image: ImageInput, field: str, max_pixels: int | None = None,
                              f"{max_aspect_ratio:g}:1 (max_image_aspect_ratio)")
         img.load()  # decode now: truncated files fail here, not later
         return img.convert("RGB")
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, SyntaxError) as e:
+    except UnidentifiedImageError:  # its message names an in-memory buffer by address: say what it means
+        raise ValueError(f"{field}: unreadable image (not a format Pillow can identify)") from None
+    except (OSError, Image.DecompressionBombError, SyntaxError) as e:
         raise ValueError(f"{field}: unreadable image ({e})") from None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from dynllava.row_errors import RETRY_CHOICES, TRANSIENT
+from pipelines.calibrate import TEXT_GRID, VISION_GRID
 
 DEFAULT_CONFIG = "configs/caption.yaml"
 
@@ -41,6 +42,133 @@ def cmd_caption(args: argparse.Namespace) -> int:
         print("errors, for example:\n  " + "\n  ".join(summary.error_examples))
     print(f"output: {args.output} (job record: {args.output}/_job.json)")
     return 0
+
+
+def _keeps(value: str) -> tuple[float, ...]:
+    """"1,0.5,0.2" -> (1.0, 0.5, 0.2); each in (0, 1]."""
+    try:
+        keeps = tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated keep ratios, got {value!r}") from None
+    if not keeps or not all(0 < k <= 1 for k in keeps):
+        raise argparse.ArgumentTypeError(f"keep ratios must be in (0, 1], got {value!r}")
+    return keeps
+
+
+def _job_config(args: argparse.Namespace):
+    """The caption job's config (--config, else configs/caption.yaml when present, else the defaults) with the
+    flags that eval and calibrate share applied."""
+    from pathlib import Path
+
+    from pipelines.config import CaptionJobConfig, Columns
+
+    path = args.config or (DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else None)
+    config = CaptionJobConfig.from_yaml(path) if path else CaptionJobConfig()
+    columns = Columns(**{k: getattr(args, f"{k}_column") or getattr(config.columns, k)
+                         for k in ("id", "image", "image_path", "prompt")})
+    return config.with_overrides(model=args.model, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+                                 device=args.device, dtype=args.dtype, columns=columns)
+
+
+def _evaluator(args: argparse.Namespace, config, model, output):
+    """settings -> (results, rows) on --data, in this process or on Ray Data (--runner); `model` is the loaded
+    model (answers in process, perplexity either way)."""
+    from pipelines.evaluate import IN_PROCESS_MAX_ROWS, EvalData, evaluate_in_process, evaluate_on_ray
+    from pipelines.sources import count_rows
+
+    data = EvalData(args.data, config.columns, args.reference_column, args.task_column, args.limit)
+    runner = args.runner
+    if runner == "auto":
+        small = data.limit is not None or count_rows(data.path, stop_after=IN_PROCESS_MAX_ROWS) <= IN_PROCESS_MAX_ROWS
+        runner = "local" if small else "ray"  # --limit selects rows in process only
+    if runner == "ray" and output is None:
+        raise ValueError("--runner ray needs --output (the answers of each setting are kept there)")
+
+    def evaluate(settings):
+        if runner == "local":
+            return evaluate_in_process(data, settings, config, model, perplexity_rows=args.perplexity_rows)
+        return evaluate_on_ray(data, settings, config, model, output, address=args.address,
+                               perplexity_rows=args.perplexity_rows)
+    return evaluate
+
+
+def _load_model(config):
+    from dynllava.model import DynamicLlava
+
+    return DynamicLlava.from_pretrained(config.model, device=config.device, dtype=config.dtype)
+
+
+def cmd_eval_data(args: argparse.Namespace) -> int:
+    """`dynllava eval --data`: dense and the chosen setting(s) side by side on the user's rows."""
+    from dynllava.cli import _sparsity_from
+    from dynllava.config import SparsityConfig
+    from dynllava.eval import sweep_configs
+    from pipelines.evaluate import markdown_table, write_report
+
+    if not args.data:
+        return args.split_func(args)
+    config = _job_config(args)
+    model = _load_model(config)
+    if args.sweep:
+        settings = sweep_configs(learned=model.predictors is not None)
+    else:
+        chosen = _sparsity_from(args, config.sparsity)
+        settings = [SparsityConfig()] + ([] if chosen.is_dense else [chosen])
+    results, rows = _evaluator(args, config, model, args.output)(settings)
+    print(markdown_table(results))
+    if args.output:
+        paths = write_report(results, rows, args.output, f"{config.model} on {args.data}")
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import yaml
+    from pathlib import Path
+
+    from pipelines.calibrate import calibrate
+
+    if not 0 < args.confidence < 1:
+        raise ValueError(f"--confidence must be in (0, 1), got {args.confidence}")
+    if args.tolerance < 0:
+        raise ValueError(f"--tolerance must be >= 0 points, got {args.tolerance}")
+    sla_path = args.sla or ("configs/sla.yaml" if Path("configs/sla.yaml").is_file() else None)
+    base = (yaml.safe_load(Path(sla_path).read_text()) or {}) if sla_path else {}
+    config = _job_config(args)
+    model = _load_model(config)
+    paths = calibrate(_evaluator(args, config, model, Path(args.output) / "eval"), model.predictors is not None,
+                      args.tolerance, args.confidence, base, args.output, f"{config.model} on {args.data}",
+                      vision=args.vision_grid, text=args.text_grid)
+    print(Path(paths["markdown"]).read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    print(f"use it: dynllava serve --sla {paths['sla']}  (or dynllava caption --controller --sla {paths['sla']})")
+    return 0
+
+
+def _add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
+    """The flags of eval --data and calibrate: the rows, their columns, the job config, where to run."""
+    p.add_argument("--data", required=required, default=None,
+                   help="Parquet or JSONL file/folder, one row per question: an image (bytes, base64 in JSONL, or "
+                        "image_path), a prompt, a reference answer (a string, or a list such as VQAv2's ten human "
+                        "answers); optional task (vqa* = short answer; caption / describe / anything else = long) "
+                        "and id")
+    p.add_argument("--limit", type=_positive, default=None, help="only the first N rows of --data")
+    p.add_argument("--reference-column", default="reference", help="column of reference answers (default reference)")
+    p.add_argument("--task-column", default="task", help="optional task column (default task)")
+    for name in ("id", "image", "image_path", "prompt"):
+        p.add_argument(f"--{name.replace('_', '-')}-column", dest=f"{name}_column", default=None,
+                       help=f"the {name} column (default from the job config: {name})")
+    p.add_argument("--config", default=None, help=f"caption job YAML for the prompt, max_new_tokens, engine limits "
+                                                  f"and columns (default: {DEFAULT_CONFIG} when present)")
+    p.add_argument("--max-new-tokens", type=_positive, default=None, help="per answer (default from the config)")
+    p.add_argument("--prompt", default=None, help="prompt for rows without their own (default from the config)")
+    p.add_argument("--runner", choices=("auto", "local", "ray"), default="auto",
+                   help="local: in this process (each chunk of rows decoded once for every setting); ray: one "
+                        "caption job per setting on Ray Data, resumable; auto (default): local up to 5000 rows")
+    p.add_argument("--address", default=None, help="with --runner ray: an existing Ray cluster (default: local)")
+    p.add_argument("--perplexity-rows", type=int, default=64,
+                   help="long-answer rows whose reference perplexity is measured (teacher-forced, in this "
+                        "process; default 64, 0: none)")
 
 
 def cmd_grade(args: argparse.Namespace) -> int:
@@ -104,6 +232,37 @@ def register(sub) -> None:
     c.add_argument("--sla", default=None, help="SLA YAML for that controller: rows/s or deadline target, memory "
                                                "ceiling, quality floor (default: configs/sla.yaml when present)")
     c.set_defaults(func=cmd_caption)
+    e = sub.choices["eval"]  # dynllava's own `eval` (the shape scenes' test split) learns --data here
+    e.description += (" With --data, the same on your own rows (Parquet or JSONL): VQAv2 accuracy, exact match "
+                      "and token F1 for short answers, token F1 and reference perplexity for long ones, the shapes "
+                      "grader for shape scenes; dense beside the flags' setting (or the whole --sweep); "
+                      "--output gets eval.md, eval.json, rows.parquet (every row's answer, grades or error) and "
+                      "eval.png.")
+    _add_data_args(e, required=False)
+    e.set_defaults(func=cmd_eval_data, split_func=e.get_default("func"))
+    k = sub.add_parser(
+        "calibrate",
+        help="measure quality vs sparsity on your rows and write the SLA's ladder down to a measured floor",
+        description="Sweep vision_keep x text_keep (learned scorers; without predictors, the best training-free "
+                    "scorer per axis) on a sample of your rows, measure each setting's quality loss against dense "
+                    "with a confidence interval (paired per-row differences), and write OUTPUT/sla.yaml whose "
+                    "ladder runs from dense to the cheapest setting within --tolerance; the controller never goes "
+                    "below it. Also calibration.md (each setting, its interval, the rows it needs), "
+                    "calibration.json and calibration.png.")
+    _add_data_args(k, required=True)
+    k.add_argument("--tolerance", type=float, default=1.0,
+                   help="most quality loss allowed, in points of the row score x 100 (default 1.0)")
+    k.add_argument("--confidence", type=float, default=0.95, help="of the loss interval (default 0.95)")
+    k.add_argument("--vision-grid", type=_keeps, default=VISION_GRID,
+                   help=f"vision_keep values to try, comma-separated (default {','.join(map(str, VISION_GRID))})")
+    k.add_argument("--text-grid", type=_keeps, default=TEXT_GRID,
+                   help=f"text_keep values to try, comma-separated (default {','.join(map(str, TEXT_GRID))})")
+    k.add_argument("--sla", default=None, help="the SLA to start from (default: configs/sla.yaml when present)")
+    k.add_argument("--output", required=True, help="folder for sla.yaml and the report")
+    k.add_argument("--model", default=None, help="tiny (default from the config), an HF LLaVA directory or YAML")
+    k.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    k.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+    k.set_defaults(func=cmd_calibrate)
     g = sub.add_parser("grade", help="grade a caption job's output against the references in its input",
                        description="For inputs made by `dynllava data shapes` (columns reference, task): caption "
                                    "attribute F1 and VQA accuracy of the captions in a job's output folder.")

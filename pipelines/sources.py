@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from pipelines.config import Columns
@@ -76,16 +77,89 @@ def open_input(path: str, columns: Columns):
     import ray.data
 
     kind, path = detect_kind(path)
-    is_dir = _file_info(path)[2].type == pafs.FileType.Directory
-    base_dir = path if is_dir else path.rsplit("/", 1)[0]  # what relative image paths are relative to
     if kind == "images":
         ds = ray.data.read_binary_files(path, include_paths=True, file_extensions=list(IMAGE_EXTENSIONS))
-        return ds, InputSpec(path, kind, FOLDER_ID_COLUMN, "bytes", None, None, base_dir)
-    if kind == "parquet":
+    elif kind == "parquet":
         ds = ray.data.read_parquet(path)
     else:
         ds = ray.data.read_json(path, lines=True, file_extensions=list(JSONL_EXTENSIONS))
-    names = _schema_names(ds)
+    return ds, resolve_spec(path, kind, _schema_names(ds), columns)
+
+
+def read_table(path: str, columns: Columns, limit: int | None = None,
+               fields: list[str] | None = None) -> tuple[pa.Table, InputSpec]:
+    """The same input read in this process with pyarrow, for small inputs (`dynllava eval --data`): the first
+    `limit` rows of a Parquet or JSONL file or folder, and its InputSpec. A folder of images has no per-row
+    fields beyond the image, so it is refused here. Without an id column the row's position becomes its id:
+    there is no resume to key, and one image may carry several questions. `fields`: read only these columns
+    (those present; the spec is still resolved against the whole schema), e.g. to join references by id
+    without reading the images."""
+    import pyarrow.dataset as pads
+    import pyarrow.json as pajson
+
+    kind, path = detect_kind(path)
+    if kind == "images":
+        raise ValueError(f"input {path}: a folder of images has no prompts or references; give a Parquet or JSONL "
+                         f"file with an image, a prompt and a reference per row")
+    fs, inner, info = _file_info(path)
+    files = [inner] if info.type == pafs.FileType.File else sorted(_list_files(fs, inner))
+    if kind == "parquet":
+        dataset = pads.dataset([f for f in files if _extension(f) == "parquet"], format="parquet", filesystem=fs)
+        names = dataset.schema.names
+        project = [f for f in fields if f in names] if fields else None
+        table = dataset.head(limit, columns=project) if limit else dataset.to_table(columns=project)
+    else:
+        tables, n = [], 0
+        for f in files:
+            if _extension(f) not in JSONL_EXTENSIONS or (limit and n >= limit):
+                continue
+            with fs.open_input_stream(f) as stream:
+                tables.append(pajson.read_json(stream))
+            n += tables[-1].num_rows
+        table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+        table = table.slice(0, limit) if limit else table
+        names = table.column_names
+        if fields:
+            table = table.select([f for f in fields if f in names])
+    if columns.id not in names:  # not the image path: one image may carry several questions
+        table = table.append_column(columns.id, pa.array([str(i) for i in range(table.num_rows)]))
+        names = names + [columns.id]
+    return table, resolve_spec(path, kind, names, columns)
+
+
+def count_rows(path: str, stop_after: int | None = None) -> int:
+    """Rows of a Parquet or JSONL input without reading its data: Parquet footers, or JSONL lines counted in
+    1 MiB reads. With `stop_after`, counting may stop once the count exceeds it (the answer is then > it)."""
+    import pyarrow.parquet as pq
+
+    kind, path = detect_kind(path)
+    fs, inner, info = _file_info(path)
+    files = [inner] if info.type == pafs.FileType.File else sorted(_list_files(fs, inner))
+    n = 0
+    for f in files:
+        if kind == "parquet" and _extension(f) == "parquet":
+            n += pq.ParquetFile(f, filesystem=fs).metadata.num_rows
+        elif kind == "jsonl" and _extension(f) in JSONL_EXTENSIONS:
+            with fs.open_input_stream(f) as stream:
+                last = b"\n"
+                while chunk := stream.read(1 << 20):
+                    n += chunk.count(b"\n")
+                    last = chunk[-1:]
+                    if stop_after is not None and n > stop_after:
+                        return n
+                n += last != b"\n"  # a last line without its newline
+        if stop_after is not None and n > stop_after:
+            return n
+    return n
+
+
+def resolve_spec(path: str, kind: str, names: list[str], columns: Columns) -> InputSpec:
+    """How an input's columns map to a row's fields (one definition for the job and the evaluation). ValueError
+    when there is no image column or no stable id."""
+    is_dir = _file_info(path)[2].type == pafs.FileType.Directory
+    base_dir = path if is_dir else path.rsplit("/", 1)[0]  # what relative image paths are relative to
+    if kind == "images":
+        return InputSpec(path, kind, FOLDER_ID_COLUMN, "bytes", None, None, base_dir)
     image = columns.image if columns.image in names else None
     image_path = columns.image_path if columns.image_path in names else None
     if image is None and image_path is None:
@@ -101,4 +175,4 @@ def open_input(path: str, columns: Columns):
                          f"the row id; resuming and exactly-once output need a stable id per row "
                          f"(columns are {names}; set columns.id in the config)")
     prompt = columns.prompt if columns.prompt in names else None
-    return ds, InputSpec(path, kind, id_column, image, image_path, prompt, base_dir)
+    return InputSpec(path, kind, id_column, image, image_path, prompt, base_dir)

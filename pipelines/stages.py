@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 DECODED_COLUMNS = ("id", "prompt", "pixels", "image_size", "error", "error_kind")
 OUTPUT_COLUMNS = ("id", "caption", "error", "error_kind", "finish_reason", "n_image_kept", "n_text_admitted",
                   "kv_bytes_peak", "latency_s", "model", "sparsity", "n_image_tokens", "n_text_generated",
-                  "kv_bytes_dense", "generated_at")
+                  "kv_bytes_dense", "flops_dense", "flops_sparse", "generated_at")
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ class GenerateStage:
             torch.set_num_threads(threads)
 
         self.model = (loader or DynamicLlava.from_pretrained)(model, device=device, dtype=dtype)
-        self._set_sparsity(sparsity)
+        self.set_sparsity(sparsity)
         self.max_new_tokens = max_new_tokens
         self.extra_columns = extra_columns
         self.model_name = self.model.name
@@ -170,7 +170,8 @@ class GenerateStage:
                 lambda: self.engine.snapshot(self.actor_id, "data", self.sparsity), self._apply_orders,
                 reporter or ray_reporter()).start()
 
-    def _set_sparsity(self, sparsity: dict) -> None:
+    def set_sparsity(self, sparsity: dict) -> None:
+        """The setting for rows submitted from now on (a SparsityConfig as a dict)."""
         from dynllava.config import SparsityConfig
 
         self.sparsity = SparsityConfig.from_dict(sparsity)
@@ -180,7 +181,7 @@ class GenerateStage:
         """Apply the controller's keep setting to new and queued rows."""
         changed = orders.applied_to(self.sparsity)
         if changed is not None:
-            self._set_sparsity(changed.to_dict())
+            self.set_sparsity(changed.to_dict())
             self.engine.set_keep(changed.vision_keep, changed.text_keep)
             log.info("controller: sparsity -> %s", changed)
 
@@ -267,6 +268,8 @@ class GenerateStage:
             out["n_image_tokens"].append(s.n_image_tokens if good else 0)
             out["n_text_generated"].append(s.n_text_generated if good else 0)
             out["kv_bytes_dense"].append(s.kv_bytes_dense_equivalent if good else 0)
+            out["flops_dense"].append(s.flops_dense if good else 0.0)
+            out["flops_sparse"].append(s.flops_sparse if good else 0.0)
             out["generated_at"].append(generated_at)
         text = ("id", "caption", "error", "error_kind", "finish_reason", "model", "sparsity")
         columns = {c: np.array(v, dtype=object if c in text else None) for c, v in out.items()}
@@ -284,7 +287,7 @@ class ServeGenerateStage(GenerateStage):
         from cluster.serve_handle import ServeEngines
 
         self.engines = ServeEngines(app_name)
-        self._set_sparsity(sparsity)
+        self.set_sparsity(sparsity)
         self.max_new_tokens = max_new_tokens
         self.extra_columns = extra_columns
         self.model_name = self.engines.model_name()

@@ -41,13 +41,23 @@ def _wait_for_metric(url: str, name: str, timeout_s: float = 60) -> None:
         time.sleep(2)
 
 
-def _stop(process: subprocess.Popen) -> None:
+def _stop(process: subprocess.Popen) -> bool:
+    """Ctrl-C, as an operator stops it; True when it exited by itself (False: killed after 60 s)."""
     process.send_signal(signal.SIGINT)
     try:
         process.wait(60)
+        return True
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+        return False
+
+
+def _default_sigint() -> None:
+    """In the child before exec: Ctrl-C's default disposition. An ignored SIGINT is inherited through exec, and a
+    Python started with SIGINT ignored never raises KeyboardInterrupt (this pytest process may ignore it after
+    earlier tests), so the server would only stop when killed."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _static_batches_run_to_completion(base: str) -> None:
@@ -104,7 +114,8 @@ def test_the_yaml_starts_a_working_endpoint(how, tmp_path):
            "RAY_metrics_report_interval_ms": "1000"}  # metrics reach the exporter in ~1 s, not ~10 s
     log = tmp_path / "server.log"
     with log.open("wb") as out:
-        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   preexec_fn=_default_sigint)
         try:
             body = _answers(f"http://127.0.0.1:{port}", process)
             assert body["model"] == "tiny" and body["dynllava"]["applied"]["vision_keep"] == 0.2, log.read_text()
@@ -114,4 +125,5 @@ def test_the_yaml_starts_a_working_endpoint(how, tmp_path):
                 assert f":{metrics_port}/metrics" in log.read_text()
                 _wait_for_metric(f"http://127.0.0.1:{metrics_port}/metrics", "ray_dynllava_requests_total")
         finally:
-            _stop(process)
+            stopped = _stop(process)
+    assert stopped, f"{how} did not stop on Ctrl-C within 60 s: {log.read_text()[-2000:]}"

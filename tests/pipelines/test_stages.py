@@ -141,7 +141,8 @@ def test_output_rows_have_the_documented_columns(tiny_yaml):
     out = stage(decoded)
     assert tuple(out) == OUTPUT_COLUMNS == (
         "id", "caption", "error", "error_kind", "finish_reason", "n_image_kept", "n_text_admitted", "kv_bytes_peak",
-        "latency_s", "model", "sparsity", "n_image_tokens", "n_text_generated", "kv_bytes_dense", "generated_at")
+        "latency_s", "model", "sparsity", "n_image_tokens", "n_text_generated", "kv_bytes_dense", "flops_dense",
+        "flops_sparse", "generated_at")
     alone = stage.model.generate([png_bytes(0)], [stage.model.format_prompt("Q?")], sparsity=stage.sparsity,
                                  max_new_tokens=5)[0]
     good = {c: out[c][0] for c in OUTPUT_COLUMNS}
@@ -152,6 +153,8 @@ def test_output_rows_have_the_documented_columns(tiny_yaml):
                                                                   alone.stats.n_text_admitted)
     assert (good["kv_bytes_peak"], good["kv_bytes_dense"]) == (alone.stats.kv_bytes_peak,
                                                                alone.stats.kv_bytes_dense_equivalent)
+    assert (good["flops_dense"], good["flops_sparse"]) == (alone.stats.flops_dense, alone.stats.flops_sparse)
+    assert good["flops_sparse"] < good["flops_dense"]
     assert json.loads(good["sparsity"]) == stage.sparsity.to_dict() and good["latency_s"] > 0
     bad = {c: out[c][1] for c in OUTPUT_COLUMNS}
     assert "unreadable image" in bad["error"] and bad["caption"] is None and bad["n_image_kept"] == 0
