@@ -31,6 +31,7 @@ from pipelines.config import CaptionJobConfig, Columns
 
 log = logging.getLogger(__name__)
 IN_PROCESS_MAX_ROWS = 5000  # runner "auto": inputs up to this many rows run in this process
+PERPLEXITY_BATCH = 16  # references teacher-forced together
 CHUNK_ROWS = 128  # rows decoded at once in this process (pixels of one chunk are held for every setting)
 NO_REFERENCE = "no reference answer: the row cannot be graded (empty or missing reference column)"
 NOT_ANSWERED = "no answer in the caption job's output (rerun eval: the job resumes where it stopped)"
@@ -186,18 +187,21 @@ def _perplexity(model, decoded: dict[str, np.ndarray], refs: dict[str, Reference
     prompts = [model.format_prompt(str(decoded["prompt"][i])) for i in long]
     targets = [tok.encode(" " + refs[str(decoded["id"][i])].references[0], add_special_tokens=False)
                + [tok.eos_token_id] for i in long]
-    scored = 0
-    for j in range(len(long)):
+    ok = []
+    for j in range(len(long)):  # what the engine would refuse (e.g. a reference too long for the context)
         try:
-            per_setting = [teacher_forced_nll(model, [images[j]], [prompts[j]], [targets[j]], s)[0] for s in settings]
+            model.prepare([images[j]], [prompts[j]], len(targets[j]))
+            ok.append(j)
         except ValueError as e:
             log.info("perplexity skips row %s: %s", decoded["id"][long[j]], e)
-            continue
-        for tally, (total, n) in zip(tallies, per_setting):
-            tally.nll[0] += total
-            tally.nll[1] += n
-        scored += 1
-    return scored
+    for start in range(0, len(ok), PERPLEXITY_BATCH):
+        batch = ok[start : start + PERPLEXITY_BATCH]
+        for setting, tally in zip(settings, tallies):
+            for total, n in teacher_forced_nll(model, [images[j] for j in batch], [prompts[j] for j in batch],
+                                               [targets[j] for j in batch], setting):
+                tally.nll[0] += total
+                tally.nll[1] += n
+    return len(ok)
 
 
 def evaluate_in_process(data: EvalData, settings: list[SparsityConfig], config: CaptionJobConfig, model, *,
