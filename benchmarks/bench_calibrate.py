@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.output)
+    at = commit()  # before this run's own files make a tree holding --output dirty
     with tempfile.TemporaryDirectory() as tmp:
         sample, held_out = Path(tmp) / "sample.parquet", Path(tmp) / "held_out.parquet"
         write_parquet(str(sample), args.rows, SPLIT_SEEDS["validation"], progress=False)
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
           "held_out": {"dense_score": dense["score"], "floor_score": at_floor["score"],
                        "floor_loss_points": round((dense["score"] - at_floor["score"]) * 100, 2),
                        "floor_flops_saved": at_floor["flops_saved"], "floor_kv_saved": at_floor["kv_bytes_saved"]},
-          "calibrate_s": round(calibrate_s, 1), "device": hardware("cpu"), "commit": commit()},
+          "calibrate_s": round(calibrate_s, 1), "device": hardware("cpu"), "commit": at},
          out / "result.json")
     return 0
 

@@ -43,19 +43,23 @@ def _only_on(result: dict[str, Any], axis: str) -> bool:
 
 def plot_eval_sweep(results: list[dict[str, Any]], path: str | Path, metrics: dict[str, str], title: str,
                     ) -> Path | None:
-    """A row of two panels per metric (`metrics`: result key -> axis label): the metric vs vision_keep (a line
-    per vision scorer, text dense) and vs text_keep (a line per text scorer, vision dense); the dense point
-    closes every line at keep 1.0 and is drawn as a dotted level. `results`: dicts with label, sparsity
+    """A row of panels per metric (`metrics`: result key -> axis label): the metric vs vision_keep (a line per
+    vision scorer, text dense) and vs text_keep (a line per text scorer, vision dense), each panel only when
+    some setting varies that axis alone; the dense point closes every line at keep 1.0 and is drawn as a dotted
+    level. `results`: dicts with label, sparsity
     (SparsityConfig.to_dict()) and the metrics (None where a metric does not apply)."""
     plt = _pyplot()
     if plt is None:
         return None
     dense = next((r for r in results if r["label"] == "dense"), None)
-    fig, axes = plt.subplots(len(metrics), 2, figsize=(11, 3.6 * len(metrics)), squeeze=False)
+    axes_with_points = [a for a in ("vision", "text") if any(_only_on(r, a) for r in results)] or ["vision"]
+    fig, axes = plt.subplots(len(metrics), len(axes_with_points), figsize=(5.5 * len(axes_with_points),
+                                                                           3.6 * len(metrics)), squeeze=False)
     for row, (metric, metric_label) in enumerate(metrics.items()):
-        for ax, axis in zip(axes[row], ("vision", "text")):
+        for ax, axis in zip(axes[row], axes_with_points):
             level = dense[metric] if dense else None
             scorers = list(dict.fromkeys(r["sparsity"][f"{axis}_scorer"] for r in results if _only_on(r, axis)))
+            keeps = {1.0}
             for c, scorer in enumerate(scorers):
                 points = {(r["sparsity"][f"{axis}_keep"], r[metric]) for r in results if _only_on(r, axis)
                           and r["sparsity"][f"{axis}_scorer"] == scorer and r[metric] is not None}
@@ -63,10 +67,13 @@ def plot_eval_sweep(results: list[dict[str, Any]], path: str | Path, metrics: di
                     points.add((1.0, level))
                 if points:
                     xs, ys = zip(*sorted(points))
+                    keeps.update(xs)
                     ax.plot(xs, ys, marker="o", color=COLOURS[c % len(COLOURS)], label=scorer)
             if level is not None:
                 ax.axhline(level, color="grey", linestyle=":", linewidth=1, label="dense")
             ax.set_xscale("log")
+            ax.set_xticks(sorted(keeps), [f"{k:g}" for k in sorted(keeps)])
+            ax.minorticks_off()
             ax.set_xlabel(f"{axis}_keep (fraction of {'image' if axis == 'vision' else 'generated'} tokens kept, "
                           "log scale)")
             ax.set_ylabel(metric_label)
@@ -82,8 +89,8 @@ def plot_eval_sweep(results: list[dict[str, Any]], path: str | Path, metrics: di
 def plot_calibration(points: list[dict[str, Any]], path: str | Path, tolerance: float, title: str) -> Path | None:
     """Quality loss against dense (points, with its confidence interval as error bars) vs each setting's cost
     (the mean of the FLOPs and KV bytes spent, as fractions of dense); the tolerance as a line, the chosen
-    ladder joined and labelled. `points`: dicts with label, cost, loss, loss_low, loss_high (points of score x
-    100) and on_ladder."""
+    ladder joined. `points`: dicts with label (or a shorter `short`, drawn beside the point), cost, loss,
+    loss_low, loss_high (points of score x 100) and on_ladder."""
     plt = _pyplot()
     if plt is None:
         return None
@@ -96,17 +103,18 @@ def plot_calibration(points: list[dict[str, Any]], path: str | Path, tolerance: 
         ys = [p["loss"] for p in chosen]
         err = [[p["loss"] - p["loss_low"] for p in chosen], [p["loss_high"] - p["loss"] for p in chosen]]
         ax.errorbar(xs, ys, yerr=err, fmt="o", color=colour, capsize=3, label=name)
+        ordered = sorted(chosen, key=lambda p: p["cost"])
         if on_ladder:
-            ordered = sorted(chosen, key=lambda p: p["cost"])
             ax.plot([p["cost"] for p in ordered], [p["loss"] for p in ordered], color=colour)
-            for p in ordered:
-                ax.annotate(p["label"], (p["cost"], p["loss"]), fontsize=7, xytext=(4, 4),
-                            textcoords="offset points")
-    ax.axhline(tolerance, color=COLOURS[1], linestyle="--", label=f"tolerance {tolerance:g} points")
+        for i, p in enumerate(ordered):  # short names, alternately above and below, so neighbours do not collide
+            ax.annotate(p.get("short") or p["label"], (p["cost"], p["loss"]), fontsize=7, color=colour,
+                        xytext=(4, 5 if i % 2 == 0 else -11), textcoords="offset points")
+    unit = "point" if tolerance == 1 else "points"
+    ax.axhline(tolerance, color=COLOURS[1], linestyle="--", label=f"tolerance {tolerance:g} {unit}")
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.set_xlabel("cost: mean of FLOPs and KV bytes spent (fraction of dense)")
+    ax.set_title(title + "\n(labels: vision_keep/text_keep)", fontsize=10)
     ax.set_ylabel("quality loss vs dense (points of score x 100)")
-    ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper right", fontsize=8)
     return _save(fig, path)

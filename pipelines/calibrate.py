@@ -21,7 +21,7 @@ import numpy as np
 import yaml
 
 from dynllava.config import SparsityConfig, setting_label
-from pipelines.evaluate import SettingResult
+from pipelines.evaluate import SettingResult, say
 
 VISION_GRID = (1.0, 0.5, 0.35, 0.2, 0.1, 0.05)
 TEXT_GRID = (1.0, 0.5, 0.3)
@@ -167,7 +167,8 @@ def report(points: list[Point], ladder: list[Point], tolerance: float, confidenc
     on = {p.label for p in ladder}
     lines = [f"# {title}", "",
              f"Loss = mean per-row score loss vs dense in points (score x 100), with its {confidence:.0%} "
-             f"interval. A setting passes when the interval's upper end is within {tolerance:g} points. "
+             f"interval. A setting passes when the interval's upper end is within the tolerance, {tolerance:g} "
+             f"point{'' if tolerance == 1 else 's'}. "
              f"Scorers: vision {scorers[0]}, text {scorers[1]}.", "",
              "| setting | rows | loss | interval | rows needed | FLOPs spent | KV saved | cost | passes | ladder |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -195,7 +196,7 @@ def report(points: list[Point], ladder: list[Point], tolerance: float, confidenc
 def calibrate(evaluate: Callable[[list[SparsityConfig]], tuple[list[SettingResult], list[dict[str, Any]]]],
               learned: bool, tolerance: float, confidence: float, base_sla: dict[str, Any], output: str | Path,
               title: str, vision: tuple[float, ...] = VISION_GRID, text: tuple[float, ...] = TEXT_GRID,
-              progress: Callable[[str], None] = print) -> dict[str, Path]:
+              progress: Callable[[str], None] = say) -> dict[str, Path]:
     """Run the sweep (the `vision` x `text` keep grid) through `evaluate(settings) -> (results, rows)`, choose
     the ladder, and write sla.yaml, calibration.md, calibration.json and calibration.png (with the `plot` extra)
     into `output`."""
@@ -224,7 +225,8 @@ def calibrate(evaluate: Callable[[list[SparsityConfig]], tuple[list[SettingResul
                                          "ladder": [p.label for p in ladder],
                                          "results": [asdict(r) for r in results]}, indent=1))
     on = {p.label for p in ladder}
-    png = plot_calibration([{**asdict(p), "cost": p.cost, "on_ladder": p.label in on} for p in points if p.rows],
+    png = plot_calibration([{**asdict(p), "cost": p.cost, "on_ladder": p.label in on,
+                             "short": f"{p.vision_keep:g}/{p.text_keep:g}"} for p in points if p.rows],
                            out / "calibration.png", tolerance, title)
     if png:
         paths["png"] = png

@@ -112,7 +112,7 @@ def cmd_eval_data(args: argparse.Namespace) -> int:
     if args.sweep:
         settings = sweep_configs(learned=model.predictors is not None)
     else:
-        chosen = _sparsity_from(args, config.sparsity)
+        chosen = _sparsity_from(args, model.default_sparsity)  # as `eval` on the split: the model's own setting
         settings = [SparsityConfig()] + ([] if chosen.is_dense else [chosen])
     results, rows = _evaluator(args, config, model, args.output)(settings)
     print(markdown_table(results))

@@ -112,6 +112,11 @@ def _add_output(tally: _Tally, out: dict[str, np.ndarray], refs: dict[str, Refer
         rows.append(record)
 
 
+def say(line: str) -> None:
+    """Progress to stdout, flushed (a log file or a pipe sees it when it happens)."""
+    print(line, flush=True)
+
+
 def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
@@ -205,7 +210,7 @@ def _perplexity(model, decoded: dict[str, np.ndarray], refs: dict[str, Reference
 
 
 def evaluate_in_process(data: EvalData, settings: list[SparsityConfig], config: CaptionJobConfig, model, *,
-                        perplexity_rows: int = 64, progress: Callable[[str], None] = print,
+                        perplexity_rows: int = 64, progress: Callable[[str], None] = say,
                         ) -> tuple[list[SettingResult], list[dict[str, Any]]]:
     """Every setting on every row, in this process, with `model` (a DynamicLlava loaded from config.model).
     Returns (one result per setting, per-row records)."""
@@ -243,7 +248,7 @@ def evaluate_in_process(data: EvalData, settings: list[SparsityConfig], config: 
 
 def evaluate_on_ray(data: EvalData, settings: list[SparsityConfig], config: CaptionJobConfig, model,
                     output: str | Path, *, address: str | None = None, perplexity_rows: int = 64,
-                    progress: Callable[[str], None] = print) -> tuple[list[SettingResult], list[dict[str, Any]]]:
+                    progress: Callable[[str], None] = say) -> tuple[list[SettingResult], list[dict[str, Any]]]:
     """Every setting as a caption job on Ray Data (`output/answers/NN`, resumable: a rerun finishes what a killed
     one left), each joined to the references by id; perplexity of the first long references in this process."""
     import dataclasses

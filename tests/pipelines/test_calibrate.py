@@ -14,7 +14,9 @@ import yaml
 from cluster.policy import PolicyContext, PolicyState, decide
 from cluster.sla import SLA, KeepSetting, load_sla
 from dynllava.telemetry import TelemetrySnapshot
-from pipelines.calibrate import Point, calibrated_sla, choose_ladder, paired_loss
+from dynllava.config import SparsityConfig, setting_label
+from pipelines.calibrate import Point, calibrated_sla, choose_ladder, measure, paired_loss
+from pipelines.evaluate import SettingResult
 
 
 def test_paired_loss_interval_and_rows_needed():
@@ -29,6 +31,23 @@ def test_paired_loss_interval_and_rows_needed():
     assert paired_loss(dense, sparse, tolerance=5.0, confidence=0.95)[4] is None, "the loss is the tolerance"
     assert paired_loss(dense, dense, 1.0, 0.95) == (100, 0.0, 0.0, 0.0, 100)
     assert paired_loss(dense, {"x": 1.0}, 1.0, 0.95)[0] == 0, "no row in common"
+
+
+def test_a_setting_passes_on_its_interval_not_its_mean():
+    """Two settings with the same mean loss (2 points) at a 3-point tolerance: one loses 2 points on every row
+    (a tight interval: passes), the other loses everything on 2% of rows (a wide interval: not resolved)."""
+    settings = [SparsityConfig(), SparsityConfig(0.5, 1.0, vision_scorer="stride"),
+                SparsityConfig(0.2, 1.0, vision_scorer="stride")]
+    scores = [lambda i: 1.0, lambda i: 0.98, lambda i: 0.0 if i < 2 else 1.0]
+    rows = [{"id": str(i), "setting": setting_label(s), "score": f(i)} for s, f in zip(settings, scores)
+            for i in range(100)]
+    results = [SettingResult(setting_label(s), s.to_dict(), 100, 100, {}, 0.0, None, None, None, None, None, 1.0,
+                             1.0, saved, 0.0) for s, saved in zip(settings, (0.0, 0.2, 0.4))]
+    dense, tight, wide = measure(results, rows, tolerance=3.0, confidence=0.95)
+    assert dense.passes and (tight.loss, wide.loss) == (pytest.approx(2.0), pytest.approx(2.0))
+    assert tight.passes and tight.loss_high == pytest.approx(2.0)
+    assert not wide.passes and wide.loss_high > 3.0 and wide.rows_needed > 100
+    assert (tight.flops_fraction, wide.flops_fraction) == (pytest.approx(0.8), pytest.approx(0.6))
 
 
 def point(label: str, v: float, t: float, flops: float, kv_saved: float, passes: bool) -> Point:

@@ -158,3 +158,21 @@ def test_rows_are_counted_without_reading_the_data(tmp_path):
     assert count_rows(str(tmp_path / "a.parquet")) == 7
     assert count_rows(str(tmp_path / "a.jsonl")) == 3 and count_rows(str(tmp_path / "b.jsonl")) == 2
     assert count_rows(str(tmp_path / "a.jsonl"), stop_after=1) > 1
+
+
+def test_the_eval_command_writes_its_report(tmp_path, tiny_yaml, capsys):
+    """`dynllava eval --data` end to end: dense beside the flags' setting, eval.md / eval.json / rows.parquet /
+    eval.png, and one record per row and setting."""
+    from dynllava.cli import main
+
+    rows = [{"id": f"q{i}", "image": png_bytes(i), "prompt": "How many?", "reference": "2", "task": "vqa"}
+            for i in range(3)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
+    assert main(["eval", "--data", str(tmp_path / "in.parquet"), "--model", tiny_yaml, "--vision-keep", "0.5",
+                 "--vision-scorer", "stride", "--max-new-tokens", "3", "--output", str(tmp_path / "out")]) == 0
+    shown = capsys.readouterr().out
+    assert "| dense |" in shown and "| vision stride 0.5 |" in shown
+    report = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert [r["label"] for r in report["results"]] == ["dense", "vision stride 0.5"]
+    assert pq.read_table(tmp_path / "out" / "rows.parquet").num_rows == 6
+    assert (tmp_path / "out" / "eval.png").stat().st_size > 10_000 and (tmp_path / "out" / "eval.md").exists()
