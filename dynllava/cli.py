@@ -84,7 +84,7 @@ def cmd_data_shapes(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else SPLIT_SEEDS[args.split]
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    n = write_parquet(str(out), args.n, seed, args.task, progress=not args.quiet)
+    n = write_parquet(str(out), args.n, seed, args.task, progress=not args.quiet, variety=args.variety)
     print(f"wrote {n} rows (split seed {seed}) to {out}")
     return 0
 
@@ -225,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=None, help="explicit split seed (overrides --split)")
     d.add_argument("--task", choices=["caption", "describe", "vqa"], default=None,
                    help="only this task (default: caption/describe/vqa mixed 1:1:2)")
+    d.add_argument("--variety", action="store_true",
+                   help="the same rows on canvases of other sizes (160-800 px), aspect ratios (3:4 to 4:3) and "
+                        "plain backgrounds (white, black, ...), the scene centred where a centre crop keeps it: "
+                        "a robustness check for models trained on the square tinted scenes")
     d.add_argument("--output", required=True, help="Parquet file to write")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_data_shapes)

@@ -61,9 +61,11 @@ def sample_scene(rng: random.Random, min_objects: int = 1, max_objects: int = 6)
     return [SceneObject(shape=s, colour=c, size=rng.choice(SIZES), cell=cell) for cell, (c, s) in zip(cells, pairs)]
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, obj: SceneObject, cx: float, cy: float, r: float) -> None:
+def _draw_shape(draw: ImageDraw.ImageDraw, obj: SceneObject, cx: float, cy: float, r: float,
+                background: tuple[int, int, int] | None = None) -> None:
     fill = COLOURS[obj.colour]
-    outline = (90, 90, 90) if obj.colour == "white" else None
+    close = background is not None and max(abs(a - b) for a, b in zip(fill, background)) < 60
+    outline = (90, 90, 90) if obj.colour == "white" else (160, 160, 160) if close else None
     if obj.shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill, outline=outline)
     elif obj.shape == "square":
@@ -84,10 +86,12 @@ def _draw_shape(draw: ImageDraw.ImageDraw, obj: SceneObject, cx: float, cy: floa
         draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=fill, outline=outline)
 
 
-def render(scene: list[SceneObject], rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
-    """Draw the scene on a tinted, cluttered background; objects jitter inside their cell and may overlap."""
-    base = tuple(rng.randint(150, 215) for _ in range(3))
-    img = Image.new("RGB", (size, size), base)
+def render(scene: list[SceneObject], rng: random.Random, size: int = IMAGE_SIZE,
+           background: tuple[int, int, int] | None = None) -> Image.Image:
+    """Draw the scene on a tinted (or the given plain `background`), cluttered background; objects jitter
+    inside their cell and may overlap; an object close to the given background in colour gets an outline."""
+    base = tuple(rng.randint(150, 215) for _ in range(3))  # drawn either way: the rest of the scene is the same
+    img = Image.new("RGB", (size, size), background or base)
     draw = ImageDraw.Draw(img)
     for _ in range(rng.randint(3, 10)):  # clutter: thin grey strokes
         grey = rng.randint(110, 190)
@@ -99,8 +103,27 @@ def render(scene: list[SceneObject], rng: random.Random, size: int = IMAGE_SIZE)
         r = cell * (0.40 if obj.size == "large" else 0.22)
         cx = (col + 0.5) * cell + rng.uniform(-0.12, 0.12) * cell
         cy = (row + 0.5) * cell + rng.uniform(-0.12, 0.12) * cell
-        _draw_shape(draw, obj, cx, cy, r)
+        _draw_shape(draw, obj, cx, cy, r, background)
     return img.filter(ImageFilter.GaussianBlur(0.4))
+
+
+BACKGROUNDS = ((255, 255, 255), (0, 0, 0), (245, 240, 225), (40, 45, 60), (200, 215, 235), (120, 120, 120))
+
+
+def render_varied(scene: list[SceneObject], rng: random.Random, canvas_rng: random.Random) -> Image.Image:
+    """The scene on a canvas of another size, aspect ratio and background (`data shapes --variety`): a long
+    side of 160-800 px at 3:4 to 4:3, a plain background (white, black, cream, dark blue, light blue or grey),
+    the scene's 3x3 grid in the centred square a centre-cropping processor keeps, so the references (positions
+    included) still describe what the model sees. `canvas_rng` draws the canvas; `rng` the scene's jitter and
+    clutter, as render does."""
+    long_side = canvas_rng.randint(160, 800)
+    ratio = canvas_rng.uniform(0.75, 4 / 3)
+    width, height = (long_side, round(long_side / ratio)) if ratio >= 1 else (round(long_side * ratio), long_side)
+    background = canvas_rng.choice(BACKGROUNDS)
+    side = min(width, height)
+    canvas = Image.new("RGB", (width, height), background)
+    canvas.paste(render(scene, rng, side, background), ((width - side) // 2, (height - side) // 2))
+    return canvas
 
 
 def _join(items: list[str]) -> str:
@@ -174,17 +197,22 @@ def cell_labels(scene: list[SceneObject]) -> tuple[list[int], list[int], list[in
 PROMPTS = {"caption": "Describe the image briefly.", "describe": "Describe the image in detail."}
 
 
-def make_row(split_seed: int, index: int, task: str | None = None) -> Row:
-    """Row `index` of the split with seed `split_seed` (task drawn 1:1:2 caption/describe/vqa unless given)."""
-    return make_example(split_seed, index, task)[0]
+def make_row(split_seed: int, index: int, task: str | None = None, variety: bool = False) -> Row:
+    """Row `index` of the split with seed `split_seed` (task drawn 1:1:2 caption/describe/vqa unless given);
+    `variety`: the same scene and text on another canvas (render_varied)."""
+    return make_example(split_seed, index, task, variety)[0]
 
 
-def make_example(split_seed: int, index: int, task: str | None = None) -> tuple[Row, list[SceneObject]]:
+def make_example(split_seed: int, index: int, task: str | None = None, variety: bool = False,
+                 ) -> tuple[Row, list[SceneObject]]:
     """make_row's row together with the scene it was drawn from (for checking the generator against itself)."""
     rng = random.Random(f"shapes/{split_seed}/{index}")
     task = task or rng.choice(("caption", "describe", "vqa", "vqa"))
     scene = sample_scene(rng, min_objects=3 if task == "describe" else 1)
-    img = render(scene, rng)
+    if variety:  # the canvas has its own random stream: the scene, its text and the row's draws stay the same
+        img = render_varied(scene, rng, random.Random(f"shapes-canvas/{split_seed}/{index}"))
+    else:
+        img = render(scene, rng)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     if task == "vqa":
@@ -204,7 +232,7 @@ def vocabulary_text() -> str:
 
 
 def write_parquet(path: str, n: int, split_seed: int, task: str | None = None, chunk_rows: int = 500,
-                  progress: bool = True) -> int:
+                  progress: bool = True, variety: bool = False) -> int:
     """Write rows 0..n-1 of a split to Parquet (columns id, image, prompt, reference, task), in row groups of
     chunk_rows so memory stays flat. Returns the number of rows written."""
     import pyarrow as pa
@@ -221,7 +249,7 @@ def write_parquet(path: str, n: int, split_seed: int, task: str | None = None, c
     with pq.ParquetWriter(path, schema) as writer, tqdm(total=n, desc="shapes", unit="row",
                                                          disable=not progress) as bar:
         for start in range(0, n, chunk_rows):
-            rows = [make_row(split_seed, i, task) for i in range(start, min(n, start + chunk_rows))]
+            rows = [make_row(split_seed, i, task, variety) for i in range(start, min(n, start + chunk_rows))]
             columns = {name: [getattr(r, name) for r in rows] for name in schema.names}
             writer.write_table(pa.table(columns, schema=schema))
             written += len(rows)

@@ -151,3 +151,41 @@ def test_question_weights_steer_the_training_mix_only():
     assert only_exist == {"vqa-exist"}
     uniform = {vqa(scene, random.Random(i))[0] for i in range(40)}
     assert uniform == {"vqa-count", "vqa-colour", "vqa-position", "vqa-exist"}
+
+
+def test_variety_rows_are_the_plain_rows_on_other_canvases():
+    """`--variety`: the same id, prompt, reference and task; a canvas of 160-800 px at 3:4 to 4:3 on a plain
+    background; each object's colour in its named cell of the centred square (what a centre crop keeps)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from dynllava.data.shapes import BACKGROUNDS
+
+    sizes, backgrounds = set(), set()
+    for i in range(24):
+        plain = make_row(2, i)
+        varied, scene = make_example(2, i, variety=True)
+        assert (varied.id, varied.prompt, varied.reference, varied.task) == (
+            plain.id, plain.prompt, plain.reference, plain.task)
+        assert varied == make_row(2, i, variety=True)  # deterministic
+        image = Image.open(io.BytesIO(varied.image)).convert("RGB")
+        w, h = image.size
+        assert 160 <= max(w, h) <= 800 and 0.75 - 0.01 <= w / h <= 4 / 3 + 0.01
+        assert image.getpixel((0, 0)) in BACKGROUNDS or image.getpixel((w - 1, h - 1)) in BACKGROUNDS
+        side = min(w, h)
+        square = image.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+        buf = io.BytesIO()
+        square.resize((225, 225)).save(buf, format="PNG")
+        background = image.getpixel((0, 0))
+        left, top = (w - side) // 2, (h - side) // 2
+        outside = [image.crop(box) for box in ((0, 0, left, h), (left + side, 0, w, h), (0, 0, w, top),
+                                                (0, top + side, w, h)) if box[2] > box[0] and box[3] > box[1]]
+        assert all((np.asarray(part) == background).all() for part in outside), "only background outside the square"
+        for o in scene:  # (an object close to the background in colour would be counted with it: not checked)
+            if max(abs(a - b) for a, b in zip(COLOURS[o.colour], background)) > 60:
+                assert colour_pixels(buf.getvalue(), o.colour, CELL_OF[o.position]) > 50, (i, o)
+        sizes.add((w, h))
+        backgrounds.add(background)
+    assert len(sizes) > 20 and len(backgrounds) >= 4, "canvases and backgrounds vary"
