@@ -126,6 +126,15 @@ def render_varied(scene: list[SceneObject], rng: random.Random, canvas_rng: rand
     return canvas
 
 
+def scene_image(scene: list[SceneObject], rng: random.Random, canvas_seed: str, variety: float = 0.0,
+                ) -> Image.Image:
+    """The scene as render draws it or, with probability `variety`, on a varied canvas (render_varied). The
+    choice and the canvas come from their own seeds, so variety 0 draws exactly what render draws."""
+    if variety > 0 and random.Random(f"{canvas_seed}/use").random() < variety:
+        return render_varied(scene, rng, random.Random(canvas_seed))
+    return render(scene, rng)
+
+
 def _join(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 

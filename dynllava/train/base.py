@@ -52,9 +52,14 @@ class BaseTrainConfig:
     vision_lr_scale: float = 1.0  # stage 2: the tower's learning rate as a fraction of `lr`
     vision_cell_index: bool = False  # stage 1 also predicts each patch's own grid cell (positions made explicit)
     questions_per_scene: int = 3  # VQA turns per training conversation
+    variety: float = 0.0  # share of scenes on varied canvases (sizes, aspect ratios, plain backgrounds)
     question_weights: list[float] | None = None  # count, colour, position, exist (None: uniform)
     autocast_bf16: bool = True  # bf16 autocast for matmuls (fp32 master weights); 2x faster on AVX512-BF16 CPUs
     threads: int = 0  # torch CPU threads (0 = leave torch's default)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.variety <= 1.0:
+            raise ValueError(f"variety must be a share in [0, 1], got {self.variety!r}")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "BaseTrainConfig":
@@ -135,7 +140,7 @@ def pretrain_vision(model, processor, config: BaseTrainConfig, log_file, progres
     started = time.time()
     for step in tqdm(range(config.vision_steps), desc="pretrain vision", disable=not progress):
         pixels, targets = scene_batch(rng, processor, shapes.SPLIT_SEEDS["train"], step * config.vision_batch_size,
-                                      config.vision_batch_size)
+                                      config.vision_batch_size, config.variety)
         warm = min(1.0, (step + 1) / config.warmup_steps)
         decay = 0.5 * (1 + math.cos(math.pi * step / config.vision_steps))
         for group in optimizer.param_groups:
@@ -190,7 +195,7 @@ def train_base(config: BaseTrainConfig, output: str | Path, progress: bool = Tru
             examples = []
             for j in range(config.batch_size):
                 image, turns = shape_turns(rng, split, step * config.batch_size + j, config.questions_per_scene,
-                                           _weights(config))
+                                           _weights(config), config.variety)
                 examples.append(encode(processor, image, turns))
             batch = {k: v.to(device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
             for group in optimizer.param_groups:

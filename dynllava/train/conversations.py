@@ -77,14 +77,15 @@ def encode(processor, image, turns: list[tuple[str, str]], bos: bool = True,
 
 
 def shape_turns(rng: random.Random, split_seed: int, index: int, n_questions: int = 3,
-                question_weights: tuple[float, ...] | None = None) -> tuple[object, list[tuple[str, str]]]:
+                question_weights: tuple[float, ...] | None = None, variety: float = 0.0,
+                ) -> tuple[object, list[tuple[str, str]]]:
     """A multi-turn conversation about one scene: its caption, its description (3+ objects) and n_questions
     questions (kinds weighted by question_weights, see shapes.vqa). Half the conversations ask the questions
     first, so that they must be answered from the image rather than copied from an earlier description; the
-    other half are in random order."""
+    other half are in random order. `variety`: the share of scenes drawn on varied canvases (shapes.scene_image)."""
     row_rng = random.Random(f"shapes/{split_seed}/{index}")
     scene = shapes.sample_scene(row_rng, min_objects=1)
-    image = shapes.render(scene, row_rng)
+    image = shapes.scene_image(scene, row_rng, f"shapes-canvas/{split_seed}/{index}", variety)
     texts = [(shapes.PROMPTS["caption"], shapes.caption(scene))]
     if len(scene) >= 3:
         texts.append((shapes.PROMPTS["describe"], shapes.describe(scene)))

@@ -56,6 +56,11 @@ class PredictorTrainConfig:
     grad_clip: float = 1.0
     log_every: int = 25
     autocast_bf16: bool = True
+    variety: float = 0.0  # share of shape scenes on varied canvases (sizes, aspect ratios, plain backgrounds)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.variety <= 1.0:
+            raise ValueError(f"variety must be a share in [0, 1], got {self.variety!r}")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "PredictorTrainConfig":
@@ -94,8 +99,8 @@ def _batches(processor, config: PredictorTrainConfig, data: str | None, image_ro
         while True:
             batch = []
             for _ in range(config.batch_size):
-                batch.append(encode(processor, *shape_turns(rng, shapes.SPLIT_SEEDS["train"], index),
-                                    layout_fn=layout_fn))
+                batch.append(encode(processor, *shape_turns(rng, shapes.SPLIT_SEEDS["train"], index,
+                                                            variety=config.variety), layout_fn=layout_fn))
                 index += 1
             yield batch
     else:  # epochs over the records; a batch may span two epochs, so no record is skipped and a small file works

@@ -39,13 +39,14 @@ def patch_cells(n_patches: int) -> torch.Tensor:
     return rows * 3 + cols
 
 
-def scene_batch(rng: random.Random, processor, split_seed: int, start: int, n: int):
-    """n rendered scenes with their cell labels: (pixel_values [n, 3, H, W], three [n, 9] label tensors)."""
+def scene_batch(rng: random.Random, processor, split_seed: int, start: int, n: int, variety: float = 0.0):
+    """n rendered scenes with their cell labels: (pixel_values [n, 3, H, W], three [n, 9] label tensors);
+    `variety`: the share drawn on varied canvases (the grid stays in the centre crop the processor keeps)."""
     images, labels = [], []
     for i in range(start, start + n):
         row_rng = random.Random(f"vision/{split_seed}/{i}")
         scene = shapes.sample_scene(row_rng)
-        images.append(shapes.render(scene, row_rng))
+        images.append(shapes.scene_image(scene, row_rng, f"vision-canvas/{split_seed}/{i}", variety))
         labels.append(shapes.cell_labels(scene))
     pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
     return pixels, [torch.tensor([lab[k] for lab in labels]) for k in range(3)]

@@ -189,3 +189,25 @@ def test_variety_rows_are_the_plain_rows_on_other_canvases():
         sizes.add((w, h))
         backgrounds.add(background)
     assert len(sizes) > 20 and len(backgrounds) >= 4, "canvases and backgrounds vary"
+
+
+def test_training_scenes_on_varied_canvases_only_when_asked():
+    """variety 0 draws exactly the plain training scenes (the shipped recipe is unchanged); variety 1 draws
+    every scene on a varied canvas; a share in between draws some of each; outside [0, 1] is refused."""
+    import random
+
+    from dynllava.train.base import BaseTrainConfig
+    from dynllava.train.conversations import shape_turns
+
+    def sizes(variety: float) -> list[tuple[int, int]]:
+        return [shape_turns(random.Random(0), 0, i, variety=variety)[0].size for i in range(40)]
+
+    plain = [shape_turns(random.Random(0), 0, i)[0] for i in range(5)]
+    assert [shape_turns(random.Random(0), 0, i, variety=0.0)[0].tobytes() for i in range(5)] == [
+        p.tobytes() for p in plain]
+    assert set(sizes(0.0)) == {plain[0].size} and plain[0].size[0] == plain[0].size[1]
+    assert plain[0].size not in sizes(1.0)
+    half = sizes(0.5)
+    assert 5 < sum(s == plain[0].size for s in half) < 35
+    with pytest.raises(ValueError, match="variety"):
+        BaseTrainConfig(variety=1.5)
