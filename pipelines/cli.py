@@ -17,19 +17,27 @@ def _positive(value: str) -> int:
     return n
 
 
-def cmd_caption(args: argparse.Namespace) -> int:
+def _base_config(path: str | None):
+    """The caption job's config: `path`, else configs/caption.yaml when present, else the defaults."""
     from pathlib import Path
 
-    from pipelines.caption import run_caption_job
     from pipelines.config import CaptionJobConfig
 
-    if args.config:
-        config = CaptionJobConfig.from_yaml(args.config)
-    elif Path(DEFAULT_CONFIG).is_file():
-        config = CaptionJobConfig.from_yaml(DEFAULT_CONFIG)
-    else:
-        config = CaptionJobConfig()
-    config = config.with_overrides(model=args.model, prompt=args.prompt, vision_keep=args.vision_keep,
+    path = path or (DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else None)
+    return CaptionJobConfig.from_yaml(path) if path else CaptionJobConfig()
+
+
+def _non_negative(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more rows, got {value}")
+    return n
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from pipelines.caption import run_caption_job
+
+    config = _base_config(args.config).with_overrides(model=args.model, prompt=args.prompt, vision_keep=args.vision_keep,
                                    text_keep=args.text_keep, vision_scorer=args.vision_scorer,
                                    text_scorer=args.text_scorer, batch_size=args.batch_size,
                                    serve_app=args.serve_app, sla=args.sla,
@@ -56,14 +64,10 @@ def _keeps(value: str) -> tuple[float, ...]:
 
 
 def _job_config(args: argparse.Namespace):
-    """The caption job's config (--config, else configs/caption.yaml when present, else the defaults) with the
-    flags that eval and calibrate share applied."""
-    from pathlib import Path
+    """The caption job's config (_base_config) with the flags that eval and calibrate share applied."""
+    from pipelines.config import Columns
 
-    from pipelines.config import CaptionJobConfig, Columns
-
-    path = args.config or (DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else None)
-    config = CaptionJobConfig.from_yaml(path) if path else CaptionJobConfig()
+    config = _base_config(args.config)
     columns = Columns(**{k: getattr(args, f"{k}_column") or getattr(config.columns, k)
                          for k in ("id", "image", "image_path", "prompt")})
     return config.with_overrides(model=args.model, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
@@ -79,7 +83,8 @@ def _evaluator(args: argparse.Namespace, config, model, output):
     data = EvalData(args.data, config.columns, args.reference_column, args.task_column, args.limit)
     runner = args.runner
     if runner == "auto":
-        small = data.limit is not None or count_rows(data.path, stop_after=IN_PROCESS_MAX_ROWS) <= IN_PROCESS_MAX_ROWS
+        limit = IN_PROCESS_MAX_ROWS
+        small = data.limit is not None or count_rows(data.path, stop_after=limit) <= limit
         runner = "local" if small else "ray"  # --limit selects rows in process only
     if runner == "ray" and output is None:
         raise ValueError("--runner ray needs --output (the answers of each setting are kept there)")
@@ -126,13 +131,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     import yaml
     from pathlib import Path
 
+    from cluster.sla import DEFAULT_SLA
     from pipelines.calibrate import calibrate
 
     if not 0 < args.confidence < 1:
         raise ValueError(f"--confidence must be in (0, 1), got {args.confidence}")
     if args.tolerance < 0:
         raise ValueError(f"--tolerance must be >= 0 points, got {args.tolerance}")
-    sla_path = args.sla or ("configs/sla.yaml" if Path("configs/sla.yaml").is_file() else None)
+    sla_path = args.sla or (DEFAULT_SLA if Path(DEFAULT_SLA).is_file() else None)
     base = (yaml.safe_load(Path(sla_path).read_text()) or {}) if sla_path else {}
     config = _job_config(args)
     model = _load_model(config)
@@ -166,7 +172,7 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
                    help="local: in this process (each chunk of rows decoded once for every setting); ray: one "
                         "caption job per setting on Ray Data, resumable; auto (default): local up to 5000 rows")
     p.add_argument("--address", default=None, help="with --runner ray: an existing Ray cluster (default: local)")
-    p.add_argument("--perplexity-rows", type=int, default=64,
+    p.add_argument("--perplexity-rows", type=_non_negative, default=64,
                    help="long-answer rows whose reference perplexity is measured (teacher-forced, in this "
                         "process; default 64, 0: none)")
 

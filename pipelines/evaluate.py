@@ -74,7 +74,7 @@ class SettingResult:
 class _Tally:
     """Running sums for one setting."""
 
-    grades: list[tuple[str, Grade]] = field(default_factory=list)
+    grades: list[Grade] = field(default_factory=list)
     errors: Counter = field(default_factory=Counter)
     image: list[int] = field(default_factory=lambda: [0, 0])  # kept, total
     text: list[int] = field(default_factory=lambda: [0, 0])  # admitted, decided
@@ -98,7 +98,7 @@ def _add_output(tally: _Tally, out: dict[str, np.ndarray], refs: dict[str, Refer
             tally.errors[kind or "transient"] += 1
         else:
             g = grade(str(answer), refs[row_id])
-            tally.grades.append((row_id, g))
+            tally.grades.append(g)
             record.update(score=g.score, vqa=g.vqa, exact=g.exact, f1=g.f1)
             tally.image[0] += int(out["n_image_kept"][i])
             tally.image[1] += int(out["n_image_tokens"][i])
@@ -122,7 +122,7 @@ def _mean(values: list[float]) -> float | None:
 
 
 def _result(tally: _Tally, setting: SparsityConfig, n_rows: int) -> SettingResult:
-    grades = [g for _, g in tally.grades]
+    grades = tally.grades
     shapes = F1Counts()
     for g in grades:
         if g.shapes_f1:
