@@ -178,12 +178,14 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def cmd_grade(args: argparse.Namespace) -> int:
-    from pipelines.grade import grade_output
+    from pipelines.config import Columns
+    from pipelines.evaluate import EvalData
+    from pipelines.grade import grade_lines, grade_output
 
-    summary, n = grade_output(args.input, args.output)
-    print(f"graded {n} rows of {args.output} against {args.input}:")
-    for key, value in summary.items():
-        print(f"  {key:<24} {value:.3f}")
+    data = EvalData(args.input, Columns(id=args.id_column), reference_column=args.reference_column,
+                    task_column=args.task_column)
+    print(f"{args.output} against {args.input}:")
+    print("\n".join(grade_lines(grade_output(args.input, args.output, data))))
     return 0
 
 
@@ -270,8 +272,14 @@ def register(sub) -> None:
     k.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
     k.set_defaults(func=cmd_calibrate)
     g = sub.add_parser("grade", help="grade a caption job's output against the references in its input",
-                       description="For inputs made by `dynllava data shapes` (columns reference, task): caption "
-                                   "attribute F1 and VQA accuracy of the captions in a job's output folder.")
-    g.add_argument("--input", required=True, help="the job's input Parquet (with reference and task columns)")
+                       description="Join a caption job's output to its input's reference answers by id and grade "
+                                   "them as `dynllava eval --data` does: VQAv2 accuracy, exact match and token F1 "
+                                   "for short answers, token F1 for long ones, attribute F1 for shape-scene "
+                                   "captions; with the keep ratios and FLOPs / KV bytes saved the rows recorded. "
+                                   "Works on a job still running: rows not answered yet are counted, not graded.")
+    g.add_argument("--input", required=True, help="the job's input (Parquet or JSONL) with a reference column")
     g.add_argument("--output", required=True, help="the job's output folder")
+    g.add_argument("--id-column", default="id", help="the id column joining input and output (default id)")
+    g.add_argument("--reference-column", default="reference", help="reference answers (default reference)")
+    g.add_argument("--task-column", default="task", help="optional task column (default task)")
     g.set_defaults(func=cmd_grade)

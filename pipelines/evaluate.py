@@ -19,7 +19,7 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -71,8 +71,8 @@ class SettingResult:
 
 
 @dataclass
-class _Tally:
-    """Running sums for one setting."""
+class Tally:
+    """Running sums for one setting (grades, errors by kind, kept / total token counts, FLOPs, KV bytes)."""
 
     grades: list[Grade] = field(default_factory=list)
     errors: Counter = field(default_factory=Counter)
@@ -83,7 +83,7 @@ class _Tally:
     nll: list[float] = field(default_factory=lambda: [0.0, 0.0])  # sum, tokens
 
 
-def _add_output(tally: _Tally, out: dict[str, np.ndarray], refs: dict[str, Reference | None],
+def _add_output(tally: Tally, out: dict[str, np.ndarray], refs: dict[str, Reference | None],
                 rows: list[dict[str, Any]], label: str) -> None:
     """Grade one batch of the generate stage's output columns into the tally and the per-row records."""
     for i, row_id in enumerate(out["id"]):
@@ -112,6 +112,42 @@ def _add_output(tally: _Tally, out: dict[str, np.ndarray], refs: dict[str, Refer
         rows.append(record)
 
 
+def read_answers(output: str | Path) -> Iterator[dict[str, np.ndarray]]:
+    """A caption job's output files, one column batch each. A file an interrupted run left half-written (never
+    committed; a rerun of the job removes it) is skipped with a warning."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.output import existing_output
+
+    out = existing_output(output)
+    unreadable = []
+    for name in sorted(out.parquet_files()):
+        try:
+            table = pq.read_table(out.join(name), filesystem=out.fs)
+        except (OSError, pa.ArrowInvalid):
+            unreadable.append(name)
+            continue
+        yield _numpy_batch(table)
+    if unreadable:
+        log.warning("skipped %d unreadable output file(s), left by an interrupted run and not committed (a rerun "
+                    "of the job removes them): %s", len(unreadable), ", ".join(unreadable[:5]))
+
+
+def grade_job_output(output: str | Path, refs: dict[str, Reference | None], label: str, tally: Tally,
+                     rows: list[dict[str, Any]]) -> set[str]:
+    """Grade every answer in a caption job's output folder against `refs` (joined by id) into the tally and the
+    per-row records; returns the ids answered. Ids not in `refs` are ignored (another input's rows)."""
+    answered: set[str] = set()
+    for batch in read_answers(output):
+        keep = np.array([str(i) in refs for i in batch["id"]], dtype=bool)
+        batch = {k: v[keep] for k, v in batch.items()}
+        before = len(rows)
+        _add_output(tally, batch, refs, rows, label)
+        answered.update(r["id"] for r in rows[before:])
+    return answered
+
+
 def say(line: str) -> None:
     """Progress to stdout, flushed (a log file or a pipe sees it when it happens)."""
     print(line, flush=True)
@@ -121,7 +157,8 @@ def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def _result(tally: _Tally, setting: SparsityConfig, n_rows: int) -> SettingResult:
+def setting_result(tally: Tally, setting: SparsityConfig, n_rows: int) -> SettingResult:
+    """A setting's summary from its tally: mean grades, achieved keep ratios, savings (KV only with a cache)."""
     grades = tally.grades
     shapes = F1Counts()
     for g in grades:
@@ -142,6 +179,15 @@ def _result(tally: _Tally, setting: SparsityConfig, n_rows: int) -> SettingResul
         kv_bytes_saved=1 - tally.kv[0] / tally.kv[1] if tally.kv[1] and kv_cache else 0.0)
 
 
+def job_references(data: EvalData):
+    """The input's ids, references and tasks (no images), keyed as the caption job keys its output rows: the id
+    column, else the image path. Returns (table, InputSpec)."""
+    from pipelines.sources import read_table
+
+    fields = [data.columns.id, data.columns.image_path, data.reference_column, data.task_column]
+    return read_table(data.path, data.columns, fields=fields, number_rows=False)
+
+
 def references(table, data: EvalData, id_column: str) -> dict[str, Reference | None]:
     """id -> grading key (None: the row has no reference) for every row of an Arrow table. Duplicate ids are
     refused: rows are joined to answers by id."""
@@ -151,8 +197,9 @@ def references(table, data: EvalData, id_column: str) -> dict[str, Reference | N
     ids = [str(v) for v in table.column(id_column).to_pylist()]
     if len(set(ids)) != len(ids):
         dup = next(i for i, n in Counter(ids).items() if n > 1)
-        raise ValueError(f"input {data.path}: the id column {id_column!r} repeats ({dup!r}); eval joins answers "
-                         f"to references by id, so ids must be unique (drop the column to number rows instead)")
+        raise ValueError(f"input {data.path}: the id column {id_column!r} repeats ({dup!r}); answers are joined "
+                         f"to references by id, so ids must be unique (give each row a unique id; evaluated in "
+                         f"this process, an input without an id column is numbered by row)")
     tasks = (table.column(data.task_column).to_pylist() if data.task_column in table.column_names
              else [None] * len(ids))
     return {i: reference_of(r, t) for i, r, t in zip(ids, table.column(data.reference_column).to_pylist(), tasks)}
@@ -177,7 +224,7 @@ def _mark_ungradable(decoded: dict[str, np.ndarray], refs: dict[str, Reference |
 
 
 def _perplexity(model, decoded: dict[str, np.ndarray], refs: dict[str, Reference | None], budget: int,
-                settings: list[SparsityConfig], tallies: list[_Tally]) -> int:
+                settings: list[SparsityConfig], tallies: list[Tally]) -> int:
     """Teacher-forced NLL of up to `budget` long references of this chunk under every setting. Returns how
     many rows it scored. Rows the engine refuses (e.g. reference too long for the context) are skipped."""
     from dynllava.engine import teacher_forced_nll
@@ -225,7 +272,7 @@ def evaluate_in_process(data: EvalData, settings: list[SparsityConfig], config: 
         model.check_scorers(s)  # a learned scorer without predictors fails here, before any work
     stage = GenerateStage(config.model, settings[0].to_dict(), config.max_new_tokens, loader=lambda *a, **k: model,
                           engine=config.engine_limits())
-    tallies = [_Tally() for _ in settings]
+    tallies = [Tally() for _ in settings]
     rows: list[dict[str, Any]] = []
     ppl_left = perplexity_rows
     try:
@@ -243,7 +290,7 @@ def evaluate_in_process(data: EvalData, settings: list[SparsityConfig], config: 
             progress(f"{min(start + CHUNK_ROWS, table.num_rows)}/{table.num_rows} rows x {len(settings)} settings")
     finally:
         stage.engine.stop()
-    return [_result(t, s, table.num_rows) for t, s in zip(tallies, settings)], rows
+    return [setting_result(t, s, table.num_rows) for t, s in zip(tallies, settings)], rows
 
 
 def evaluate_on_ray(data: EvalData, settings: list[SparsityConfig], config: CaptionJobConfig, model,
@@ -253,33 +300,21 @@ def evaluate_on_ray(data: EvalData, settings: list[SparsityConfig], config: Capt
     one left), each joined to the references by id; perplexity of the first long references in this process."""
     import dataclasses
 
-    import pyarrow.parquet as pq
-
     from pipelines.caption import run_caption_job
-    from pipelines.output import existing_output
     from pipelines.sources import read_table
     from pipelines.stages import decode_batch
 
     if data.limit:
         raise ValueError("--limit selects rows in process only; on Ray Data evaluate a file of the rows you want")
-    table, spec = read_table(data.path, data.columns, fields=[data.columns.id, data.reference_column,
-                                                              data.task_column])
-    if spec.id_column != data.columns.id:
-        raise ValueError(f"input {data.path}: evaluating on Ray Data needs a unique {data.columns.id!r} column "
-                         f"(answers are joined to references by it)")
+    table, spec = job_references(data)
     refs = references(table, data, spec.id_column)
-    tallies = [_Tally() for _ in settings]
+    tallies = [Tally() for _ in settings]
     rows: list[dict[str, Any]] = []
     for n, (setting, tally) in enumerate(zip(settings, tallies)):
         answers = Path(output) / "answers" / f"{n:02d}"
         progress(f"[{n + 1}/{len(settings)}] {setting_label(setting)}: caption job -> {answers}")
         run_caption_job(data.path, answers, dataclasses.replace(config, sparsity=setting), address=address)
-        out = existing_output(answers)
-        before = len(rows)
-        for name in sorted(out.parquet_files()):
-            _add_output(tally, _numpy_batch(pq.read_table(out.join(name), filesystem=out.fs)), refs, rows,
-                        setting_label(setting))
-        answered = {r["id"] for r in rows[before:]}
+        answered = grade_job_output(answers, refs, setting_label(setting), tally, rows)
         for row_id in refs.keys() - answered:  # never silently short: a row the job did not write is an error
             tally.errors[TRANSIENT] += 1
             rows.append({"id": row_id, "setting": setting_label(setting), "answer": None, "error": NOT_ANSWERED,
@@ -291,7 +326,7 @@ def evaluate_on_ray(data: EvalData, settings: list[SparsityConfig], config: Capt
         decoded["id"] = np.array([str(v) for v in decoded["id"]], dtype=object)
         _mark_ungradable(decoded, refs)
         _perplexity(model, decoded, refs, perplexity_rows, settings, tallies)
-    return [_result(t, s, len(refs)) for t, s in zip(tallies, settings)], rows
+    return [setting_result(t, s, len(refs)) for t, s in zip(tallies, settings)], rows
 
 
 def markdown_table(results: list[SettingResult]) -> str:

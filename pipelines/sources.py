@@ -86,14 +86,15 @@ def open_input(path: str, columns: Columns):
     return ds, resolve_spec(path, kind, _schema_names(ds), columns)
 
 
-def read_table(path: str, columns: Columns, limit: int | None = None,
-               fields: list[str] | None = None) -> tuple[pa.Table, InputSpec]:
+def read_table(path: str, columns: Columns, limit: int | None = None, fields: list[str] | None = None,
+               number_rows: bool = True) -> tuple[pa.Table, InputSpec]:
     """The same input read in this process with pyarrow, for small inputs (`dynllava eval --data`): the first
     `limit` rows of a Parquet or JSONL file or folder, and its InputSpec. A folder of images has no per-row
-    fields beyond the image, so it is refused here. Without an id column the row's position becomes its id:
-    there is no resume to key, and one image may carry several questions. `fields`: read only these columns
-    (those present; the spec is still resolved against the whole schema), e.g. to join references by id
-    without reading the images."""
+    fields beyond the image, so it is refused here. Without an id column and with `number_rows`, the row's
+    position becomes its id (answered in this process, there is no resume to key, and one image may carry
+    several questions); without `number_rows` the spec names the id the caption job writes (the image path),
+    to join a job's output. `fields`: read only these columns (those present; the spec is still resolved
+    against the whole schema), e.g. to join references by id without reading the images."""
     import pyarrow.dataset as pads
     import pyarrow.json as pajson
 
@@ -121,7 +122,7 @@ def read_table(path: str, columns: Columns, limit: int | None = None,
         names = table.column_names
         if fields:
             table = table.select([f for f in fields if f in names])
-    if columns.id not in names:  # not the image path: one image may carry several questions
+    if number_rows and columns.id not in names:  # not the image path: one image may carry several questions
         table = table.append_column(columns.id, pa.array([str(i) for i in range(table.num_rows)]))
         names = names + [columns.id]
     return table, resolve_spec(path, kind, names, columns)

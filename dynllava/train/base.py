@@ -21,6 +21,7 @@ from dynllava.config import ModelSpec, TextShape, VisionShape, dataclass_from_ya
 from dynllava.data import shapes
 from dynllava.loading import build_processor, hf_config_from_spec
 from dynllava.train.conversations import collate, encode, shape_turns
+from dynllava.train.precision import use_bf16_autocast
 
 log = logging.getLogger(__name__)
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
@@ -54,7 +55,8 @@ class BaseTrainConfig:
     questions_per_scene: int = 3  # VQA turns per training conversation
     variety: float = 0.0  # share of scenes on varied canvases (sizes, aspect ratios, plain backgrounds)
     question_weights: list[float] | None = None  # count, colour, position, exist (None: uniform)
-    autocast_bf16: bool = True  # bf16 autocast for matmuls (fp32 master weights); 2x faster on AVX512-BF16 CPUs
+    autocast_bf16: bool = True  # bf16 autocast for matmuls (fp32 master weights); 2x faster on AVX512-BF16 CPUs,
+    #                             fp32 (with a warning) where bf16 would be emulated (train/precision.py)
     threads: int = 0  # torch CPU threads (0 = leave torch's default)
 
     def __post_init__(self) -> None:
@@ -172,6 +174,7 @@ def train_base(config: BaseTrainConfig, output: str | Path, progress: bool = Tru
     tokenizer = train_tokenizer(config)
     model, processor = build_model(config, tokenizer)
     model.to(device)
+    config = dataclasses.replace(config, autocast_bf16=use_bf16_autocast(config.autocast_bf16, device))
     n_params = sum(p.numel() for p in model.parameters())
     log.info("tokenizer %d tokens; model %.2fM parameters", len(tokenizer), n_params / 1e6)
     log_file = open(out / "train_log.jsonl", "w")

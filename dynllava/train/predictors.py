@@ -27,6 +27,7 @@ from dynllava.inputs import load_image
 from dynllava.predictors import Predictors
 from dynllava.train.conversations import IGNORE, Example, collate, encode, shape_turns
 from dynllava.train.masked import masked_forward
+from dynllava.train.precision import use_bf16_autocast
 
 log = logging.getLogger(__name__)
 # Copied from the base model when the LM is frozen: its config, generation defaults and training record.
@@ -151,6 +152,7 @@ def train_predictors(model_dir: str | Path, output: str | Path, config: Predicto
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     model = DynamicLlava.from_pretrained(model_dir, device=device)  # fp32 on CPU, bf16 on GPU
+    config = dataclasses.replace(config, autocast_bf16=use_bf16_autocast(config.autocast_bf16, model.device))
     d_model = model.config.text_config.hidden_size
     model.predictors = Predictors(d_model, layer=config.layer, image_width=config.image_width).to(model.device, torch.float32)
     hf = model.hf_model

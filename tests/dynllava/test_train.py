@@ -204,3 +204,17 @@ def test_predictor_training_takes_any_resolution_models(family, tmp_path):
                             sparsity=SparsityConfig(vision_keep=0.3, text_keep=0.5))[0]
     assert result.stats.n_image_kept == sum(-(-x.length * 3 // 10) for x in model.prepare(
         [random_image(0)], [model.format_prompt("What is here?")], 3).image_layouts)
+
+
+def test_bf16_autocast_falls_back_to_fp32_where_the_cpu_would_emulate_it(monkeypatch, caplog):
+    """An AVX2-only CPU runs bf16 matmuls about 200x slower than fp32: the trainers train in fp32 and say so."""
+    from dynllava.train import precision
+
+    assert precision.native_bf16("cpu") == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    with caplog.at_level("WARNING"):
+        assert precision.use_bf16_autocast(True, "cpu") is False
+    assert "training in fp32" in caplog.text
+    assert precision.use_bf16_autocast(False, "cpu") is False
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    assert precision.use_bf16_autocast(True, "cpu") is True
