@@ -58,10 +58,14 @@ class BaseTrainConfig:
     autocast_bf16: bool = True  # bf16 autocast for matmuls (fp32 master weights); 2x faster on AVX512-BF16 CPUs,
     #                             fp32 (with a warning) where bf16 would be emulated (train/precision.py)
     threads: int = 0  # torch CPU threads (0 = leave torch's default)
+    init: str | None = None  # continue from this base model (its tokenizer, processor and weights), not from scratch
+    first_row: int = 0  # the LLaVA stage's scenes start at this train-split row (a continued run sees new scenes)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.variety <= 1.0:
             raise ValueError(f"variety must be a share in [0, 1], got {self.variety!r}")
+        if self.first_row < 0:
+            raise ValueError(f"first_row must be >= 0, got {self.first_row!r}")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "BaseTrainConfig":
@@ -113,6 +117,19 @@ def build_model(config: BaseTrainConfig, tokenizer):
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     processor = build_processor(tokenizer, spec.vision.image_size, spec.vision.patch_size)
     return model, processor
+
+
+def load_base(path: str | Path):
+    """A saved base model (fp32) and its processor, to continue training (`init:`). Its shape is the saved one:
+    the config's vision / text shapes are ignored."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from dynllava.loading import resolve_source
+
+    source = resolve_source(str(path))
+    model = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch.float32, local_files_only=True)
+    model.config._attn_implementation = "sdpa"
+    return model, AutoProcessor.from_pretrained(source, local_files_only=True)
 
 
 def _weights(config: BaseTrainConfig) -> tuple[float, ...] | None:
@@ -171,8 +188,13 @@ def train_base(config: BaseTrainConfig, output: str | Path, progress: bool = Tru
     if config.threads:
         torch.set_num_threads(config.threads)
     started = time.time()
-    tokenizer = train_tokenizer(config)
-    model, processor = build_model(config, tokenizer)
+    if config.init:
+        model, processor = load_base(config.init)
+        tokenizer = processor.tokenizer
+        log.info("continuing from %s", config.init)
+    else:
+        tokenizer = train_tokenizer(config)
+        model, processor = build_model(config, tokenizer)
     model.to(device)
     config = dataclasses.replace(config, autocast_bf16=use_bf16_autocast(config.autocast_bf16, device))
     n_params = sum(p.numel() for p in model.parameters())
@@ -197,7 +219,8 @@ def train_base(config: BaseTrainConfig, output: str | Path, progress: bool = Tru
         for step in range(config.steps):
             examples = []
             for j in range(config.batch_size):
-                image, turns = shape_turns(rng, split, step * config.batch_size + j, config.questions_per_scene,
+                row = config.first_row + step * config.batch_size + j
+                image, turns = shape_turns(rng, split, row, config.questions_per_scene,
                                            _weights(config), config.variety)
                 examples.append(encode(processor, image, turns))
             batch = {k: v.to(device) for k, v in collate(examples, tokenizer.pad_token_id).items()}

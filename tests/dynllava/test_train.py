@@ -42,6 +42,19 @@ def test_base_training_lowers_loss_and_saves_an_hf_model(base_dir):
     assert model.predictors is None and model.processor.tokenizer.decode([model.processor.tokenizer.bos_token_id])
 
 
+def test_base_training_continues_from_a_saved_model(base_dir, tmp_path):
+    """`init:` starts from the saved tokenizer and weights (its first loss is the trained model's, not a fresh
+    one's); `first_row` moves the scenes on."""
+    out = train_base(BaseTrainConfig(steps=2, lr=1e-3, init=str(base_dir), first_row=48, **SMALL), tmp_path,
+                     progress=False)
+    first = lambda d: next(json.loads(x)["loss"] for x in (d / "train_log.jsonl").read_text().splitlines()  # noqa: E731
+                           if json.loads(x)["stage"] == "llava")
+    assert first(out) < 0.8 * first(base_dir)
+    assert (out / "tokenizer.json").read_text() == (base_dir / "tokenizer.json").read_text()
+    with pytest.raises(ValueError, match="first_row"):
+        BaseTrainConfig(first_row=-1)
+
+
 FAST = dict(batch_size=4, predictor_lr=1e-3, warmup_steps=2, text_budget_min_tokens=20, log_every=1,
             image_width=64, autocast_bf16=False)  # the recipe at a test's size (fp32: bf16 matmuls are slow on CPU)
 
