@@ -101,6 +101,8 @@ def cmd_train_base(args: argparse.Namespace) -> int:
     from dynllava.train.base import BaseTrainConfig, train_base
 
     config = _train_config(BaseTrainConfig, args)
+    if args.init:
+        config.init = args.init
     path = train_base(config, args.output, progress=not args.quiet, device=args.device)
     print(f"saved the base model to {path}")
     return 0
@@ -241,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "its processor and train_log.jsonl.")
     _add_train_args(tb, "configs/train/tiny.yaml", "directory to write the model to",
                     "cpu (how the shipped tiny is trained) or cuda", device_default="cpu")
+    tb.add_argument("--init", default=None, help="continue from this base model directory (its tokenizer and "
+                                                 "weights) instead of from scratch; overrides the config's init")
     tb.set_defaults(func=cmd_train_base)
     tp = train.add_parser("predictors", help="train the image/text predictors the paper's way",
                           description="Gumbel-softmax straight-through predictors at layer K with masked attention "

@@ -231,3 +231,14 @@ def test_bf16_autocast_falls_back_to_fp32_where_the_cpu_would_emulate_it(monkeyp
     assert precision.use_bf16_autocast(False, "cpu") is False
     monkeypatch.setattr(precision, "native_bf16", lambda device: True)
     assert precision.use_bf16_autocast(True, "cpu") is True
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_variety", "predictors"])
+def test_the_shipped_training_configs_load(name):
+    """The recipe's YAMLs mirror their dataclasses (an unknown or mistyped key is refused)."""
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "configs" / "train" / f"{name}.yaml"
+    cls = PredictorTrainConfig if name == "predictors" else BaseTrainConfig
+    config = cls.from_yaml(path)
+    assert config.steps > 0 and config.variety == (0.0 if name == "tiny" else 0.3)
