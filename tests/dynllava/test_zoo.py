@@ -56,3 +56,20 @@ def test_answers_held_out_questions_and_captions(tiny, sparsity):
     captions = [r for r in rows if r.task == "caption"][:8]
     assert grade(tiny, vqa, sparsity, 8).vqa_right >= MIN_VQA_RIGHT[sparsity.is_dense]
     assert grade(tiny, captions, sparsity, 48).caption.f1 >= MIN_CAPTION_F1[sparsity.is_dense]
+
+
+@pytest.mark.parametrize("sparsity", [SparsityConfig(), PAPER], ids=["dense", "learned-0.2-0.5"])
+def test_a_pillow_drawing_on_a_white_640x480_canvas(tiny, sparsity):
+    """The first thing a user tries: one red circle and one blue square drawn with Pillow on a white 640x480
+    canvas (each inside a cell of the 3x3 grid that the centre crop keeps; drawings across cell borders are
+    beyond tiny, see MODEL_CARD.md)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (640, 480), "white")
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((112, 192, 208, 288), fill="red")
+    draw.rectangle((432, 192, 528, 288), fill="blue")
+    prompts = ["Describe the image briefly.", "How many shapes are there? Answer briefly.",
+               "Where is the red circle? Answer briefly."]
+    outs = tiny.generate([image] * 3, [tiny.format_prompt(p) for p in prompts], sparsity=sparsity, max_new_tokens=24)
+    assert [o.text.strip() for o in outs] == ["two shapes: a red circle and a blue square.", "2", "left"]
