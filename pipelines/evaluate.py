@@ -320,7 +320,8 @@ def evaluate_on_ray(data: EvalData, settings: list[SparsityConfig], config: Capt
             rows.append({"id": row_id, "setting": setting_label(setting), "answer": None, "error": NOT_ANSWERED,
                          "error_kind": TRANSIENT, "score": None, "vqa": None, "exact": None, "f1": None})
     if perplexity_rows > 0:
-        head, head_spec = read_table(data.path, data.columns, limit=max(CHUNK_ROWS, 4 * perplexity_rows))
+        head, head_spec = read_table(data.path, data.columns, limit=max(CHUNK_ROWS, 4 * perplexity_rows),
+                                     number_rows=False)  # keyed as the references: the job's ids
         decoded = decode_batch(_numpy_batch(head), spec=head_spec, model=config.model, default_prompt=config.prompt,
                                max_pixels=config.max_image_pixels)
         decoded["id"] = np.array([str(v) for v in decoded["id"]], dtype=object)
