@@ -24,7 +24,7 @@ from pipelines.job_record import JOB_FILE
 from pipelines.output import OutputLocation, open_output, redact
 from pipelines.progress import CommittedRows, ProgressReporter
 from pipelines.retry import drop_error_rows, retry_passes
-from pipelines.sources import InputSpec, detect_kind, open_input
+from pipelines.sources import InputSpec, detect_kind, open_input, with_v1_parquet_reader
 from pipelines.stages import DECODED_COLUMNS, GenerateStage, ServeGenerateStage, Stage, decode_batch
 
 log = logging.getLogger(__name__)
@@ -193,6 +193,7 @@ def _rows_to_do(ds, done: int, limit: int | None) -> int:
     return todo if limit is None else min(todo, limit)
 
 
+@with_v1_parquet_reader
 def run_caption_job(input_path: str, output: str | Path, config: CaptionJobConfig, address: str | None = None,
                     limit: int | None = None, loader: Callable | None = None, retry_errors: str | None = None,
                     allow_config_change: bool = False, progress_s: float | None = None) -> RunSummary:
