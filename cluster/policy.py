@@ -77,17 +77,39 @@ def level_of(sla: SLA, sparsity: dict) -> int:
                abs(math.log(sla.keep_at(lv).text_keep / text)))
 
 
+def projected_wait_s(snap: TelemetrySnapshot) -> float | None:
+    """How long the newest queued request will wait for its prefill, at the engine's measured cost per request:
+    queue depth x (busy share of the window / requests finished per second). It leads the head's wait: a burst
+    that will miss shows as soon as it has queued, while the head has waited only a little. None with nothing
+    queued or nothing measured."""
+    if not snap.queue_depth or not snap.busy_fraction or snap.requests_per_s <= 0:
+        return None
+    return snap.queue_depth * snap.busy_fraction / snap.requests_per_s
+
+
+def _ratios(pairs: list[tuple[float | None, float | None]]) -> float | None:
+    ratios = [m / t for m, t in pairs if m is not None and t is not None]
+    return max(ratios) if ratios else None
+
+
+def live_pressure(snap: TelemetrySnapshot, sla: SLA) -> float | None:
+    """Pressure from what waits now (the head's wait, the queue's projected wait) and per-token latency, without
+    the window's TTFT and latency p95, which still hold requests that queued before the last change. What
+    decides whether tightening was not enough and a replica must be added."""
+    waits = [w for w in (snap.oldest_wait_s, projected_wait_s(snap)) if w is not None]
+    wait = max(waits) if waits else None
+    return _ratios([(wait, sla.online.ttft_p95_s), (wait, sla.online.latency_p95_s),
+                    (snap.token_latency_p95_s, sla.online.token_latency_p95_s)])
+
+
 def pressure(snap: TelemetrySnapshot, sla: SLA, ctx: PolicyContext) -> float | None:
     """How close the actor is to missing its target: max over targets of measured / target (offline: the
-    needed rate / the achieved rate of all offline actors). Online, the head of the queue counts too: its TTFT
-    and latency are already at least its wait, so an overload shows before the slow requests finish and reach
-    the window's p95. None when nothing was measured in the window and nothing waits."""
+    needed rate / the achieved rate of all offline actors). Online, what waits counts too (live_pressure): a
+    request's TTFT and latency are already at least its wait, so an overload shows before the slow requests
+    finish and reach the window's p95. None when nothing was measured in the window and nothing waits."""
     if snap.kind == "serve":
-        pairs = [(snap.ttft_p95_s, sla.online.ttft_p95_s), (snap.token_latency_p95_s, sla.online.token_latency_p95_s),
-                 (snap.latency_p95_s, sla.online.latency_p95_s), (snap.oldest_wait_s, sla.online.ttft_p95_s),
-                 (snap.oldest_wait_s, sla.online.latency_p95_s)]
-        ratios = [m / t for m, t in pairs if m is not None and t is not None]
-        return max(ratios) if ratios else None
+        return _ratios([(snap.ttft_p95_s, sla.online.ttft_p95_s), (snap.latency_p95_s, sla.online.latency_p95_s),
+                        (live_pressure(snap, sla), 1.0)])
     achieved = sum(s.requests_per_s for s in ctx.snapshots if s.kind == "data")
     needed = sla.offline.rows_per_s
     if sla.offline.deadline_s is not None and ctx.offline is not None:
@@ -155,6 +177,18 @@ def _first_report(snap: TelemetrySnapshot, state: PolicyState, ctx: PolicyContex
                                                 f"join at the peers' level {level}")
 
 
+def _missing_at_floor(snap: TelemetrySnapshot, st: ActorState, load: float | None, sla: SLA, now: float) -> bool:
+    """At the floor for floor_settle_s (the queue the denser levels left has had time to drain) and still
+    missing. Online, until the floor has also outlasted the telemetry window, the window's p95s still hold
+    requests that queued before the floor: judge on what waits now (live_pressure) until then."""
+    held = now - st.changed_at
+    if st.level < sla.pacing.levels or held < sla.pacing.floor_settle_s:
+        return False
+    if snap.kind == "serve" and held < sla.pacing.floor_settle_s + snap.window_s:
+        load = live_pressure(snap, sla)
+    return load is not None and load >= 1.0
+
+
 def decide(ctx: PolicyContext, state: PolicyState) -> tuple[list[Decision], PolicyState]:
     """One control step (see the module docstring). Actors missing from ctx.snapshots are forgotten."""
     sla, now, p = ctx.sla, ctx.now, ctx.sla.pacing
@@ -184,11 +218,7 @@ def decide(ctx: PolicyContext, state: PolicyState) -> tuple[list[Decision], Poli
         count = ctx.counts.get(kind, len(snaps))
         peak[kind] = max([peak.get(kind, 0.0)] + [s.requests_per_s for s in snaps])
         ready = now - scaled_at.get(kind, -math.inf) >= p.scale_cooldown_s
-        # at the floor for floor_settle_s (so the queue the denser levels left has had time to drain) and still
-        # missing
-        missing_at_floor = [s for s in snaps if before[s.actor_id].level >= p.levels
-                            and now - before[s.actor_id].changed_at >= p.floor_settle_s
-                            and loads[s.actor_id] is not None and loads[s.actor_id] >= 1.0]
+        missing_at_floor = [s for s in snaps if _missing_at_floor(s, before[s.actor_id], loads[s.actor_id], sla, now)]
         relaxed_idle = all(actors[s.actor_id].level == 0 and (loads[s.actor_id] or 0.0) <= p.slack
                            and s.requests_per_s <= p.idle_fraction * peak[kind] for s in snaps)
         if missing_at_floor:
@@ -210,4 +240,4 @@ def decide(ctx: PolicyContext, state: PolicyState) -> tuple[list[Decision], Poli
 
 
 __all__ = ["PolicyContext", "PolicyState", "ActorState", "Decision", "OfflineProgress", "KeepSetting", "decide",
-           "level_of", "pressure", "memory_use"]
+           "level_of", "pressure", "live_pressure", "projected_wait_s", "memory_use"]

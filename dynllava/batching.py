@@ -338,13 +338,17 @@ class ContinuousEngine:
     @torch.inference_mode()
     def step(self) -> bool:
         """One scheduling step (see the module docstring). Returns whether anything is still waiting or running."""
+        started = time.perf_counter()
         self._take_inbox()
         group = self._admit()
+        worked = bool(group or self._running)
         if group:
             self._prefill(group)
         if self._running:
             self._decode()
         self._update_counters()
+        if worked:
+            self.window.add_busy(time.perf_counter() - started)
         return self.has_work()
 
     def run_until_idle(self) -> None:

@@ -45,6 +45,8 @@ class TelemetrySnapshot:
     kv_bytes_budget: int = 0  # the engine's KV budget (0: none); kv_bytes_allocated stays within it
     kv_blocks_free: int = -1  # blocks of tokens (every layer) the budget still leaves (-1: no budget or padded)
     preempted: int = 0  # rows preempted since the engine started (its KV budget was full)
+    busy_fraction: float | None = None  # share of the window the engine spent in steps with work (None: not
+    #                                     measured). Over requests_per_s it is the engine's cost per request.
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,6 +67,7 @@ class RequestWindow:
         self.window_s, self.clock = window_s, clock
         self.started = clock()  # a window younger than window_s divides by its age, not by window_s
         self._items: collections.deque[tuple[float, float, float | None, float, int]] = collections.deque()
+        self._busy: collections.deque[tuple[float, float]] = collections.deque()  # (when, seconds) of busy steps
         self._lock = threading.Lock()
         self.total = 0  # requests added since the window was made
 
@@ -75,12 +78,20 @@ class RequestWindow:
             self._items.append((self.clock(), ttft_s, per_token, latency_s, n_tokens))
             self.total += 1
 
+    def add_busy(self, seconds: float) -> None:
+        """One engine step that had work to do took `seconds` (the window's utilisation)."""
+        with self._lock:
+            self._busy.append((self.clock(), seconds))
+
     def stats(self) -> dict[str, float | None]:
         now = self.clock()
         with self._lock:
             while self._items and self._items[0][0] < now - self.window_s:
                 self._items.popleft()
+            while self._busy and self._busy[0][0] < now - self.window_s:
+                self._busy.popleft()
             items = list(self._items)
+            busy = sum(b[1] for b in self._busy)
         ttft = [i[1] for i in items]
         per_token = [i[2] for i in items if i[2] is not None]
         latency = [i[3] for i in items]
@@ -88,7 +99,8 @@ class RequestWindow:
         return {"requests_per_s": len(items) / span, "output_tokens_per_s": sum(i[4] for i in items) / span,
                 "ttft_p50_s": percentile(ttft, 50), "ttft_p95_s": percentile(ttft, 95),
                 "token_latency_p50_s": percentile(per_token, 50), "token_latency_p95_s": percentile(per_token, 95),
-                "latency_p95_s": percentile(latency, 95), "finished": self.total}
+                "latency_p95_s": percentile(latency, 95), "finished": self.total,
+                "busy_fraction": min(1.0, busy / span)}
 
 
 def device_memory(device_index: int | None) -> tuple[int, int]:

@@ -124,7 +124,9 @@ def controlled_app(ray_local):
                "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "initial_replicas": 1,
                                       "upscale_delay_s": 0, "metrics_interval_s": 0.5,
                                       "policy": {"policy_function": "cluster.autoscaling:controller_policy"}}}
-    config = ServeConfig(model="tiny", controller=True, report_period_s=0.5, threads=1,
+    # a 5 s telemetry window: one request at a time never queues, so the floor's misses count for a replica once
+    # the window holds only requests served at the floor (floor_settle_s + the window)
+    config = ServeConfig(model="tiny", controller=True, report_period_s=0.5, threads=1, telemetry_window_s=5.0,
                          sparsity=SparsityConfig(vision_keep=1.0, text_keep=1.0))  # starts at the preferred
     handle = serve.run(build(config, options), name="controlled", route_prefix=None)
     yield handle, controller

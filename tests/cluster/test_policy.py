@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.policy import OfflineProgress, PolicyContext, PolicyState, decide, level_of
+from cluster.policy import OfflineProgress, PolicyContext, PolicyState, decide, level_of, projected_wait_s
 from cluster.sla import SLA, KeepSetting, OfflineTargets, OnlineTargets, Pacing
 from dynllava.telemetry import TelemetrySnapshot
 
@@ -16,11 +16,13 @@ SLA_ = SLA(online=OnlineTargets(ttft_p95_s=1.0), floor=KeepSetting(0.1, 0.3),
 
 def snap(actor: str = "r0", kind: str = "serve", ttft: float | None = 0.2, rate: float = 5.0,
          keep: KeepSetting = KeepSetting(), used: int = 10, total: int = 100, finished: int = 0,
-         oldest_wait: float | None = None, kv_held: int = 0, kv_budget: int = 0) -> TelemetrySnapshot:
+         oldest_wait: float | None = None, kv_held: int = 0, kv_budget: int = 0, queue: int | None = None,
+         busy: float | None = None) -> TelemetrySnapshot:
+    queue = (0 if oldest_wait is None else 3) if queue is None else queue
     return TelemetrySnapshot(actor, kind, 0.0, 30.0, rate, rate * 30, ttft, ttft, None, None, None,
-                             0 if oldest_wait is None else 3, 1, 0, kv_held, used, total,
+                             queue, 1, 0, kv_held, used, total,
                              {"vision_keep": keep.vision_keep, "text_keep": keep.text_keep}, finished, oldest_wait,
-                             kv_budget)
+                             kv_budget, busy_fraction=busy)
 
 
 def test_ladder_runs_from_preferred_to_floor_and_state_recovers_from_reports():
@@ -61,7 +63,9 @@ def test_offline_deadline_pressure_tightens_data_actors():
 
 class FluidCluster:
     """Replicas as fluid queues. A replica serves `base_rate / cost(keep)` requests/s, cost = 0.25 + 0.75 *
-    vision_keep; TTFT = service time + backlog / capacity. A new replica starts after `start_s`."""
+    vision_keep; TTFT = service time + backlog / capacity; the backlog is the queue, its head has waited
+    backlog / capacity, and the replica is busy arrivals / capacity of the time. A new replica starts after
+    `start_s`."""
 
     def __init__(self, base_rate: float = 10.0, start_s: float = 5.0):
         self.base_rate, self.start_s = base_rate, start_s
@@ -80,8 +84,10 @@ class FluidCluster:
             cap = self.capacity(rid)
             self.backlog[rid] = max(0.0, self.backlog[rid] + (arrivals_per_s / len(ready) - cap) * dt)
             ttft = 1 / cap + self.backlog[rid] / cap
-            keep = self.replicas[rid][0]
-            out.append(snap(rid, ttft=ttft, rate=min(arrivals_per_s / len(ready), cap), keep=keep))
+            keep, rate = self.replicas[rid][0], min(arrivals_per_s / len(ready), cap)
+            queue = int(self.backlog[rid])
+            out.append(snap(rid, ttft=ttft, rate=rate, keep=keep, queue=queue, busy=rate / cap,
+                            oldest_wait=self.backlog[rid] / cap if queue else None))
         return out
 
     def apply(self, decisions, now: float) -> None:
@@ -151,6 +157,19 @@ def test_the_head_of_the_queue_is_a_leading_signal():
     assert decide(PolicyContext(0.0, SLA_, (snap(ttft=0.3, oldest_wait=0.2),), {"serve": 1}), PolicyState())[0] == []
 
 
+def test_the_queue_projected_at_the_measured_cost_per_request_leads_the_heads_wait():
+    """Three requests queued behind an engine that is busy all the time and finishes 2 per second: the newest
+    will wait about 1.5 s, over the 1 s target, while the head has waited 0.2 s and finished requests look
+    fast. Tighten now; at a quarter of the load the same queue drains in time."""
+    ctx = lambda s: PolicyContext(0.0, SLA_, (s,), {"serve": 1})  # noqa: E731
+    decisions, _ = decide(ctx(snap(ttft=0.3, rate=2.0, oldest_wait=0.2, queue=3, busy=1.0)), PolicyState())
+    assert [(d.action, d.value) for d in decisions] == [("set_sparsity", SLA_.keep_at(2))]
+    assert "pressure 1.50" in decisions[0].reason
+    decisions, _ = decide(ctx(snap(ttft=0.3, rate=2.0, oldest_wait=0.2, queue=3, busy=0.25)), PolicyState())
+    assert decisions == [], "0.375 s of projected wait: nothing to do"
+    assert projected_wait_s(snap(queue=0, busy=1.0)) is None and projected_wait_s(snap(queue=3, busy=None)) is None
+
+
 def test_a_joining_replica_starts_at_its_peers_level_and_the_floor_settles_before_scaling():
     """A replica added under load starts at the sparsest peer's level, not the preferred setting; a replica
     that just reached the floor gets floor_settle_s for the queue to drain before its misses add a replica."""
@@ -162,7 +181,13 @@ def test_a_joining_replica_starts_at_its_peers_level_and_the_floor_settles_befor
     state = PolicyState()
     decisions, state = decide(ctx(10, snap("r0", ttft=2.0, keep=SLA_.keep_at(4))), state)
     assert decisions[0].value == floor  # two levels at once: now at the floor
-    decisions, state = decide(ctx(12, snap("r0", ttft=2.0, keep=floor)), state)
+    decisions, state = decide(ctx(12, snap("r0", ttft=2.0, keep=floor, oldest_wait=1.5)), state)
     assert decisions == [], "the old queue is still draining"
-    decisions, state = decide(ctx(10 + SLA_.pacing.floor_settle_s, snap("r0", ttft=2.0, keep=floor)), state)
-    assert [(d.action, d.value) for d in decisions] == [("scale", 2)]
+    settled = 10 + SLA_.pacing.floor_settle_s
+    decisions, _ = decide(ctx(settled, snap("r0", ttft=2.0, keep=floor)), state)
+    assert decisions == [], "the window's p95 still holds requests from before the floor, but nothing waits"
+    decisions, _ = decide(ctx(settled, snap("r0", ttft=2.0, keep=floor, oldest_wait=1.2)), state)
+    assert [(d.action, d.value) for d in decisions] == [("scale", 2)], "the head waits past the target at the floor"
+    decisions, _ = decide(ctx(settled + 30, snap("r0", ttft=2.0, keep=floor)), state)
+    assert [(d.action, d.value) for d in decisions] == [("scale", 2)], \
+        "a window (30 s) after the floor settled, its p95 is the floor's own: slow with nothing queued still scales"

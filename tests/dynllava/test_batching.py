@@ -204,11 +204,12 @@ def test_snapshot_reports_the_window_and_current_state(tiny_model):
     live = engine.snapshot("e0", "serve", SPARSE)
     assert (live.running, live.queue_depth, live.requests_per_s) == (4, 1, 0.0) and live.kv_bytes_in_use > 0
     assert live.oldest_wait_s > 0  # the fifth request waits for a slot
+    assert 0 < live.busy_fraction <= 1  # the step's own time, over the window's 1 s minimum span
     engine.run_until_idle()
     now[0] = 1004.0  # 4 s after the engine started: a new engine rates over its age, not the 60 s window
     done = engine.snapshot("e0", "serve", SPARSE)
     assert (done.requests_per_s, done.output_tokens_per_s) == (5 / 4, 30 / 4)
-    assert done.finished == 5 and done.oldest_wait_s is None
+    assert done.finished == 5 and done.oldest_wait_s is None and done.busy_fraction > live.busy_fraction / 4
     assert 0 < done.ttft_p50_s <= done.ttft_p95_s <= done.latency_p95_s
     assert done.token_latency_p50_s > 0 and done.running == 0 and done.kv_bytes_in_use == 0
     assert done.sparsity["vision_keep"] == 0.25  # device memory: test_telemetry

@@ -30,6 +30,21 @@ def test_window_rates_percentiles_and_ageing():
     assert window.stats()["ttft_p50_s"] is None and window.stats()["requests_per_s"] == 0.0
 
 
+def test_busy_fraction_is_the_share_of_the_window_spent_in_steps():
+    now = [100.0]
+    window = RequestWindow(window_s=10.0, clock=lambda: now[0])
+    now[0] = 120.0
+    assert window.stats()["busy_fraction"] == 0.0
+    for _ in range(5):
+        window.add_busy(0.5)
+        now[0] += 1.0
+    assert window.stats()["busy_fraction"] == 0.25  # 2.5 s of steps in the 10 s window
+    now[0] += 7.5  # the first three steps are over 10 s old
+    assert window.stats()["busy_fraction"] == 0.1
+    window.add_busy(30.0)  # a step longer than the window: the engine was busy all of it
+    assert window.stats()["busy_fraction"] == 1.0
+
+
 def test_percentile_is_nearest_rank():
     assert percentile([], 50) is None
     assert percentile([3.0, 1.0, 2.0], 50) == 2.0 and percentile([1.0, 2.0, 3.0, 4.0], 95) == 4.0
