@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sla", default="configs/sla.yaml", help="SLA file: TTFT target, floor, preferred setting, "
                    "replica bounds, pacing (default configs/sla.yaml)")
     p.add_argument("--ttft-s", type=float, default=None, help="override the SLA's online.ttft_p95_s")
+    p.add_argument("--risk", type=float, default=None, help="override the SLA's pacing.risk: the share of a "
+                   "target at which the controller tightens (lower: earlier, sparser, fewer misses)")
     p.add_argument("--max-replicas", type=int, default=None, help="override the SLA's replicas.max (every arm's "
                    "bound; e.g. the machine's cores on a CPU box, where more replicas only share them)")
     p.add_argument("--base-rate", type=float, default=3.5, help="arrivals per second outside the step (default 3.5: "
@@ -105,10 +107,13 @@ def step_workload(args: argparse.Namespace) -> list[tuple[float, dict]]:
 
 
 class ReplicaSampler:
-    """Samples the app's replicas holding resources every `period_s` on a thread: [(seconds since t0, n)]."""
+    """Samples the app's replicas holding resources every `period_s` on a thread: [(seconds since t0, n)]; with a
+    controller, also what it last heard from each replica (`telemetry`: queue, head wait, busy fraction, p95,
+    level), to see what it saw when it acted."""
 
-    def __init__(self, t0: float, period_s: float = 0.5):
-        self.t0, self.period_s, self.points = t0, period_s, []
+    def __init__(self, t0: float, period_s: float = 0.5, controller=None):
+        self.t0, self.period_s, self.points, self.telemetry = t0, period_s, [], []
+        self.controller = controller
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -123,7 +128,21 @@ class ReplicaSampler:
                 self.points.append((time.perf_counter() - self.t0, sum(states.get(s, 0) for s in HOLDING)))
             except (KeyError, StopIteration):
                 pass
+            if self.controller is not None:
+                self._sample_controller()
             self.stop.wait(self.period_s)
+
+    def _sample_controller(self) -> None:
+        import ray
+
+        now = time.perf_counter() - self.t0
+        for actor, seen in ray.get(self.controller.status.remote())["actors"].items():
+            snap = seen["snapshot"]
+            self.telemetry.append({"t": round(now, 2), "actor": actor, "level": seen.get("level"),
+                                   "age_s": round(time.time() - snap["timestamp"], 2),
+                                   **{k: snap[k] if not isinstance(snap[k], float) else round(snap[k], 3)
+                                      for k in ("queue_depth", "oldest_wait_s", "busy_fraction", "requests_per_s",
+                                                "ttft_p95_s", "running")}})
 
     def finish(self) -> list[tuple[float, int]]:
         self.stop.set()
@@ -171,16 +190,19 @@ def run_arm(name: str, args: argparse.Namespace, sla: SLA, base: str, load) -> d
         for _, body in load[:4]:  # first-call costs off the clock, one at a time: no queue the controller sees
             asyncio.run(drive(url, [(0.0, body)]))
         time.sleep(args.window_s + 2 * args.report_period_s)  # the replicas' telemetry window forgets the warm-up
-        t0 = time.perf_counter()
-        sampler = ReplicaSampler(t0)
+        t0, wall0 = time.perf_counter(), time.time()
+        sampler = ReplicaSampler(t0, controller=controller)
         results, wall, _ = asyncio.run(drive(url, load))
         replicas = sampler.finish()
         decisions = ray.get(controller.status.remote())["decisions"] if controller is not None else []
+        decisions = [{"t": round(d["at"] - wall0, 2), **{k: v for k, v in d.items() if k != "at"}}
+                     for d in decisions]  # seconds since the load started (negative: during the warm-up)
     finally:
         serve.delete(APP)
         if controller is not None:
             ray.kill(controller)
     return {"results": results, "wall": wall, "replicas": replicas, "decisions": decisions,
+            "telemetry": sampler.telemetry,
             "autoscaling": options["autoscaling_config"]}
 
 
@@ -227,7 +249,9 @@ def summarise(raw: dict, args: argparse.Namespace, target: float) -> dict:
             "mean_vision_keep": round(statistics.fmean(k[0] for k in keeps), 4) if keeps else None,
             "mean_text_keep": round(statistics.fmean(k[1] for k in keeps), 4) if keeps else None,
             "recover_s": recover, "settle_s": _settle(results, replicas, down),
-            "controller_decisions": _count_decisions(raw["decisions"])}
+            "controller_decisions": _count_decisions(raw["decisions"]), "decisions": raw["decisions"],
+            "controller_saw": raw["telemetry"],
+            "ttft_by_arrival": [(round(r["sent"], 2), round(_ttft(r), 3) if r["ok"] else None) for r in results]}
 
 
 def _settle(results: list[dict], replicas: list[tuple[float, int]], down: float) -> float | None:
@@ -255,8 +279,14 @@ def _count_decisions(decisions: list[dict]) -> dict[str, int]:
 
 def plot(path: str, arms: dict[str, dict], args: argparse.Namespace, target: float) -> None:
     end = sum(args.phases)
-    ttft, keep, replicas = {}, {}, {}
+    ttft, keep, replicas, orders, scales = {}, {}, {}, [], []
     for name, raw in arms.items():
+        for d in raw["decisions"]:  # the controller's orders, where the load ran (the warm-up's are in the JSON)
+            if 0 <= d["t"] <= end:
+                if d["action"] == "set_sparsity":
+                    orders.append((d["t"], d["value"]["vision_keep"]))
+                else:
+                    scales.append((d["t"], float(d["value"])))
         bins = _bins(raw["results"], 0.0, end)
         ttft[name] = [(t, percentile([_ttft(r) for r in rs], 95)) for t, rs in bins if rs]
         keep[name] = [(t, statistics.fmean(k[0] for k in ks)) for t, rs in bins
@@ -265,9 +295,10 @@ def plot(path: str, arms: dict[str, dict], args: argparse.Namespace, target: flo
     save_panels(path, f"{args.model}: load step {args.base_rate:g} -> {args.base_rate * args.step_factor:g} -> "
                       f"{args.base_rate:g} req/s ({hardware('cuda' if args.num_gpus else 'cpu')}, {commit()})",
                 [Panel(f"TTFT p95 per {BIN_S:g} s of arrivals (s)", ttft, {"target": target}, y_max=4 * target),
-                 Panel("vision keep applied (mean)", keep, y_max=1.0),
+                 Panel("vision keep applied (mean)", keep, y_max=1.05,
+                       events={"controller: vision keep ordered": orders}),
                  Panel("replicas", replicas, y_max=float(max(n for r in replicas.values() for _, n in r) + 1),
-                       steps=True)],
+                       steps=True, events={"controller: replicas ordered": scales})],
                 marks={"step up": args.phases[0], "step down": args.phases[0] + args.phases[1]})
 
 
@@ -279,6 +310,8 @@ def main(argv: list[str] | None = None) -> dict:
     sla = SLA.from_yaml(args.sla)
     if args.ttft_s is not None:
         sla = replace(sla, online=OnlineTargets(ttft_p95_s=args.ttft_s))
+    if args.risk is not None:
+        sla = replace(sla, pacing=replace(sla.pacing, risk=args.risk))
     if args.max_replicas is not None:
         sla = replace(sla, replicas=Bounds(sla.replicas.min, args.max_replicas))
     target = sla.online.ttft_p95_s

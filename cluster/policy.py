@@ -77,14 +77,20 @@ def level_of(sla: SLA, sparsity: dict) -> int:
                abs(math.log(sla.keep_at(lv).text_keep / text)))
 
 
-def projected_wait_s(snap: TelemetrySnapshot) -> float | None:
-    """How long the newest queued request will wait for its prefill, at the engine's measured cost per request:
-    queue depth x (busy share of the window / requests finished per second). It leads the head's wait: a burst
-    that will miss shows as soon as it has queued, while the head has waited only a little. None with nothing
-    queued or nothing measured."""
-    if not snap.queue_depth or not snap.busy_fraction or snap.requests_per_s <= 0:
+def cost_per_request_s(snap: TelemetrySnapshot) -> float | None:
+    """The engine's busy seconds per finished request over the window (busy fraction / requests per second):
+    what one more request in its queue adds to the wait of those behind it. None when not measured."""
+    if not snap.busy_fraction or snap.requests_per_s <= 0:
         return None
-    return snap.queue_depth * snap.busy_fraction / snap.requests_per_s
+    return snap.busy_fraction / snap.requests_per_s
+
+
+def projected_wait_s(snap: TelemetrySnapshot) -> float | None:
+    """When the newest queued request will have its first token, at the engine's measured cost per request:
+    queue depth x cost. It leads the head's wait: a burst that will miss shows as soon as it has queued, while
+    the head has waited only a little. None with nothing queued or nothing measured."""
+    cost = cost_per_request_s(snap)
+    return snap.queue_depth * cost if snap.queue_depth and cost is not None else None
 
 
 def _ratios(pairs: list[tuple[float | None, float | None]]) -> float | None:
@@ -93,10 +99,12 @@ def _ratios(pairs: list[tuple[float | None, float | None]]) -> float | None:
 
 
 def live_pressure(snap: TelemetrySnapshot, sla: SLA) -> float | None:
-    """Pressure from what waits now (the head's wait, the queue's projected wait) and per-token latency, without
+    """Pressure from what waits now (the head's wait plus its own cost, the queue's projected wait) and
+    per-token latency, without
     the window's TTFT and latency p95, which still hold requests that queued before the last change. What
     decides whether tightening was not enough and a replica must be added."""
-    waits = [w for w in (snap.oldest_wait_s, projected_wait_s(snap)) if w is not None]
+    head = None if snap.oldest_wait_s is None else snap.oldest_wait_s + (cost_per_request_s(snap) or 0.0)
+    waits = [w for w in (head, projected_wait_s(snap)) if w is not None]  # the head's TTFT: its wait + its own
     wait = max(waits) if waits else None
     return _ratios([(wait, sla.online.ttft_p95_s), (wait, sla.online.latency_p95_s),
                     (snap.token_latency_p95_s, sla.online.token_latency_p95_s)])
@@ -134,8 +142,13 @@ def memory_use(snap: TelemetrySnapshot, sla: SLA) -> float:
 def _step_actor(snap: TelemetrySnapshot, st: ActorState, load: float | None, memory: float, sla: SLA,
                 now: float) -> tuple[ActorState, Decision | None]:
     p = sla.pacing
-    ready = now - st.changed_at >= p.cooldown_s
     at_risk = (load is not None and load >= p.risk) or memory >= 1.0
+    # What waits and memory show a move's effect at once; an online p95 only once the window has renewed, so
+    # a tightening on the p95 alone waits a window after the last move (one slow request must not walk the
+    # whole ladder down while it stays in the window).
+    live = live_pressure(snap, sla) if snap.kind == "serve" else load
+    lagging = snap.kind == "serve" and (live is None or live < p.risk) and memory < 1.0
+    ready = now - st.changed_at >= (max(p.cooldown_s, snap.window_s) if at_risk and lagging else p.cooldown_s)
     if at_risk:  # remember the sparsest level that missed and the highest load it missed at
         unsafe = (max(st.level, st.unsafe[0]) if st.unsafe else st.level,
                   max(snap.requests_per_s, st.unsafe[1] if st.unsafe else 0.0))
@@ -240,4 +253,4 @@ def decide(ctx: PolicyContext, state: PolicyState) -> tuple[list[Decision], Poli
 
 
 __all__ = ["PolicyContext", "PolicyState", "ActorState", "Decision", "OfflineProgress", "KeepSetting", "decide",
-           "level_of", "pressure", "live_pressure", "projected_wait_s", "memory_use"]
+           "level_of", "pressure", "live_pressure", "projected_wait_s", "cost_per_request_s", "memory_use"]

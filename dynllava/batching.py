@@ -326,8 +326,10 @@ class ContinuousEngine:
     def snapshot(self, actor_id: str, kind: str, sparsity: SparsityConfig) -> TelemetrySnapshot:
         """This engine's TelemetrySnapshot (any thread): window rates and percentiles, queue, batch, KV, memory."""
         c = self.counters
-        since = c.oldest_waiting_since
-        return take_snapshot(actor_id, kind, self.window, self.model.device, sparsity.to_dict(), c.waiting,
+        with self._lock:  # the inbox counts now: a long step (a dense prefill) would hide its arrivals until it ends
+            inbox, inbox_since = len(self._inbox), self._inbox[0].submitted_at if self._inbox else None
+        since = min((t for t in (c.oldest_waiting_since, inbox_since) if t is not None), default=None)
+        return take_snapshot(actor_id, kind, self.window, self.model.device, sparsity.to_dict(), c.waiting + inbox,
                              c.running, c.kv_bytes_in_use, c.kv_bytes_allocated,
                              None if since is None else time.perf_counter() - since, self.kv_budget_bytes or 0,
                              c.kv_blocks_free, c.preempted)

@@ -123,7 +123,8 @@ def plot_calibration(points: list[dict[str, Any]], path: str | Path, tolerance: 
 @dataclass
 class Panel:
     """One chart of a timeline: a y label with its unit, named series of (x, y) points, horizontal reference
-    lines (label -> y), the y range (y_max None: the data's), and whether the series are step functions."""
+    lines (label -> y), the y range (y_max None: the data's), whether the series are step functions, and named
+    events drawn as markers at (x, y) (e.g. a controller's orders)."""
 
     y_label: str
     series: dict[str, list[tuple[float, float]]]
@@ -131,6 +132,7 @@ class Panel:
     y_min: float = 0.0
     y_max: float | None = None
     steps: bool = False
+    events: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
 
 
 def save_panels(path: str | Path, title: str, panels: list[Panel], x_label: str = "seconds",
@@ -150,6 +152,10 @@ def save_panels(path: str | Path, title: str, panels: list[Panel], x_label: str 
                 draw = ax.step if panel.steps else ax.plot
                 kwargs = {"where": "post"} if panel.steps else {}
                 draw(xs, ys, color=colour[name], label=name, **kwargs)
+        for name, points in panel.events.items():
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, linestyle="none", marker="v", markersize=5, color="black", label=name)
         for label, y in panel.references.items():
             ax.axhline(y, color="grey", linestyle="--", linewidth=1, label=label)
         for label, x in (marks or {}).items():

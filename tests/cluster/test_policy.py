@@ -40,7 +40,7 @@ def test_single_decisions():
     assert [(d.action, d.value) for d in decisions] == [("set_sparsity", SLA_.keep_at(1))]
     decisions, state = decide(ctx(1, snap(ttft=3.0, keep=SLA_.keep_at(1))), state)
     assert decisions == [], "within the cooldown nothing moves"
-    decisions, state = decide(ctx(2, snap(ttft=3.0, keep=SLA_.keep_at(1))), state)
+    decisions, state = decide(ctx(2, snap(ttft=3.0, keep=SLA_.keep_at(1), oldest_wait=3.0)), state)
     assert decisions[0].value == SLA_.keep_at(3), "far over target: max_step levels at once"
     decisions, _ = decide(ctx(3, snap(ttft=0.1, used=95)), PolicyState())
     assert decisions and "memory" in decisions[0].reason
@@ -51,6 +51,21 @@ def test_single_decisions():
     _, state = decide(ctx(4, snap("a"), snap("b")), PolicyState())
     _, state = decide(ctx(5, snap("b")), state)
     assert set(state.actors) == {"b"}, "a dead actor is dropped"
+
+
+def test_a_p95_alone_tightens_once_per_window_what_waits_once_per_cooldown():
+    """One slow request stays in the window's p95 for the whole window; tightening again on it every cooldown
+    would walk the ladder down on a single sample. What waits shows a move's effect at once."""
+    ctx = lambda now, s: PolicyContext(now, SLA_, (s,), {"serve": 1})  # noqa: E731
+    decisions, state = decide(ctx(0, snap(ttft=0.95)), PolicyState())
+    assert [d.value for d in decisions] == [SLA_.keep_at(1)]
+    for now in (2, 10, 29):  # the snapshot's window is 30 s
+        decisions, state = decide(ctx(now, snap(ttft=0.95, keep=SLA_.keep_at(1))), state)
+        assert decisions == [], f"the same p95 at {now} s"
+    decisions, state = decide(ctx(30, snap(ttft=0.95, keep=SLA_.keep_at(1))), state)
+    assert [d.value for d in decisions] == [SLA_.keep_at(2)], "a window later it is the new level's own p95"
+    decisions, _ = decide(ctx(32, snap(ttft=0.95, keep=SLA_.keep_at(2), oldest_wait=0.95)), state)
+    assert [d.value for d in decisions] == [SLA_.keep_at(3)], "the queue's head waits: a cooldown is enough"
 
 
 def test_offline_deadline_pressure_tightens_data_actors():

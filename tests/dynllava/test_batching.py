@@ -200,6 +200,8 @@ def test_snapshot_reports_the_window_and_current_state(tiny_model):
     made = [_request(tiny_model, i, SPARSE, max_new=6) for i in range(5)]
     for req, _ in made:
         engine.submit(req)
+    pending = engine.snapshot("e0", "serve", SPARSE)  # no step has taken them from the inbox yet: they count
+    assert (pending.queue_depth, pending.running) == (5, 0) and pending.oldest_wait_s >= 0
     engine.step()
     live = engine.snapshot("e0", "serve", SPARSE)
     assert (live.running, live.queue_depth, live.requests_per_s) == (4, 1, 0.0) and live.kv_bytes_in_use > 0
