@@ -78,11 +78,13 @@ def level_of(sla: SLA, sparsity: dict) -> int:
 
 
 def cost_per_request_s(snap: TelemetrySnapshot) -> float | None:
-    """The engine's busy seconds per finished request over the window (busy fraction / requests per second):
-    what one more request in its queue adds to the wait of those behind it. None when not measured."""
-    if not snap.busy_fraction or snap.requests_per_s <= 0:
+    """The engine's busy seconds per admitted request over the window (busy fraction / admissions per second):
+    what one more request in its queue adds to the wait of those behind it. Admissions, not finishes: rows that
+    decode together finish in bursts, and a window between bursts would make each request look several times
+    dearer. None when not measured."""
+    if not snap.busy_fraction or not snap.admitted_per_s:
         return None
-    return snap.busy_fraction / snap.requests_per_s
+    return snap.busy_fraction / snap.admitted_per_s
 
 
 def projected_wait_s(snap: TelemetrySnapshot) -> float | None:

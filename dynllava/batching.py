@@ -345,6 +345,7 @@ class ContinuousEngine:
         group = self._admit()
         worked = bool(group or self._running)
         if group:
+            self.window.add_admitted(len(group))
             self._prefill(group)
         if self._running:
             self._decode()

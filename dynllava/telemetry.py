@@ -46,7 +46,9 @@ class TelemetrySnapshot:
     kv_blocks_free: int = -1  # blocks of tokens (every layer) the budget still leaves (-1: no budget or padded)
     preempted: int = 0  # rows preempted since the engine started (its KV budget was full)
     busy_fraction: float | None = None  # share of the window the engine spent in steps with work (None: not
-    #                                     measured). Over requests_per_s it is the engine's cost per request.
+    #                                     measured). Over admitted_per_s it is the engine's cost per request.
+    admitted_per_s: float | None = None  # requests the engine admitted (prefilled) per second: the rate its queue
+    #                                      drains at (finishes come in bursts, as rows decode together)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,6 +70,7 @@ class RequestWindow:
         self.started = clock()  # a window younger than window_s divides by its age, not by window_s
         self._items: collections.deque[tuple[float, float, float | None, float, int]] = collections.deque()
         self._busy: collections.deque[tuple[float, float]] = collections.deque()  # (when, seconds) of busy steps
+        self._admitted: collections.deque[tuple[float, int]] = collections.deque()  # (when, requests admitted)
         self._lock = threading.Lock()
         self.total = 0  # requests added since the window was made
 
@@ -83,15 +86,21 @@ class RequestWindow:
         with self._lock:
             self._busy.append((self.clock(), seconds))
 
+    def add_admitted(self, n: int) -> None:
+        """A step admitted (prefilled) `n` requests."""
+        with self._lock:
+            self._admitted.append((self.clock(), n))
+
     def stats(self) -> dict[str, float | None]:
         now = self.clock()
         with self._lock:
             while self._items and self._items[0][0] < now - self.window_s:
                 self._items.popleft()
-            while self._busy and self._busy[0][0] < now - self.window_s:
-                self._busy.popleft()
+            for events in (self._busy, self._admitted):
+                while events and events[0][0] < now - self.window_s:
+                    events.popleft()
             items = list(self._items)
-            busy = sum(b[1] for b in self._busy)
+            busy, admitted = sum(b[1] for b in self._busy), sum(a[1] for a in self._admitted)
         ttft = [i[1] for i in items]
         per_token = [i[2] for i in items if i[2] is not None]
         latency = [i[3] for i in items]
@@ -100,7 +109,7 @@ class RequestWindow:
                 "ttft_p50_s": percentile(ttft, 50), "ttft_p95_s": percentile(ttft, 95),
                 "token_latency_p50_s": percentile(per_token, 50), "token_latency_p95_s": percentile(per_token, 95),
                 "latency_p95_s": percentile(latency, 95), "finished": self.total,
-                "busy_fraction": min(1.0, busy / span)}
+                "busy_fraction": min(1.0, busy / span), "admitted_per_s": admitted / span}
 
 
 def device_memory(device_index: int | None) -> tuple[int, int]:

@@ -22,7 +22,7 @@ def snap(actor: str = "r0", kind: str = "serve", ttft: float | None = 0.2, rate:
     return TelemetrySnapshot(actor, kind, 0.0, 30.0, rate, rate * 30, ttft, ttft, None, None, None,
                              queue, 1, 0, kv_held, used, total,
                              {"vision_keep": keep.vision_keep, "text_keep": keep.text_keep}, finished, oldest_wait,
-                             kv_budget, busy_fraction=busy)
+                             kv_budget, busy_fraction=busy, admitted_per_s=rate)
 
 
 def test_ladder_runs_from_preferred_to_floor_and_state_recovers_from_reports():
@@ -173,7 +173,7 @@ def test_the_head_of_the_queue_is_a_leading_signal():
 
 
 def test_the_queue_projected_at_the_measured_cost_per_request_leads_the_heads_wait():
-    """Three requests queued behind an engine that is busy all the time and finishes 2 per second: the newest
+    """Three requests queued behind an engine that is busy all the time and admits 2 per second: the newest
     will wait about 1.5 s, over the 1 s target, while the head has waited 0.2 s and finished requests look
     fast. Tighten now; at a quarter of the load the same queue drains in time."""
     ctx = lambda s: PolicyContext(0.0, SLA_, (s,), {"serve": 1})  # noqa: E731

@@ -207,6 +207,7 @@ def test_snapshot_reports_the_window_and_current_state(tiny_model):
     assert (live.running, live.queue_depth, live.requests_per_s) == (4, 1, 0.0) and live.kv_bytes_in_use > 0
     assert live.oldest_wait_s > 0  # the fifth request waits for a slot
     assert 0 < live.busy_fraction <= 1  # the step's own time, over the window's 1 s minimum span
+    assert live.admitted_per_s == 4.0  # four admitted in the first step, over the window's 1 s minimum span
     engine.run_until_idle()
     now[0] = 1004.0  # 4 s after the engine started: a new engine rates over its age, not the 60 s window
     done = engine.snapshot("e0", "serve", SPARSE)

@@ -30,7 +30,7 @@ def test_window_rates_percentiles_and_ageing():
     assert window.stats()["ttft_p50_s"] is None and window.stats()["requests_per_s"] == 0.0
 
 
-def test_busy_fraction_is_the_share_of_the_window_spent_in_steps():
+def test_busy_fraction_and_admissions_over_the_window():
     now = [100.0]
     window = RequestWindow(window_s=10.0, clock=lambda: now[0])
     now[0] = 120.0
@@ -43,6 +43,9 @@ def test_busy_fraction_is_the_share_of_the_window_spent_in_steps():
     assert window.stats()["busy_fraction"] == 0.1
     window.add_busy(30.0)  # a step longer than the window: the engine was busy all of it
     assert window.stats()["busy_fraction"] == 1.0
+    window.add_admitted(3)
+    window.add_admitted(2)
+    assert window.stats()["admitted_per_s"] == 0.5  # 5 requests admitted in the 10 s window
 
 
 def test_percentile_is_nearest_rank():
