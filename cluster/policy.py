@@ -102,11 +102,10 @@ def _ratios(pairs: list[tuple[float | None, float | None]]) -> float | None:
 
 def live_pressure(snap: TelemetrySnapshot, sla: SLA) -> float | None:
     """Pressure from what waits now (the head's wait plus its own cost, the queue's projected wait) and
-    per-token latency, without
-    the window's TTFT and latency p95, which still hold requests that queued before the last change. What
-    decides whether tightening was not enough and a replica must be added."""
+    per-token latency, without the window's TTFT and latency p95, which still hold requests that queued before
+    the last change. What decides whether tightening was not enough and a replica must be added."""
     head = None if snap.oldest_wait_s is None else snap.oldest_wait_s + (cost_per_request_s(snap) or 0.0)
-    waits = [w for w in (head, projected_wait_s(snap)) if w is not None]  # the head's TTFT: its wait + its own
+    waits = [w for w in (head, projected_wait_s(snap)) if w is not None]
     wait = max(waits) if waits else None
     return _ratios([(wait, sla.online.ttft_p95_s), (wait, sla.online.latency_p95_s),
                     (snap.token_latency_p95_s, sla.online.token_latency_p95_s)])
