@@ -78,27 +78,34 @@ class RequestWindow:
         """One finished request: time to first token, end-to-end latency (s), generated tokens."""
         per_token = (latency_s - ttft_s) / (n_tokens - 1) if n_tokens > 1 else None
         with self._lock:
-            self._items.append((self.clock(), ttft_s, per_token, latency_s, n_tokens))
+            self._append(self._items, (self.clock(), ttft_s, per_token, latency_s, n_tokens))
             self.total += 1
 
     def add_busy(self, seconds: float) -> None:
         """One engine step that had work to do took `seconds` (the window's utilisation)."""
         with self._lock:
-            self._busy.append((self.clock(), seconds))
+            self._append(self._busy, (self.clock(), seconds))
 
     def add_admitted(self, n: int) -> None:
         """A step admitted (prefilled) `n` requests."""
         with self._lock:
-            self._admitted.append((self.clock(), n))
+            self._append(self._admitted, (self.clock(), n))
+
+    def _append(self, events: collections.deque, event: tuple) -> None:
+        """Add an event and drop those older than the window (under the lock): an engine nobody asks for
+        snapshots (an offline job without a controller) steps for hours, and must not keep every step."""
+        events.append(event)
+        self._prune(events, event[0])
+
+    def _prune(self, events: collections.deque, now: float) -> None:
+        while events and events[0][0] < now - self.window_s:
+            events.popleft()
 
     def stats(self) -> dict[str, float | None]:
         now = self.clock()
         with self._lock:
-            while self._items and self._items[0][0] < now - self.window_s:
-                self._items.popleft()
-            for events in (self._busy, self._admitted):
-                while events and events[0][0] < now - self.window_s:
-                    events.popleft()
+            for events in (self._items, self._busy, self._admitted):
+                self._prune(events, now)
             items = list(self._items)
             busy, admitted = sum(b[1] for b in self._busy), sum(a[1] for a in self._admitted)
         ttft = [i[1] for i in items]

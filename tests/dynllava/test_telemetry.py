@@ -48,6 +48,19 @@ def test_busy_fraction_and_admissions_over_the_window():
     assert window.stats()["admitted_per_s"] == 0.5  # 5 requests admitted in the 10 s window
 
 
+def test_a_window_nobody_reads_keeps_only_its_window():
+    """An offline engine without a controller adds an event per step for hours and never asks for stats."""
+    now = [0.0]
+    window = RequestWindow(window_s=10.0, clock=lambda: now[0])
+    for _ in range(1000):
+        now[0] += 0.1
+        window.add_busy(0.05)
+        window.add_admitted(1)
+        window.add(ttft_s=0.1, latency_s=0.2, n_tokens=2)
+    assert max(len(window._busy), len(window._admitted), len(window._items)) <= 101
+    assert window.total == 1000
+
+
 def test_percentile_is_nearest_rank():
     assert percentile([], 50) is None
     assert percentile([3.0, 1.0, 2.0], 50) == 2.0 and percentile([1.0, 2.0, 3.0, 4.0], 95) == 4.0
