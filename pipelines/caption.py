@@ -21,6 +21,7 @@ from dynllava.row_errors import INPUT
 from pipelines import job_record
 from pipelines.config import CaptionJobConfig
 from pipelines.job_record import JOB_FILE
+from pipelines.lease import OutputLease
 from pipelines.output import OutputLocation, open_output, redact
 from pipelines.progress import CommittedRows, ProgressReporter
 from pipelines.retry import drop_error_rows, retry_passes
@@ -202,18 +203,28 @@ def run_caption_job(input_path: str, output: str | Path, config: CaptionJobConfi
     output: a local folder or any pyarrow filesystem URI (s3://, gs://, abfs://, file://); the checkpoint goes
     beside the rows. limit: at most this many more rows in this run (rows already in the output do not count).
     retry_errors: "transient" or "all": first take those error rows out of the output (and their ids out of the
-    checkpoint), so this run does them again (dynllava.row_errors says which errors are transient). A resume whose input, model, prompt, sparsity or max_new_tokens differs from the output's
-    record is refused unless allow_config_change. progress_s: print rows done, rows/s and (Parquet inputs) the
+    checkpoint), so this run does them again (dynllava.row_errors says which errors are transient). A resume
+    whose input, model, prompt, sparsity or max_new_tokens differs from the output's record is refused unless allow_config_change. progress_s: print rows done, rows/s and (Parquet inputs) the
     time left every so many seconds, from the committed checkpoint files. `loader` replaces
-    DynamicLlava.from_pretrained in the engine actors (tests inject failures with it)."""
-    import ray
-    import ray.data
-    from ray.data.checkpoint import CheckpointConfig
-
+    DynamicLlava.from_pretrained in the engine actors (tests inject failures with it). A second run on the same
+    output while this one runs is refused (OutputBusy); one started after this one was killed first waits
+    config.lease_s for its workers to stop (pipelines.lease)."""
     if limit is not None and (isinstance(limit, bool) or limit < 1):
         raise ValueError(f"limit must be a positive number of rows, got {limit}")
     detect_kind(input_path)  # a missing or unusable input fails here, before Ray starts
     out = open_output(output)  # and so do a bad bucket, endpoint or credentials
+    with OutputLease(out, config.lease_s) as lease:  # one run at a time; a killed run's writers gone first
+        return _run_caption_job(input_path, out, config, lease, address, limit, loader, retry_errors,
+                                allow_config_change, progress_s)
+
+
+def _run_caption_job(input_path: str, out: OutputLocation, config: CaptionJobConfig, lease: OutputLease,
+                     address: str | None, limit: int | None, loader: Callable | None, retry_errors: str | None,
+                     allow_config_change: bool, progress_s: float | None) -> RunSummary:
+    import ray
+    import ray.data
+    from ray.data.checkpoint import CheckpointConfig
+
     job = job_record.load(out)
     identity = {"input": redact(input_path), "model": config.model, "prompt": config.prompt,
                 "sparsity": config.sparsity.to_dict(), "max_new_tokens": config.max_new_tokens}
@@ -279,6 +290,7 @@ def run_caption_job(input_path: str, output: str | Path, config: CaptionJobConfi
         ray.get(controller.start_offline_job.remote(rows_total, time.time()))
     reporter = (ProgressReporter(CommittedRows(out, CHECKPOINT_DIR).poll, rows_total, progress_s)
                 if progress_s else contextlib.nullcontext())
+    lease.writing()
     try:
         with reporter:
             ds.write_parquet(out.path, filesystem=out.fs, min_rows_per_file=config.rows_per_file,

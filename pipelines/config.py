@@ -73,6 +73,8 @@ class CaptionJobConfig:
     serve_callers: int = 2  # with serve_app: batches in flight to the app at once (light caller actors)
     controller: bool = False  # engine actors report to the cluster controller and follow its sparsity orders
     sla: str | None = None  # SLA YAML for the controller the job starts when none runs (default configs/sla.yaml)
+    lease_s: float = 10.0  # a run renews a lease on its output every lease_s / 5; a rerun after a kill waits
+    #                        lease_s for the killed run's workers to stop (they can commit files ~1 s later)
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "batch_size", "batches_in_flight", "max_batch", "max_prefill_batch",
@@ -87,6 +89,8 @@ class CaptionJobConfig:
         if self.decode_tasks is not None and (isinstance(self.decode_tasks, bool) or
                                               not isinstance(self.decode_tasks, int) or self.decode_tasks < 1):
             raise ValueError(f"decode_tasks must be null or an integer >= 1, got {self.decode_tasks!r}")
+        if isinstance(self.lease_s, bool) or not isinstance(self.lease_s, (int, float)) or not 1 <= self.lease_s <= 600:
+            raise ValueError(f"lease_s must be a number of seconds in [1, 600], got {self.lease_s!r}")
         if not 0 < self.decode_num_cpus <= 64:
             raise ValueError(f"decode_num_cpus must be in (0, 64], got {self.decode_num_cpus!r}")
         if not isinstance(self.prompt, str) or not self.prompt.strip():

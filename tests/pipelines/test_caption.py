@@ -17,6 +17,7 @@ import pytest
 
 from pipelines.caption import JOB_FILE, run_caption_job
 from pipelines.config import CaptionJobConfig
+from pipelines.lease import LEASE_FILE
 
 from tests.conftest import REPO_ROOT
 from tests.pipelines.conftest import png_bytes
@@ -186,10 +187,17 @@ def test_resume_after_the_job_process_is_killed(ray_local, tmp_path, job_config)
     assert proc.poll() is None, (tmp_path / "job.log").read_text()[-3000:]
     os.killpg(proc.pid, 9)
     proc.wait()
-    partial = len(output_rows(out)) if out.exists() else 0
-    assert partial < len(ids), "the job finished before it could be interrupted; make it slower"
+    # (its output files are not read here: one it was writing can be torn; the rerun's recovery deletes it)
+    assert json.loads((out / JOB_FILE).read_text())["runs"][-1]["status"] == "running", \
+        "the job finished before it could be interrupted; make it slower"
+    # Its workers can still commit files for a moment (they did, 0.8 s after the kill, and the rerun wrote
+    # those rows twice): the lease it left makes the rerun wait them out.
+    assert (out / LEASE_FILE).exists()
+    started = time.monotonic()
     run_caption_job(str(tmp_path / "in"), out, job_config)
+    assert time.monotonic() - started >= job_config.lease_s
     assert sorted(r["id"] for r in output_rows(out)) == ids
+    assert not (out / LEASE_FILE).exists()
     runs = json.loads((out / JOB_FILE).read_text())["runs"]
     assert [r["status"] for r in runs] == ["killed", "finished"]  # the killed attempt is visible as such
 
