@@ -81,9 +81,10 @@ class Output:
         return [i for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File]
 
     def committed(self) -> int:
-        """Rows in the output's Parquet files, from their footers."""
-        return sum(pq.ParquetFile(i.path, filesystem=self.fs).metadata.num_rows for i in self.files()
-                   if i.path.endswith(".parquet"))
+        """Rows whose output file is committed: the ids in the checkpoint's committed files, from their footers
+        (a data file whose checkpoint is still pending is deleted by the next run, and may be torn)."""
+        return sum(pq.ParquetFile(i.path, filesystem=self.fs).metadata.num_rows for i in self.files("_checkpoint")
+                   if i.path.endswith(".parquet") and not i.path.endswith(".pending.parquet"))
 
     def record(self) -> dict:
         with self.fs.open_input_stream(f"{self.path}/_job.json") as f:
