@@ -1,10 +1,11 @@
 """The cluster controller: observe -> decide -> apply, as a named, detached Ray actor.
 
-Engine actors push their TelemetrySnapshot to it (`report`) every second or so, and the reply carries what the
-controller wants from them: a keep setting, and for Serve replicas the replica count the custom autoscaling
-policy should ask for (cluster/autoscaling.py reads it from the replicas' autoscaling stats). The controller
-never calls into an engine, so a dead engine costs it nothing: its snapshots stop and it is dropped after
-`stale_s`. After a controller restart, its state is rebuilt from the actors' next reports (the policy maps each
+Engine actors push their TelemetrySnapshot to it (`report`) every second or so, a replica whose requests queue
+at once (and that report is decided on at once), and the reply carries what the controller wants from them: a
+keep setting, and for Serve replicas the replica count the custom autoscaling policy should ask for
+(cluster/autoscaling.py reads it from the replicas' autoscaling stats). The controller never calls into an
+engine, so a dead engine costs it nothing: its snapshots stop and it is dropped after `stale_s`. After a
+controller restart, its state is rebuilt from the actors' next reports (the policy maps each
 reported sparsity back onto the SLA's ladder).
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import threading
 import time
 from dataclasses import asdict
@@ -30,7 +32,7 @@ class ControllerCore:
     """The controller's logic without Ray (the actor below wraps it; tests drive it directly)."""
 
     def __init__(self, sla: SLA, stale_s: float = 5.0, clock: Callable[[], float] = time.time,
-                 request_nodes: Callable[[int], None] | None = None):
+                 request_nodes: Callable[[int], None] | None = None, min_step_gap_s: float = 0.05):
         self.sla, self.stale_s, self.clock = sla, stale_s, clock
         self.request_nodes = request_nodes
         self.snapshots: dict[str, TelemetrySnapshot] = {}
@@ -42,16 +44,24 @@ class ControllerCore:
         self.job_rows: dict[str, int] = {}  # offline actor id -> rows it finished for the job (dead ones too)
         self.history: collections.deque[dict] = collections.deque(maxlen=500)
         self.lock = threading.Lock()
+        self.stepped_at = -math.inf  # when the last step ran (this clock)
+        self.min_step_gap_s = min_step_gap_s
 
     def report(self, snapshot: dict | TelemetrySnapshot) -> dict[str, Any]:
         """An engine's snapshot in; its orders out: {"keep": {vision_keep, text_keep} | None, "replicas": int |
-        None}."""
+        None}. A Serve replica with requests waiting is decided on at once (at most every min_step_gap_s), and
+        the reply carries the result: a periodic step could leave a burst queued for a whole period."""
         snap = snapshot if isinstance(snapshot, TelemetrySnapshot) else TelemetrySnapshot(**snapshot)
         with self.lock:
             self.snapshots[snap.actor_id] = snap
             self.seen_at[snap.actor_id] = self.clock()
             if snap.kind == "data" and self.job is not None:
                 self.job_rows[snap.actor_id] = snap.finished
+            urgent = snap.kind == "serve" and snap.queue_depth > 0 and \
+                self.clock() - self.stepped_at >= self.min_step_gap_s
+        if urgent:
+            self.step()
+        with self.lock:
             return {"keep": self.assigned.get(snap.actor_id), "replicas": self.desired.get(snap.kind)}
 
     def start_offline_job(self, rows_total: int | None, started_at: float) -> None:
@@ -78,7 +88,7 @@ class ControllerCore:
     def step(self) -> list[Decision]:
         """Observe the fresh snapshots, decide, and record the orders the next reports will carry."""
         with self.lock:
-            now = self.clock()
+            now = self.stepped_at = self.clock()
             for actor in [a for a, t in self.seen_at.items() if now - t > self.stale_s]:
                 log.info("actor %s stopped reporting; dropped", actor)
                 for table in (self.snapshots, self.seen_at, self.assigned):

@@ -363,6 +363,8 @@ class LlavaServer:
             result = await self._static_submit(engine_request)
         else:
             result = self.engine.submit_many([engine_request])[0]
+        if self.controller is not None and self.engine.has_work():
+            self.controller.nudge()  # it waits behind other work: let the controller see that now
         if isinstance(result, QueueFull):
             raise ApiError(429, f"server busy: {result}", code="queue_full", retry_after_s=1)
         if isinstance(result, Exception):

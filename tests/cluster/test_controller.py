@@ -40,6 +40,21 @@ def test_core_orders_ride_on_reports_and_dead_actors_drop_out():
     assert "b  " in table and "set_sparsity a" in table and "tighten to level 2" in table
 
 
+def test_a_replica_with_requests_waiting_is_decided_on_in_its_own_report():
+    """A queue that will miss is answered in the reply to the report that shows it, not a period later; a report
+    with nothing waiting (or from an offline actor) waits for the periodic step."""
+    now = [0.0]
+    core = ControllerCore(SLA(pacing=Pacing(cooldown_s=0)), clock=lambda: now[0])
+    assert core.report(snap("r", ttft=0.1)) == {"keep": None, "replicas": None}  # nothing waits: no step
+    assert core.report(snap("d", kind="data", ttft=0.1, queue=5))["keep"] is None
+    orders = core.report(snap("r", ttft=0.1, oldest_wait=5.0, busy=0.9))  # the head has waited 5 s already
+    assert orders["keep"] is not None and orders["keep"]["vision_keep"] < 1.0
+    assert core.status()["decisions"][-1]["target"] == "r"
+    now[0] += 0.01  # steps on reports are at most every min_step_gap_s
+    core.report(snap("r", ttft=0.1, oldest_wait=9.0, busy=0.9))
+    assert len(core.status()["decisions"]) == 1
+
+
 def test_a_restarted_core_rebuilds_levels_from_reports():
     sla = SLA()
     core = ControllerCore(sla)

@@ -53,3 +53,22 @@ def test_client_reports_periodically_and_survives_a_failing_controller():
         pass
     client.stop()
     assert len(calls) >= 6 and len(got) >= 4
+
+
+def test_a_nudge_reports_within_the_gap_and_nudges_coalesce():
+    """A period far longer than the test: only nudges make it report; a burst of nudges is one or two reports."""
+    import time
+
+    sent = []
+    client = ControllerClient(snapshot, lambda orders: None, lambda snap: sent.append(time.monotonic()) or {},
+                              period_s=60.0, min_gap_s=0.2).start()
+    time.sleep(0.05)
+    assert sent == []
+    started = time.monotonic()
+    for _ in range(50):
+        client.nudge()
+    time.sleep(0.1)
+    assert len(sent) == 1 and sent[0] - started < 0.05
+    time.sleep(0.3)  # the nudges that came during the first report's gap: at most one more
+    client.stop()
+    assert len(sent) <= 2
