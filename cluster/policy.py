@@ -155,7 +155,7 @@ def _step_actor(snap: TelemetrySnapshot, st: ActorState, load: float | None, mem
                   max(snap.requests_per_s, st.unsafe[1] if st.unsafe else 0.0))
         if st.level < p.levels and ready:
             worst = max(load or 0.0, memory)
-            level = min(p.levels, st.level + (p.max_step if worst >= 1.5 else 1))
+            level = min(p.levels, st.level + (p.max_step if worst >= 1.0 else 1))  # missing: max_step
             why = f"pressure {load:.2f}" if load is not None and load >= p.risk else f"memory {memory:.2f} of ceiling"
             return ActorState(level, now, None, unsafe), Decision("set_sparsity", snap.actor_id, sla.keep_at(level),
                                                                   f"tighten to level {level}: {why}")

@@ -42,6 +42,8 @@ def test_single_decisions():
     assert decisions == [], "within the cooldown nothing moves"
     decisions, state = decide(ctx(2, snap(ttft=3.0, keep=SLA_.keep_at(1), oldest_wait=3.0)), state)
     assert decisions[0].value == SLA_.keep_at(3), "far over target: max_step levels at once"
+    decisions, _ = decide(ctx(0, snap(ttft=1.1)), PolicyState())
+    assert decisions[0].value == SLA_.keep_at(2), "already missing, if only just: max_step levels"
     decisions, _ = decide(ctx(3, snap(ttft=0.1, used=95)), PolicyState())
     assert decisions and "memory" in decisions[0].reason
     decisions, _ = decide(ctx(3, snap(ttft=0.1, kv_held=95, kv_budget=100)), PolicyState())
