@@ -328,8 +328,9 @@ class ContinuousEngine:
         c = self.counters
         with self._lock:  # the inbox counts now: a long step (a dense prefill) would hide its arrivals until it ends
             inbox, inbox_since = len(self._inbox), self._inbox[0].submitted_at if self._inbox else None
-        since = min((t for t in (c.oldest_waiting_since, inbox_since) if t is not None), default=None)
-        return take_snapshot(actor_id, kind, self.window, self.model.device, sparsity.to_dict(), c.waiting + inbox,
+            waiting, waiting_since = c.waiting, c.oldest_waiting_since
+        since = min((t for t in (waiting_since, inbox_since) if t is not None), default=None)
+        return take_snapshot(actor_id, kind, self.window, self.model.device, sparsity.to_dict(), waiting + inbox,
                              c.running, c.kv_bytes_in_use, c.kv_bytes_allocated,
                              None if since is None else time.perf_counter() - since, self.kv_budget_bytes or 0,
                              c.kv_blocks_free, c.preempted)
@@ -343,6 +344,7 @@ class ContinuousEngine:
         started = time.perf_counter()
         self._take_inbox()
         group = self._admit()
+        self._count_waiting()  # before the long work: a snapshot taken during it must still see who waits
         worked = bool(group or self._running)
         if group:
             self.window.add_admitted(len(group))
@@ -363,6 +365,7 @@ class ContinuousEngine:
         with self._lock:
             self._waiting.extend(self._inbox)
             self._inbox.clear()
+            self._count_waiting()  # under the lock: a snapshot sees them in the inbox or in the count, never neither
             cancelled, self._cancelled = self._cancelled, set()
         if not cancelled:
             return
@@ -639,10 +642,14 @@ class ContinuousEngine:
         else:
             self._decoding.select(keep)
 
+    def _count_waiting(self) -> None:
+        self.counters.waiting = len(self._waiting)
+        self.counters.oldest_waiting_since = self._waiting[0].submitted_at if self._waiting else None
+
     def _update_counters(self) -> None:
         c = self.counters
-        c.waiting, c.running = len(self._waiting), len(self._running)
-        c.oldest_waiting_since = self._waiting[0].submitted_at if self._waiting else None
+        self._count_waiting()
+        c.running = len(self._running)
         c.kv_bytes_in_use, c.kv_bytes_allocated = decoding_bytes(self._decoding)
         c.kv_bytes_reserved = self._allocation(self._running_slots(), self._running[0].request.sparsity.layer) \
             if self._running else 0

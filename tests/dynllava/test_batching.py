@@ -218,6 +218,20 @@ def test_snapshot_reports_the_window_and_current_state(tiny_model):
     assert done.sparsity["vision_keep"] == 0.25  # device memory: test_telemetry
 
 
+def test_a_snapshot_during_a_step_counts_who_still_waits(tiny_model):
+    """A step takes the inbox into its queue, then prefills for a long time (1.2 s, dense, in the autoscale
+    bench): a snapshot in between must count the requests it did not admit. It counted none, and the controller
+    saw an empty queue for a whole prefill while a burst waited."""
+    engine = ContinuousEngine(tiny_model, max_batch=4, max_prefill_batch=1)
+    for req, _ in [_request(tiny_model, i, SPARSE, max_new=2) for i in range(3)]:
+        engine.submit(req)
+    seen = []
+    prefill = engine._prefill
+    engine._prefill = lambda group: (seen.append(engine.snapshot("e0", "serve", SPARSE)), prefill(group))
+    engine.step()
+    assert seen[0].queue_depth == 2 and seen[0].oldest_wait_s > 0
+
+
 def test_queued_requests_that_follow_the_engine_take_its_new_keep_setting(tiny_model):
     """A keep order (set_keep) reaches requests already queued that did not choose their ratios; a request
     that chose them keeps its own. Each runs exactly as it would alone at the setting it ran at."""
