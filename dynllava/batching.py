@@ -347,13 +347,13 @@ class ContinuousEngine:
         self._count_waiting()  # before the long work: a snapshot taken during it must still see who waits
         worked = bool(group or self._running)
         if group:
-            self.window.add_admitted(len(group))
             self._prefill(group)
         if self._running:
             self._decode()
         self._update_counters()
-        if worked:
-            self.window.add_busy(time.perf_counter() - started)
+        if worked:  # the step's admissions and its time together: cost per request = busy / admitted, and
+            # counting a long prefill's admission before its time made a dense request look half as dear
+            self.window.add_busy(time.perf_counter() - started, admitted=len(group))
         return self.has_work()
 
     def run_until_idle(self) -> None:

@@ -81,15 +81,15 @@ class RequestWindow:
             self._append(self._items, (self.clock(), ttft_s, per_token, latency_s, n_tokens))
             self.total += 1
 
-    def add_busy(self, seconds: float) -> None:
-        """One engine step that had work to do took `seconds` (the window's utilisation)."""
+    def add_busy(self, seconds: float, admitted: int = 0) -> None:
+        """One engine step that had work to do took `seconds` (the window's utilisation) and admitted (prefilled)
+        `admitted` requests. Recorded together when the step ends, so busy / admitted never counts a request
+        whose prefill time is not in yet."""
         with self._lock:
-            self._append(self._busy, (self.clock(), seconds))
-
-    def add_admitted(self, n: int) -> None:
-        """A step admitted (prefilled) `n` requests."""
-        with self._lock:
-            self._append(self._admitted, (self.clock(), n))
+            now = self.clock()
+            self._append(self._busy, (now, seconds))
+            if admitted:
+                self._append(self._admitted, (now, admitted))
 
     def _append(self, events: collections.deque, event: tuple) -> None:
         """Add an event and drop those older than the window (under the lock): an engine nobody asks for

@@ -43,8 +43,8 @@ def test_busy_fraction_and_admissions_over_the_window():
     assert window.stats()["busy_fraction"] == 0.1
     window.add_busy(30.0)  # a step longer than the window: the engine was busy all of it
     assert window.stats()["busy_fraction"] == 1.0
-    window.add_admitted(3)
-    window.add_admitted(2)
+    window.add_busy(0.0, admitted=3)
+    window.add_busy(0.0, admitted=2)
     assert window.stats()["admitted_per_s"] == 0.5  # 5 requests admitted in the 10 s window
 
 
@@ -54,8 +54,7 @@ def test_a_window_nobody_reads_keeps_only_its_window():
     window = RequestWindow(window_s=10.0, clock=lambda: now[0])
     for _ in range(1000):
         now[0] += 0.1
-        window.add_busy(0.05)
-        window.add_admitted(1)
+        window.add_busy(0.05, admitted=1)
         window.add(ttft_s=0.1, latency_s=0.2, n_tokens=2)
     assert max(len(window._busy), len(window._admitted), len(window._items)) <= 101
     assert window.total == 1000
