@@ -53,12 +53,12 @@ class ControllerCore:
         the reply carries the result: a periodic step could leave a burst queued for a whole period."""
         snap = snapshot if isinstance(snapshot, TelemetrySnapshot) else TelemetrySnapshot(**snapshot)
         with self.lock:
+            now = self.clock()
             self.snapshots[snap.actor_id] = snap
-            self.seen_at[snap.actor_id] = self.clock()
+            self.seen_at[snap.actor_id] = now
             if snap.kind == "data" and self.job is not None:
                 self.job_rows[snap.actor_id] = snap.finished
-            urgent = snap.kind == "serve" and snap.queue_depth > 0 and \
-                self.clock() - self.stepped_at >= self.min_step_gap_s
+            urgent = snap.kind == "serve" and snap.queue_depth > 0 and now - self.stepped_at >= self.min_step_gap_s
         if urgent:
             self.step()
         with self.lock:

@@ -78,12 +78,10 @@ class ControllerClient:
         self._wake = threading.Event()
         self._lock = threading.Lock()  # one report at a time, so orders are applied in the order they came
         self._thread: threading.Thread | None = None
-        self.reports = 0  # reports sent (for tests and logs)
 
     def report_once(self) -> Orders | None:
         """Report now and apply the reply; None (logged) if the controller could not be reached."""
         with self._lock:
-            self.reports += 1
             try:
                 orders = Orders.from_reply(self.report(self.snapshot().to_dict()))
             except Exception as e:  # the controller may be restarting: the engine goes on

@@ -204,8 +204,9 @@ def run_caption_job(input_path: str, output: str | Path, config: CaptionJobConfi
     beside the rows. limit: at most this many more rows in this run (rows already in the output do not count).
     retry_errors: "transient" or "all": first take those error rows out of the output (and their ids out of the
     checkpoint), so this run does them again (dynllava.row_errors says which errors are transient). A resume
-    whose input, model, prompt, sparsity or max_new_tokens differs from the output's record is refused unless allow_config_change. progress_s: print rows done, rows/s and (Parquet inputs) the
-    time left every so many seconds, from the committed checkpoint files. `loader` replaces
+    whose input, model, prompt, sparsity or max_new_tokens differs from the output's record is refused unless
+    allow_config_change. progress_s: print rows done, rows/s and (Parquet inputs) the time left every so many
+    seconds, from the committed checkpoint files. `loader` replaces
     DynamicLlava.from_pretrained in the engine actors (tests inject failures with it). A second run on the same
     output while this one runs is refused (OutputBusy); one started after this one was killed first waits
     config.lease_s for its workers to stop (pipelines.lease)."""

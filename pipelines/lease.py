@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 from pipelines.output import OutputLocation
@@ -115,7 +115,7 @@ class OutputLease:
                     log.error("output %s: %s took this run's lease; two runs are writing it", self.out.uri,
                               now.describe())
                     return
-                self.record = LeaseRecord(**{**asdict(self.record), "beat": self.record.beat + 1})
+                self.record = replace(self.record, beat=self.record.beat + 1)
                 self._write()
             except OSError as e:  # a storage hiccup: the next beat tries again (ttl allows several misses)
                 log.warning("output %s: could not renew the lease (%s)", self.out.uri, e)

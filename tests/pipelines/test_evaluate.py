@@ -147,7 +147,7 @@ def test_on_ray_data_the_grades_are_the_same(ray_local, tmp_path, tiny_yaml, job
     assert sorted(ray_rows, key=key) == sorted(local_rows, key=key)
     assert a.perplexity is not None and a.score > 0
     # without an id column the Ray runner (a resumable caption job per setting) refuses, saying why and what
-    # to do, before any work; in process the rows are numbered (test_jsonl_with_base64_images_lists_of_answers_and_no_id)
+    # to do, before any work; in process the rows are numbered (test_jsonl_with_base64_images_..._and_no_id)
     pq.write_table(pa.Table.from_pylist([{k: v for k, v in r.items() if k != "id"} for r in good]),
                    tmp_path / "no_id.parquet")
     with pytest.raises(ValueError, match="no 'id' column.*stable id per row"):
