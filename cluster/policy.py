@@ -3,8 +3,11 @@ through `ctx.now`, so it is tested as a simulated loop without Ray.
 
 Per actor, sparsity moves on the SLA's ladder (level 0 = preferred, `levels` = the floor): tighten when a
 target is at risk or memory is near its ceiling, relax one level after a stretch of slack, with a cooldown
-between moves. Per kind (online replicas, offline actors), ask for one more when an actor sits at the floor
-and still misses, and one fewer when every actor is back at the preferred setting and idle for a while.
+between moves. Online, a relax must also leave headroom: the policy remembers each level's measured cost per
+request, and relaxes only while the current load at the denser level's cost would keep the engine busy at
+most `slack` of the time, so a burst finds room while the next order is on its way. Per kind (online replicas,
+offline actors), ask for one more when an actor sits at the floor and still misses, and one fewer when every
+actor is back at the preferred setting and idle for a while.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ class ActorState:
     changed_at: float = -math.inf
     slack_since: float | None = None
     unsafe: tuple[int, float] | None = None
+    costs: dict[int, float] = field(default_factory=dict)  # level -> busy seconds per admitted request, measured
+    #                                                         over a window spent wholly at that level
 
 
 @dataclass(frozen=True)
@@ -140,9 +145,27 @@ def memory_use(snap: TelemetrySnapshot, sla: SLA) -> float:
     return max(device, kv)
 
 
+def relax_headroom(snap: TelemetrySnapshot, st: ActorState) -> float | None:
+    """The share of time the engine would be busy one level denser, at the current admission rate and that
+    level's measured cost per request (None: that level not measured yet). Relaxing waits while it is over
+    `slack`: slack in the latency figures at a sparse level says nothing of a denser one, and a relax to a
+    level that the load nearly fills leaves no room for a burst while the next tightening is on its way."""
+    cost = st.costs.get(st.level - 1)
+    return None if cost is None or snap.admitted_per_s is None else snap.admitted_per_s * cost
+
+
+def _measured_costs(snap: TelemetrySnapshot, st: ActorState, now: float) -> dict[int, float]:
+    """st.costs with the current level's cost per request, once the telemetry window holds only that level."""
+    cost = cost_per_request_s(snap)
+    if snap.kind != "serve" or cost is None or now - st.changed_at < snap.window_s:
+        return st.costs
+    return {**st.costs, st.level: cost}
+
+
 def _step_actor(snap: TelemetrySnapshot, st: ActorState, load: float | None, memory: float, sla: SLA,
                 now: float) -> tuple[ActorState, Decision | None]:
     p = sla.pacing
+    st = replace(st, costs=_measured_costs(snap, st, now))
     at_risk = (load is not None and load >= p.risk) or memory >= 1.0
     # What waits and memory show a move's effect at once; an online p95 only once the window has renewed, so
     # a tightening on the p95 alone waits a window after the last move (one slow request must not walk the
@@ -157,21 +180,24 @@ def _step_actor(snap: TelemetrySnapshot, st: ActorState, load: float | None, mem
             worst = max(load or 0.0, memory)
             level = min(p.levels, st.level + (p.max_step if worst >= 1.0 else 1))  # missing: max_step
             why = f"pressure {load:.2f}" if load is not None and load >= p.risk else f"memory {memory:.2f} of ceiling"
-            return ActorState(level, now, None, unsafe), Decision("set_sparsity", snap.actor_id, sla.keep_at(level),
-                                                                  f"tighten to level {level}: {why}")
+            return ActorState(level, now, None, unsafe, st.costs), Decision(
+                "set_sparsity", snap.actor_id, sla.keep_at(level), f"tighten to level {level}: {why}")
         return replace(st, slack_since=None, unsafe=unsafe), None
     unsafe = st.unsafe
     if unsafe is not None and snap.requests_per_s < p.relax_load * unsafe[1]:
         unsafe = None  # the load that made that level miss has gone
     slack = (load is None or load <= p.slack) and memory <= p.slack
     blocked = unsafe is not None and st.level - 1 <= unsafe[0]
+    busy_denser = relax_headroom(snap, st) if snap.kind == "serve" and st.level > 0 else None
+    if busy_denser is not None and busy_denser > p.slack:
+        slack = False  # no room one level denser at this load
     if not slack or st.level == 0 or blocked:
         return replace(st, slack_since=(st.slack_since or now) if slack else None, unsafe=unsafe), None
     since = st.slack_since if st.slack_since is not None else now
     if now - since >= p.relax_after_s and ready:
         level = st.level - 1
-        return ActorState(level, now, now, unsafe), Decision("set_sparsity", snap.actor_id, sla.keep_at(level),
-                                                             f"relax to level {level}: slack for {now - since:.0f}s")
+        return ActorState(level, now, now, unsafe, st.costs), Decision(
+            "set_sparsity", snap.actor_id, sla.keep_at(level), f"relax to level {level}: slack for {now - since:.0f}s")
     return replace(st, slack_since=since, unsafe=unsafe), None
 
 
@@ -254,4 +280,4 @@ def decide(ctx: PolicyContext, state: PolicyState) -> tuple[list[Decision], Poli
 
 
 __all__ = ["PolicyContext", "PolicyState", "ActorState", "Decision", "OfflineProgress", "KeepSetting", "decide",
-           "level_of", "pressure", "live_pressure", "projected_wait_s", "cost_per_request_s", "memory_use"]
+           "level_of", "pressure", "live_pressure", "projected_wait_s", "cost_per_request_s", "memory_use", "relax_headroom"]

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.policy import OfflineProgress, PolicyContext, PolicyState, decide, level_of, projected_wait_s
+from cluster.policy import (ActorState, OfflineProgress, PolicyContext, PolicyState, decide, level_of,
+                            projected_wait_s)
 from cluster.sla import SLA, KeepSetting, OfflineTargets, OnlineTargets, Pacing
 from dynllava.telemetry import TelemetrySnapshot
 
@@ -68,6 +69,31 @@ def test_a_p95_alone_tightens_once_per_window_what_waits_once_per_cooldown():
     assert [d.value for d in decisions] == [SLA_.keep_at(2)], "a window later it is the new level's own p95"
     decisions, _ = decide(ctx(32, snap(ttft=0.95, keep=SLA_.keep_at(2), oldest_wait=0.95)), state)
     assert [d.value for d in decisions] == [SLA_.keep_at(3)], "the queue's head waits: a cooldown is enough"
+
+
+def test_a_relax_keeps_headroom_at_the_denser_levels_measured_cost():
+    """Slack at a sparse level says nothing of a denser one. The policy records a level's cost per request once
+    the window holds only that level, and relaxes only while the load at the denser level's cost keeps the
+    engine busy at most `slack` (0.6) of the time."""
+    ctx = lambda now, s: PolicyContext(now, SLA_, (s,), {"serve": 1})  # noqa: E731
+    _, state = decide(ctx(0, snap(rate=1.0, busy=0.5)), PolicyState())
+    assert state.actors["r0"].costs == {0: 0.5}, "busy 0.5 at 1 admission/s: 0.5 s per request"
+    decisions, state = decide(ctx(1, snap(rate=1.0, busy=0.5, oldest_wait=2.0)), state)
+    assert [d.value for d in decisions] == [SLA_.keep_at(2)]
+    _, state = decide(ctx(20, snap(rate=2.0, busy=0.5, keep=SLA_.keep_at(2))), state)
+    assert state.actors["r0"].costs == {0: 0.5}, "the window still holds requests from level 0"
+    _, state = decide(ctx(31, snap(rate=2.0, busy=0.5, keep=SLA_.keep_at(2))), state)
+    assert state.actors["r0"].costs == {0: 0.5, 2: 0.25}
+    for level, rate, relaxes in ((1, 2.0, False), (1, 1.2, True), (2, 2.0, True)):
+        st = ActorState(level=level, changed_at=0.0, costs={0: 0.5, 2: 0.25})
+        state = PolicyState(actors={"r0": st})
+        moved = []
+        for now in range(100, 131, 2):
+            decisions, state = decide(ctx(now, snap(rate=rate, busy=0.3, keep=SLA_.keep_at(level))), state)
+            moved += decisions
+        assert bool(moved) == relaxes, (level, rate, moved)
+        if relaxes:
+            assert moved[0].value == SLA_.keep_at(level - 1)
 
 
 def test_offline_deadline_pressure_tightens_data_actors():
