@@ -1,8 +1,10 @@
 """The one controller client every engine uses (Serve replicas and offline engine actors alike).
 
 An engine reports its TelemetrySnapshot and gets typed `Orders` back; `ControllerClient` does that every
-period on a daemon thread, and within `min_gap_s` when nudged (a request had to queue: the controller decides
+period on a daemon thread, within `min_gap_s` when nudged (a request had to queue: the controller decides
 on such a report at once, so a burst is answered in a fraction of a second instead of two or three periods),
+and every `waiting_period_s` while requests wait at a Serve replica (the head's wait grows: the controller sees it near the
+target as it gets there, not up to a period later),
 finds the controller again after it restarts, and never lets a missing or slow controller stop the engine.
 """
 
@@ -67,13 +69,16 @@ def ray_reporter() -> Callable[[dict], dict]:
 
 class ControllerClient:
     """Reports `snapshot()` through `report` (plain dicts, e.g. the controller actor's method) and hands each
-    reply to `on_orders`. `start()` reports every period_s on a daemon thread, and `nudge()` makes it report
-    now, at most once per min_gap_s; `report_once()` reports on the calling thread."""
+    reply to `on_orders`. `start()` reports every period_s on a daemon thread (every waiting_period_s while the
+    last snapshot was a replica's with requests queued), and `nudge()` makes it report now, at most once per
+    min_gap_s; `report_once()` reports on the calling thread."""
 
     def __init__(self, snapshot: Callable[[], TelemetrySnapshot], on_orders: Callable[[Orders], None],
-                 report: Callable[[dict], dict], period_s: float = 1.0, min_gap_s: float = 0.1):
+                 report: Callable[[dict], dict], period_s: float = 1.0, min_gap_s: float = 0.1,
+                 waiting_period_s: float = 0.25):
         self.snapshot, self.on_orders, self.report, self.period_s = snapshot, on_orders, report, period_s
-        self.min_gap_s = min_gap_s
+        self.min_gap_s, self.waiting_period_s = min_gap_s, min(waiting_period_s, period_s)
+        self._queued = False  # the last snapshot reported was a replica's with requests waiting
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._lock = threading.Lock()  # one report at a time, so orders are applied in the order they came
@@ -83,7 +88,9 @@ class ControllerClient:
         """Report now and apply the reply; None (logged) if the controller could not be reached."""
         with self._lock:
             try:
-                orders = Orders.from_reply(self.report(self.snapshot().to_dict()))
+                snapshot = self.snapshot()
+                self._queued = snapshot.kind == "serve" and snapshot.queue_depth > 0
+                orders = Orders.from_reply(self.report(snapshot.to_dict()))
             except Exception as e:  # the controller may be restarting: the engine goes on
                 log.debug("report to the controller failed: %s", e)
                 return None
@@ -106,7 +113,7 @@ class ControllerClient:
 
     def _loop(self) -> None:
         while True:
-            self._wake.wait(self.period_s)
+            self._wake.wait(self.waiting_period_s if self._queued else self.period_s)
             if self._stop.is_set():
                 return
             self._wake.clear()

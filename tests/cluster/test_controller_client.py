@@ -22,11 +22,11 @@ def test_orders_from_the_reply_and_what_they_change():
     assert Orders().applied_to(BASE) is None
 
 
-def snapshot() -> TelemetrySnapshot:
+def snapshot(queue: int = 0, kind: str = "data") -> TelemetrySnapshot:
     import time
 
-    return TelemetrySnapshot("data:x", "data", time.time(), 30.0, 0.1, 1.0, None, None, None, None, None, 0, 1, 0,
-                             0, 1, 2, BASE.to_dict(), finished=1)
+    return TelemetrySnapshot(f"{kind}:x", kind, time.time(), 30.0, 0.1, 1.0, None, None, None, None, None, queue, 1,
+                             0, 0, 1, 2, BASE.to_dict(), finished=1)
 
 
 def test_client_reports_periodically_and_survives_a_failing_controller():
@@ -72,3 +72,27 @@ def test_a_nudge_reports_within_the_gap_and_nudges_coalesce():
     time.sleep(0.3)  # the nudges that came during the first report's gap: at most one more
     client.stop()
     assert len(sent) <= 2
+
+
+def test_while_requests_wait_it_reports_every_waiting_period():
+    """The head of a replica's queue waits longer with every moment: reports come every waiting_period_s while
+    the last snapshot had a queue, and go back to the period once it has drained. An offline actor always has
+    work queued: it keeps the period."""
+    import time
+
+    queue, kind, sent = [3], ["serve"], []
+    client = ControllerClient(lambda: snapshot(queue[0], kind[0]), lambda orders: None,
+                              lambda snap: sent.append(time.monotonic()) or {}, period_s=60.0, min_gap_s=0.01,
+                              waiting_period_s=0.05)
+    client.report_once()
+    client.start()
+    time.sleep(0.5)
+    assert 5 <= len(sent) <= 12, len(sent)
+    queue[0] = 0
+    time.sleep(0.15)
+    drained = len(sent)
+    queue[0], kind[0] = 3, "data"
+    client.nudge()
+    time.sleep(0.5)
+    client.stop()
+    assert len(sent) == drained + 1, "no queue, or an offline actor's: back to the 60 s period"
