@@ -177,24 +177,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_arm(name: str, args: argparse.Namespace, base: str, loads: dict[float, list]) -> dict[float, dict]:
-    """Deploy the arm's replica, warm it up, drive each load in turn (rate -> summary), tear down."""
-    from ray import serve
+def replica_threads(args: argparse.Namespace) -> int:
+    """The replica's torch threads: --threads, else its CPUs - 1 (at least 1)."""
+    return args.threads or max(1, int(args.replica_cpus) - 1)
 
-    from cluster.app import build
+
+def arm_config(name: str, args: argparse.Namespace, most: int):
+    """(ServeConfig, deployment options) of one arm's replica, for loads of at most `most` requests."""
     from cluster.serve_config import ServeConfig
     from dynllava.config import SparsityConfig
 
     batching, density = name.split("-")
     sparsity = SparsityConfig(vision_keep=args.vision_keep, text_keep=args.text_keep) if density == "sparse" \
         else SparsityConfig(vision_keep=1.0, text_keep=1.0)
-    most = max(len(load) for load in loads.values())
     config = ServeConfig(model=args.model, device=args.device, sparsity=sparsity, batching=batching,
-                         max_batch=args.max_batch, batch_wait_s=args.batch_wait_s,
-                         max_waiting=most, threads=args.threads or max(1, int(args.replica_cpus) - 1))
+                         max_batch=args.max_batch, batch_wait_s=args.batch_wait_s, max_waiting=most,
+                         threads=replica_threads(args))
     options = {"ray_actor_options": {"num_cpus": args.replica_cpus, "num_gpus": args.num_gpus},
                "max_ongoing_requests": most + args.max_batch + 8}
-    serve.run(build(config, options), name="bench", route_prefix="/")
+    return config, options
+
+
+def run_arm(name: str, args: argparse.Namespace, base: str, loads: dict[float, list]) -> dict[float, dict]:
+    """Deploy the arm's replica, warm it up, drive each load in turn (rate -> summary), tear down."""
+    from ray import serve
+
+    from cluster.app import build
+
+    serve.run(build(*arm_config(name, args, max(len(load) for load in loads.values()))), name="bench",
+              route_prefix="/")
     url = f"{base}/v1/chat/completions"
     first = next(iter(loads.values()))
     asyncio.run(drive(url, first[:4]))  # warm-up: first-call costs (allocator, lazy inits) off the clock
@@ -249,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     for rate, r in ratios.items():
         print(f"rate {rate}: " + ", ".join(f"{k} {v}" for k, v in r.items()))
     result = {"bench": "serve", "model": args.model, "hardware": hardware("cuda" if args.num_gpus else "cpu"),
-              "commit": commit(), "replica_threads": args.threads or max(1, int(args.replica_cpus) - 1),
+              "commit": commit(), "replica_threads": replica_threads(args),
               "rates": rates, "duration_s": args.duration,
               "requests": {str(r): len(load) for r, load in loads.items()}, "max_tokens": args.max_tokens,
               "max_batch": args.max_batch, "slo_s": args.slo_s,

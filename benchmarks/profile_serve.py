@@ -1,9 +1,13 @@
 """Where the CPU goes in a serving replica and Serve's HTTP proxy under the bench_serve load.
 
-Deploys one arm of bench_serve (one replica), drives one Poisson load at --rate, and while it runs samples the
-replica's and the proxy's Python stacks with py-spy (`pip install py-spy`; non-blocking sampling, idle threads
-excluded). Prints, per process, the share of samples by thread and the functions with the most samples (self
-and inclusive), then one JSON line. Use it to find what to fix before tuning; the README quotes a run.
+Deploys one arm of bench_serve (one replica, the same configuration), drives one Poisson load at --rate, and
+while it runs samples the replica's and the proxy's Python stacks with py-spy (`pip install py-spy`;
+non-blocking sampling, idle threads excluded) and every process's CPU time from /proc (cores used by the
+replica, the proxy, this load generator and the whole machine). Then, for a continuous arm, the same load
+runs through the same engine in this process without Serve (requests parsed, images decoded and tokenized on
+prepare_threads workers as they arrive, as the replica does): the gap between the two is what the HTTP path
+costs. Prints, per process, the share of samples by thread and the functions with the most samples (self and
+inclusive), both runs' latency figures, then one JSON line. The README quotes a run.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import os
 import shutil
 import subprocess
 import sys
@@ -20,7 +25,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.bench_serve import drive, free_port, parse_args as serve_args, workload  # noqa: E402
+from benchmarks.bench_serve import arm_config, drive, free_port, parse_args as serve_args, summarise as serve_summary, \
+    workload  # noqa: E402
 from benchmarks.provenance import commit, emit, hardware  # noqa: E402
 
 
@@ -32,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample-s", type=float, default=15.0, help="seconds of sampling, mid-load (default 15)")
     p.add_argument("--top", type=int, default=12, help="functions to list per process (default 12)")
     p.add_argument("--max-tokens", type=int, default=128, help="max_tokens per request (default 128)")
+    p.add_argument("--no-alone", action="store_true", help="skip the engine-alone run")
     p.add_argument("--output", default=None, help="also write the JSON result to this file")
     return p.parse_args(argv)
 
@@ -52,6 +59,84 @@ def sample(pid: int, seconds: float, out: Path) -> subprocess.Popen:
     return subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200",
                              "--format", "raw", "--nonblocking", "--output", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far (0.0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu_s() -> float:
+    """CPU seconds every core of this machine has spent busy so far (/proc/stat, idle and iowait excluded)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def engine_alone(sargs: argparse.Namespace, arm: str, load: list[tuple[float, dict]]) -> dict:
+    """The load through the arm's engine in this process, without Serve: each request validated, its image
+    decoded and tokenized on prepare_threads workers when it arrives (the replica's own functions), then
+    submitted; TTFT and latency from arrival, as bench_serve measures them. Continuous arms only."""
+    import torch
+
+    from cluster import openai_protocol as proto
+    from cluster.chat_inputs import to_prompt
+    from dynllava.batching import ContinuousEngine, EngineRequest
+    from dynllava.model import DynamicLlava
+
+    config, _ = arm_config(arm, sargs, len(load))
+    torch.set_num_threads(config.threads)
+    model = DynamicLlava.from_pretrained(config.model, device=config.device, dtype=config.dtype)
+    engine = ContinuousEngine(model, max_batch=config.max_batch, max_prefill_batch=config.max_prefill_batch,
+                              max_prefill_tokens=config.max_prefill_tokens, max_waiting=len(load) + 8)
+    engine.start()
+    results: list[dict] = [{} for _ in load]
+    done = threading.Semaphore(0)
+
+    def run(i: int, body: dict, sent: float) -> None:
+        r = results[i] = {"ok": False, "ttft": None, "tokens": 0, "chunks": 0, "sent": sent}
+        try:
+            chat = proto.ChatCompletionRequest.model_validate(body)
+            prompt, images = to_prompt(model.processor, chat.messages, config.limits, False)
+            prepared = model.prepare([images], [prompt], chat.max_tokens)
+        except Exception:  # counted as an error, as a failed HTTP request is
+            r["latency"] = time.perf_counter() - sent
+            done.release()
+            raise
+
+        def on_event(event) -> None:
+            now = time.perf_counter()
+            if event.token_ids:
+                r["ttft"] = r["ttft"] if r["ttft"] is not None else now - sent
+                r["tokens"] += len(event.token_ids)
+                r["chunks"] += 1
+            if event.final:
+                r["ok"], r["latency"] = event.error is None, now - sent
+                n, ttft = r["tokens"], r["ttft"]
+                r["tpot"] = (r["latency"] - ttft) / (n - 1) if ttft is not None and n > 1 else None
+                done.release()
+
+        engine.submit(EngineRequest(prepared, config.sparsity, chat.max_tokens, on_event=on_event, arrived_at=sent))
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(config.limits.prepare_threads) as pool:
+        for i in range(min(4, len(load))):  # warm-up, off the clock
+            pool.submit(run, i, load[i][1], time.perf_counter())
+        for _ in range(min(4, len(load))):
+            done.acquire()
+        start = time.perf_counter()
+        for i, (offset, body) in enumerate(load):
+            time.sleep(max(0.0, start + offset - time.perf_counter()))
+            pool.submit(run, i, body, time.perf_counter())
+        for _ in load:
+            done.acquire()
+    wall = time.perf_counter() - start
+    engine.stop()
+    return serve_summary(results, wall, sargs.slo_s, window=load[-1][0])
 
 
 BOOTSTRAP = {"Thread._bootstrap", "Thread._bootstrap_inner", "Thread.run", "<module>", "_run_module_as_main",
@@ -101,17 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {}
     try:
         from cluster.app import build
-        from cluster.serve_config import ServeConfig
-        from dynllava.config import SparsityConfig
 
-        batching, density = args.arm.split("-")
-        sparsity = SparsityConfig(vision_keep=sargs.vision_keep, text_keep=sargs.text_keep) \
-            if density == "sparse" else SparsityConfig()
-        config = ServeConfig(model=sargs.model, sparsity=sparsity, batching=batching, max_batch=sargs.max_batch,
-                             max_waiting=len(load), threads=int(sargs.replica_cpus))
-        serve.run(build(config, {"ray_actor_options": {"num_cpus": sargs.replica_cpus},
-                                 "max_ongoing_requests": len(load) + sargs.max_batch + 8}),
-                  name="bench", route_prefix="/")
+        serve.run(build(*arm_config(args.arm, sargs, len(load))), name="bench", route_prefix="/")
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         asyncio.run(drive(url, load[:4]))
         pids = {"replica": actor_pid("ray::ServeReplica:bench"), "proxy": actor_pid("ray::ProxyActor")}
@@ -120,26 +196,41 @@ def main(argv: list[str] | None = None) -> dict:
             drive(url, load)))))
         runner.start()
         time.sleep(min(5.0, args.duration / 4))  # let the load build up
-        spies = {name: sample(pid, args.sample_s, work / f"{name}.txt") for name, pid in pids.items()}
+        pids["load generator"] = os.getpid()
+        cpu_before, machine_before, t0 = {n: process_cpu_s(p) for n, p in pids.items()}, machine_cpu_s(), \
+            time.monotonic()
+        spies = {name: sample(pid, args.sample_s, work / f"{name}.txt") for name, pid in pids.items()
+                 if name != "load generator"}
         for spy in spies.values():
             spy.wait()
+        span = time.monotonic() - t0
+        cores = {n: round((process_cpu_s(p) - cpu_before[n]) / span, 2) for n, p in pids.items()}
+        cores["machine"] = round((machine_cpu_s() - machine_before) / span, 2)
         runner.join()
-        for name in pids:
+        for name in spies:
             result[name] = summarise(work / f"{name}.txt", args.top)
-        ok = [r for r in outcome["results"] if r["ok"]]
-        result["load"] = {"rate": args.rate, "requests": len(load), "ok": len(ok),
-                          "tokens_per_s": round(sum(r["tokens"] for r in ok) / outcome["wall"], 1),
-                          "chunks_per_s": round(sum(r["chunks"] for r in ok) / outcome["wall"], 1)}
+        result["cores"] = cores  # CPU used over the sampling window, per process and by the whole machine
+        result["served"] = serve_summary(outcome["results"], outcome["wall"], sargs.slo_s, window=load[-1][0])
     finally:
         serve.shutdown()
         ray.shutdown()
+    if not args.no_alone and args.arm.startswith("continuous"):
+        result["alone"] = engine_alone(sargs, args.arm, load)
+        result["served_over_alone_tokens_per_s"] = round(result["served"]["output_tokens_per_s"] /
+                                                         result["alone"]["output_tokens_per_s"], 3)
     for name in ("replica", "proxy"):
         print(f"== {name}: {result[name]['samples']} samples")
         print("threads:   " + "\n           ".join(f"{v:6.1%}  {k}" for k, v in result[name]["threads"]))
         print("self:      " + "\n           ".join(f"{v:6.1%}  {k}" for k, v in result[name]["self"]))
         print("inclusive: " + "\n           ".join(f"{v:6.1%}  {k}" for k, v in result[name]["inclusive"]))
-    print(f"load: {result['load']}")
-    out = {"bench": "profile_serve", "arm": args.arm, **result, "hardware": hardware("cpu"), "commit": commit()}
+    print("cores used while sampling: " + ", ".join(f"{k} {v}" for k, v in result["cores"].items()))
+    keys = ("slo_attainment", "ttft_p50", "ttft_p95", "tpot_p50", "tpot_p95", "output_tokens_per_s")
+    for run in ("served", "alone"):
+        if run in result:
+            print(f"{run:>7}: " + ", ".join(f"{k} {result[run][k]}" for k in keys))
+    out = {"bench": "profile_serve", "arm": args.arm, "rate": args.rate, "requests": len(load),
+           "replica_threads": arm_config(args.arm, sargs, len(load))[0].threads, **result,
+           "hardware": hardware("cpu"), "commit": commit()}
     emit(out, args.output)
     return out
 

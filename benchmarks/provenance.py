@@ -22,14 +22,16 @@ def hardware(device: str) -> str:
 
 
 def commit() -> str:
-    """Short git SHA (+"-dirty" with uncommitted changes); DYNLLAVA_COMMIT where git is missing."""
+    """Short git SHA (+"-dirty" with uncommitted changes outside benchmarks/results); DYNLLAVA_COMMIT where git
+    is missing."""
     def git(*args: str) -> str:
         try:
             return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
         except FileNotFoundError:
             return ""
     sha = git("rev-parse", "--short", "HEAD") or os.environ.get("DYNLLAVA_COMMIT", "unknown")
-    return sha + ("-dirty" if git("status", "--porcelain") else "")
+    # a benchmark writes its own results (a plot before its JSON): those do not make the code dirty
+    return sha + ("-dirty" if git("status", "--porcelain", "--", ".", ":!benchmarks/results") else "")
 
 
 def emit(result: dict, output: str | Path | None) -> None:

@@ -3,9 +3,9 @@
 An engine reports its TelemetrySnapshot and gets typed `Orders` back; `ControllerClient` does that every
 period on a daemon thread, within `min_gap_s` when nudged (a request had to queue: the controller decides
 on such a report at once, so a burst is answered in a fraction of a second instead of two or three periods),
-and every `waiting_period_s` while requests wait at a Serve replica (the head's wait grows: the controller sees it near the
-target as it gets there, not up to a period later),
-finds the controller again after it restarts, and never lets a missing or slow controller stop the engine.
+and every `waiting_period_s` while requests wait at a Serve replica (the head's wait grows: the controller
+sees it near the target as it gets there, not up to a period later). It finds the controller again after
+it restarts, and never lets a missing or slow controller stop the engine.
 """
 
 from __future__ import annotations

@@ -94,10 +94,11 @@ def cost_per_request_s(snap: TelemetrySnapshot) -> float | None:
 
 def projected_wait_s(snap: TelemetrySnapshot) -> float | None:
     """When the newest queued request will have its first token, at the engine's measured cost per request:
-    queue depth x cost. It leads the head's wait: a burst that will miss shows as soon as it has queued, while
-    the head has waited only a little. None with nothing queued or nothing measured."""
+    (queue depth + requests in the prefill running now) x cost, as it waits for every request ahead of it that
+    has no first token yet. It leads the head's wait: a burst that will miss shows as soon as it has queued,
+    while the head has waited only a little. None with nothing queued or nothing measured."""
     cost = cost_per_request_s(snap)
-    return snap.queue_depth * cost if snap.queue_depth and cost is not None else None
+    return (snap.queue_depth + snap.prefilling) * cost if snap.queue_depth and cost is not None else None
 
 
 def _ratios(pairs: list[tuple[float | None, float | None]]) -> float | None:
@@ -280,4 +281,5 @@ def decide(ctx: PolicyContext, state: PolicyState) -> tuple[list[Decision], Poli
 
 
 __all__ = ["PolicyContext", "PolicyState", "ActorState", "Decision", "OfflineProgress", "KeepSetting", "decide",
-           "level_of", "pressure", "live_pressure", "projected_wait_s", "cost_per_request_s", "memory_use", "relax_headroom"]
+           "level_of", "pressure", "live_pressure", "projected_wait_s", "cost_per_request_s", "memory_use",
+           "relax_headroom"]

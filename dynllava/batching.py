@@ -111,6 +111,7 @@ class EngineCounters:
     failed: int = 0
     tokens_generated: int = 0
     waiting: int = 0  # requests queued, not yet prefilled
+    prefilling: int = 0  # requests in the prefill running now (admitted, no first token yet)
     running: int = 0  # rows in the running batch
     preempted: int = 0  # times a running row was preempted (its blocks freed, recomputed later)
     kv_bytes_in_use: int = 0  # K/V bytes the running rows hold (valid slots)
@@ -328,12 +329,12 @@ class ContinuousEngine:
         c = self.counters
         with self._lock:  # the inbox counts now: a long step (a dense prefill) would hide its arrivals until it ends
             inbox, inbox_since = len(self._inbox), self._inbox[0].submitted_at if self._inbox else None
-            waiting, waiting_since = c.waiting, c.oldest_waiting_since
+            waiting, waiting_since, prefilling = c.waiting, c.oldest_waiting_since, c.prefilling
         since = min((t for t in (waiting_since, inbox_since) if t is not None), default=None)
         return take_snapshot(actor_id, kind, self.window, self.model.device, sparsity.to_dict(), waiting + inbox,
                              c.running, c.kv_bytes_in_use, c.kv_bytes_allocated,
                              None if since is None else time.perf_counter() - since, self.kv_budget_bytes or 0,
-                             c.kv_blocks_free, c.preempted)
+                             c.kv_blocks_free, c.preempted, prefilling)
 
     def has_work(self) -> bool:
         return bool(self._waiting or self._running)
@@ -344,10 +345,13 @@ class ContinuousEngine:
         started = time.perf_counter()
         self._take_inbox()
         group = self._admit()
-        self._count_waiting()  # before the long work: a snapshot taken during it must still see who waits
+        with self._lock:  # before the long work: a snapshot taken during it must still see who waits
+            self._count_waiting()
+            self.counters.prefilling = len(group)
         worked = bool(group or self._running)
         if group:
             self._prefill(group)
+        self.counters.prefilling = 0
         if self._running:
             self._decode()
         self._update_counters()

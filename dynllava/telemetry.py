@@ -49,6 +49,8 @@ class TelemetrySnapshot:
     #                                     measured). Over admitted_per_s it is the engine's cost per request.
     admitted_per_s: float | None = None  # requests the engine admitted (prefilled) per second: the rate its queue
     #                                      drains at (finishes come in bursts, as rows decode together)
+    prefilling: int = 0  # requests in the prefill running now: admitted, first token not yet out (the queue
+    #                      waits for them too)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -147,7 +149,7 @@ def resident_bytes() -> int:
 def take_snapshot(actor_id: str, kind: str, window: RequestWindow, device, sparsity: dict, queue_depth: int = 0,
                   running: int = 0, kv_bytes_in_use: int = 0, kv_bytes_allocated: int = 0,
                   oldest_wait_s: float | None = None, kv_bytes_budget: int = 0, kv_blocks_free: int = -1,
-                  preempted: int = 0) -> TelemetrySnapshot:
+                  preempted: int = 0, prefilling: int = 0) -> TelemetrySnapshot:
     """A snapshot now: the window's figures, the given current counts, and `device`'s memory (a torch.device:
     NVML for CUDA, else this process)."""
     used, total = device_memory((device.index or 0) if device.type == "cuda" else None)
@@ -156,4 +158,4 @@ def take_snapshot(actor_id: str, kind: str, window: RequestWindow, device, spars
                              kv_bytes_in_use=kv_bytes_in_use, kv_bytes_allocated=kv_bytes_allocated,
                              device_memory_used=used, device_memory_total=total, sparsity=sparsity,
                              oldest_wait_s=oldest_wait_s, kv_bytes_budget=kv_bytes_budget,
-                             kv_blocks_free=kv_blocks_free, preempted=preempted)
+                             kv_blocks_free=kv_blocks_free, preempted=preempted, prefilling=prefilling)

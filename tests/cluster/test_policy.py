@@ -18,12 +18,12 @@ SLA_ = SLA(online=OnlineTargets(ttft_p95_s=1.0), floor=KeepSetting(0.1, 0.3),
 def snap(actor: str = "r0", kind: str = "serve", ttft: float | None = 0.2, rate: float = 5.0,
          keep: KeepSetting = KeepSetting(), used: int = 10, total: int = 100, finished: int = 0,
          oldest_wait: float | None = None, kv_held: int = 0, kv_budget: int = 0, queue: int | None = None,
-         busy: float | None = None) -> TelemetrySnapshot:
+         busy: float | None = None, prefilling: int = 0) -> TelemetrySnapshot:
     queue = (0 if oldest_wait is None else 3) if queue is None else queue
     return TelemetrySnapshot(actor, kind, 0.0, 30.0, rate, rate * 30, ttft, ttft, None, None, None,
                              queue, 1, 0, kv_held, used, total,
                              {"vision_keep": keep.vision_keep, "text_keep": keep.text_keep}, finished, oldest_wait,
-                             kv_budget, busy_fraction=busy, admitted_per_s=rate)
+                             kv_budget, busy_fraction=busy, admitted_per_s=rate, prefilling=prefilling)
 
 
 def test_ladder_runs_from_preferred_to_floor_and_state_recovers_from_reports():
@@ -211,6 +211,13 @@ def test_the_queue_projected_at_the_measured_cost_per_request_leads_the_heads_wa
     decisions, _ = decide(ctx(snap(ttft=0.3, rate=2.0, oldest_wait=0.2, queue=3, busy=0.25)), PolicyState())
     assert decisions == [], "0.375 s of projected wait: nothing to do"
     assert projected_wait_s(snap(queue=0, busy=1.0)) is None and projected_wait_s(snap(queue=3, busy=None)) is None
+    assert projected_wait_s(snap(queue=2, busy=1.0, rate=2.0, prefilling=1)) == 1.5, \
+        "the queue also waits for the request being prefilled"
+    decisions, _ = decide(ctx(snap(ttft=0.3, rate=2.0, oldest_wait=0.2, queue=2, busy=0.8)), PolicyState())
+    assert decisions == [], "two queued at 0.4 s each: 0.8 s"
+    decisions, _ = decide(ctx(snap(ttft=0.3, rate=2.0, oldest_wait=0.2, queue=2, busy=0.8, prefilling=1)),
+                          PolicyState())
+    assert decisions and "pressure 1.20" in decisions[0].reason, "and one in prefill ahead of them: 1.2 s"
 
 
 def test_a_joining_replica_starts_at_its_peers_level_and_the_floor_settles_before_scaling():

@@ -230,10 +230,11 @@ def test_a_snapshot_during_a_step_counts_who_still_waits(tiny_model):
     engine._prefill = lambda group: (seen.append(engine.snapshot("e0", "serve", SPARSE)), prefill(group))
     engine.step()
     assert seen[0].queue_depth == 2 and seen[0].oldest_wait_s > 0
+    assert seen[0].prefilling == 1, "the queue also waits for the request being prefilled"
     # the admission it is prefilling counts with the step's time, when the step ends: cost = busy / admitted
     assert (seen[0].admitted_per_s, seen[0].busy_fraction) == (0.0, 0.0)
     done = engine.snapshot("e0", "serve", SPARSE)
-    assert done.admitted_per_s == 1.0 and done.busy_fraction > 0
+    assert done.admitted_per_s == 1.0 and done.busy_fraction > 0 and done.prefilling == 0
 
 
 def test_queued_requests_that_follow_the_engine_take_its_new_keep_setting(tiny_model):
