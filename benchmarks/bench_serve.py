@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when the replica has a GPU)")
     p.add_argument("--arms", default="continuous-dense,continuous-sparse,static-dense,static-sparse",
                    help="comma-separated subset of the four arms")
+    p.add_argument("--engine-thread", action="store_true",
+                   help="run the engine on a thread of the replica (engine_process: false) instead of its own process")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="also write the JSON result to this file")
     return p.parse_args(argv)
@@ -192,7 +194,7 @@ def arm_config(name: str, args: argparse.Namespace, most: int):
         else SparsityConfig(vision_keep=1.0, text_keep=1.0)
     config = ServeConfig(model=args.model, device=args.device, sparsity=sparsity, batching=batching,
                          max_batch=args.max_batch, batch_wait_s=args.batch_wait_s, max_waiting=most,
-                         threads=replica_threads(args))
+                         threads=replica_threads(args), engine_process=not args.engine_thread)
     options = {"ray_actor_options": {"num_cpus": args.replica_cpus, "num_gpus": args.num_gpus},
                "max_ongoing_requests": most + args.max_batch + 8}
     return config, options

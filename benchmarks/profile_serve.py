@@ -1,7 +1,7 @@
 """Where the CPU goes in a serving replica and Serve's HTTP proxy under the bench_serve load.
 
 Deploys one arm of bench_serve (one replica, the same configuration), drives one Poisson load at --rate, and
-while it runs samples the replica's and the proxy's Python stacks with py-spy (`pip install py-spy`;
+while it runs samples the replica's, its engine process's and the proxy's Python stacks with py-spy (`pip install py-spy`;
 non-blocking sampling, idle threads excluded) and every process's CPU time from /proc (cores used by the
 replica, the proxy, this load generator and the whole machine). Then, for a continuous arm, the same load
 runs through the same engine in this process without Serve (requests parsed, images decoded and tokenized on
@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top", type=int, default=12, help="functions to list per process (default 12)")
     p.add_argument("--max-tokens", type=int, default=128, help="max_tokens per request (default 128)")
     p.add_argument("--no-alone", action="store_true", help="skip the engine-alone run")
+    p.add_argument("--engine-thread", action="store_true",
+                   help="the engine on a thread of the replica (engine_process: false), not in its own process")
     p.add_argument("--output", default=None, help="also write the JSON result to this file")
     return p.parse_args(argv)
 
@@ -52,6 +54,18 @@ def actor_pid(title: str) -> int:
         except OSError:
             continue
     raise RuntimeError(f"no process titled *{title}*")
+
+
+def engine_child(parent: int) -> int | None:
+    """The pid of `parent`'s engine process (dynllava.engine_process), if it has one."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"engine_process" in (proc / "cmdline").read_bytes() and \
+                    int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                return int(proc.name)
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
 
 
 def sample(pid: int, seconds: float, out: Path) -> subprocess.Popen:
@@ -177,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     args = parse_args(argv)
     sargs = serve_args(["--rates", str(args.rate), "--duration", str(args.duration), "--arms", args.arm,
-                        "--max-tokens", str(args.max_tokens)])
+                        "--max-tokens", str(args.max_tokens)] + ["--engine-thread"] * args.engine_thread)
     load = workload(sargs, args.rate)
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     port = free_port()
@@ -191,6 +205,9 @@ def main(argv: list[str] | None = None) -> dict:
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         asyncio.run(drive(url, load[:4]))
         pids = {"replica": actor_pid("ray::ServeReplica:bench"), "proxy": actor_pid("ray::ProxyActor")}
+        engine = engine_child(pids["replica"])
+        if engine is not None:
+            pids["engine"] = engine
         outcome = {}
         runner = threading.Thread(target=lambda: outcome.update(zip(("results", "wall"), asyncio.run(
             drive(url, load)))))
@@ -218,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["alone"] = engine_alone(sargs, args.arm, load)
         result["served_over_alone_tokens_per_s"] = round(result["served"]["output_tokens_per_s"] /
                                                          result["alone"]["output_tokens_per_s"], 3)
-    for name in ("replica", "proxy"):
+    for name in [n for n in ("replica", "engine", "proxy") if n in result]:
         print(f"== {name}: {result[name]['samples']} samples")
         print("threads:   " + "\n           ".join(f"{v:6.1%}  {k}" for k, v in result[name]["threads"]))
         print("self:      " + "\n           ".join(f"{v:6.1%}  {k}" for k, v in result[name]["self"]))
@@ -229,7 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
         if run in result:
             print(f"{run:>7}: " + ", ".join(f"{k} {result[run][k]}" for k in keys))
     out = {"bench": "profile_serve", "arm": args.arm, "rate": args.rate, "requests": len(load),
-           "replica_threads": arm_config(args.arm, sargs, len(load))[0].threads, **result,
+           "replica_threads": arm_config(args.arm, sargs, len(load))[0].threads,
+           "engine_process": not args.engine_thread, **result,
            "hardware": hardware("cpu"), "commit": commit()}
     emit(out, args.output)
     return out

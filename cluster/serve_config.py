@@ -94,6 +94,8 @@ class ServeConfig:
     batch_wait_s: float = 0.05  # static: how long @serve.batch waits to fill a batch
     kv_budget_mib: float | None = None  # cap on the K/V the rows hold; full, the youngest row is preempted (None: none)
     max_waiting: int = 64  # queued requests per replica beyond which new ones get 429
+    engine_process: bool = True  # run the engine loop in a child process of the replica (False: on a thread of it,
+    #                              where it shares the GIL with the event loop and preprocessing; see README)
     threads: int = 0  # torch CPU threads per replica (0: torch's default; on a CPU replica, one less than its CPUs
     #                   leaves a core to the event loop and preprocessing: see README, where a replica's CPU goes)
     limits: Limits = field(default_factory=Limits)

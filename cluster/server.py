@@ -1,8 +1,10 @@
 """The Ray Serve deployment: an OpenAI-compatible chat-completions endpoint over the continuous-batching engine.
 
-A replica loads the model once and runs `dynllava.batching.ContinuousEngine` on its own thread. Each HTTP
-request is validated and preprocessed (images decoded, prompt tokenized) on a worker thread, submitted to the
-engine, and answered from the engine's stream events, bridged into the replica's event loop. A client that
+A replica runs `dynllava.batching.ContinuousEngine` in its own process (dynllava.engine_process: the model's
+weights live there, and its loop never waits for this process's GIL), or with `engine_process: false` on a
+thread of the replica. Each HTTP request is validated and preprocessed (images decoded, prompt tokenized) on
+a worker thread, submitted to the engine, and answered from the engine's stream events, bridged into the
+replica's event loop. A client that
 disconnects cancels its request, which frees its batch slot and K/V at the next step.
 
 With `batching: static`, requests are grouped by `@serve.batch` and each group runs to completion before the
@@ -38,6 +40,7 @@ from cluster.serve_metrics import ServerMetrics
 from dynllava.batching import ContinuousEngine, EngineRequest, QueueFull, StreamEvent
 from dynllava.config import SparsityConfig
 from dynllava.engine import GenerationOutput, TokenLogprob
+from dynllava.engine_process import EngineProcess, EngineSpec
 from dynllava.inputs import normalise_pixels
 from dynllava.model import DynamicLlava
 from dynllava.row_errors import INPUT, TRANSIENT, RowError
@@ -88,19 +91,25 @@ class LlavaServer:
     def __init__(self, config: dict[str, Any]):
         self.config = ServeConfig.from_dict(config)
         cfg = self.config
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        self.model = DynamicLlava.from_pretrained(cfg.model, device=cfg.device, dtype=cfg.dtype)
-        self.served_name = cfg.served_model_name or self.model.name
-        self.model.check_scorers(cfg.sparsity)
-        self.default_sparsity = cfg.sparsity
         static = cfg.batching == "static"
-        self.engine = ContinuousEngine(self.model, max_batch=cfg.max_batch,
-                                       max_prefill_batch=cfg.max_batch if static else cfg.max_prefill_batch,
-                                       max_prefill_tokens=None if static else cfg.max_prefill_tokens,
-                                       kv_budget_bytes=cfg.kv_budget_bytes, max_waiting=cfg.max_waiting,
-                                       join_running=not static, telemetry_window_s=cfg.telemetry_window_s)
-        self.engine.start()
+        engine_args = dict(max_batch=cfg.max_batch, max_prefill_batch=cfg.max_batch if static else cfg.max_prefill_batch,
+                           max_prefill_tokens=None if static else cfg.max_prefill_tokens,
+                           kv_budget_bytes=cfg.kv_budget_bytes, max_waiting=cfg.max_waiting,
+                           join_running=not static, telemetry_window_s=cfg.telemetry_window_s)
+        if cfg.engine_process:  # the weights live in the engine's process; here only the tokenizer and shapes
+            torch.set_num_threads(1)
+            self.model = DynamicLlava.from_pretrained(cfg.model, device="meta", dtype=cfg.dtype)
+            self.model.check_scorers(cfg.sparsity)
+            self.engine = EngineProcess(EngineSpec(cfg.model, cfg.device, cfg.dtype, cfg.threads, engine_args))
+        else:
+            if cfg.threads:
+                torch.set_num_threads(cfg.threads)
+            self.model = DynamicLlava.from_pretrained(cfg.model, device=cfg.device, dtype=cfg.dtype)
+            self.model.check_scorers(cfg.sparsity)
+            self.engine = ContinuousEngine(self.model, **engine_args)
+            self.engine.start()
+        self.served_name = cfg.served_model_name or self.model.name
+        self.default_sparsity = cfg.sparsity
         # image decoding and tokenizing: off the event loop, at most prepare_threads requests at once
         self._prepare_pool = ThreadPoolExecutor(cfg.limits.prepare_threads, thread_name_prefix="dynllava-prepare")
         if static:
@@ -117,6 +126,12 @@ class LlavaServer:
             self.controller = ControllerClient(self.telemetry_snapshot, self._apply_orders, ray_reporter(),
                                                cfg.report_period_s).start()
         log.info("serving %s (%s batching, default sparsity %s)", self.served_name, cfg.batching, cfg.sparsity)
+
+    def check_health(self) -> None:
+        """Ray Serve's replica health check: a replica whose engine stopped (or whose engine process died) is
+        replaced."""
+        if not self.engine.alive:
+            raise RuntimeError(f"the engine is not running ({getattr(self.engine, 'exit_reason', None)})")
 
     # ------------------------------------------------------------------ routes
     @app.get("/health")
@@ -290,7 +305,10 @@ class LlavaServer:
         request = EngineRequest(prepared, sparsity, max_new_tokens)
         events = self._listen(request, stream=False)
         while True:
-            result = self.engine.submit_many([request])[0]
+            try:
+                result = (await self._engine_submit([request]))[0]
+            except ApiError as e:
+                return RowError(e.message, TRANSIENT)
             if not isinstance(result, QueueFull):
                 break
             await asyncio.sleep(0.05)  # back-pressure: offline rows wait for room
@@ -362,9 +380,11 @@ class LlavaServer:
         if self.config.batching == "static":
             result = await self._static_submit(engine_request)
         else:
-            result = self.engine.submit_many([engine_request])[0]
+            result = (await self._engine_submit([engine_request]))[0]
         if self.controller is not None and self.engine.has_work():
             self.controller.nudge()  # it waits behind other work: let the controller see that now
+        if isinstance(result, ApiError):
+            raise result
         if isinstance(result, QueueFull):
             raise ApiError(429, f"server busy: {result}", code="queue_full", retry_after_s=1)
         if isinstance(result, Exception):
@@ -374,7 +394,22 @@ class LlavaServer:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def _static_submit(self, requests: list[EngineRequest]) -> list[int | Exception]:
         """Static batching: the requests @serve.batch grouped reach the engine together and run as one batch."""
-        return self.engine.submit_many(requests)
+        try:
+            return await self._engine_submit(requests)
+        except ApiError as e:
+            return [e] * len(requests)
+
+    async def _engine_submit(self, requests: list[EngineRequest]) -> list[int | Exception]:
+        """Queue requests in the engine: a ticket, or the ValueError / QueueFull that refused it, per request. An
+        engine process answers without blocking this event loop; one that is gone is a 503."""
+        try:
+            if isinstance(self.engine, EngineProcess):
+                return await asyncio.wrap_future(self.engine.submit_future(requests))
+            return self.engine.submit_many(requests)
+        except RuntimeError as e:
+            if self.engine.alive:
+                raise
+            raise ApiError(503, f"the engine is not running: {e}", retry_after_s=5) from None
 
     def _extension(self, output) -> dict:
         return {"applied": output.sparsity.to_dict(), "stats": output.stats.to_dict()}

@@ -191,14 +191,15 @@ class ContinuousEngine:
     isolate_failures: a failing prefill or step fails only its requests and the loop goes on (a server); False
     re-raises (a caller that owns every request, as `generate`). clock: unix seconds for the telemetry window.
     paged: the running rows' K/V live in one block pool (capped at kv_budget_bytes) instead of a padded cache
-    (default: yes, unless CUDA graphs run).
+    (default: yes, unless CUDA graphs run). on_step: called on the loop's thread after every step (after its
+    events), e.g. to send them on in one message (dynllava.engine_process).
     """
 
     def __init__(self, model, max_batch: int = 32, max_prefill_batch: int = 8, kv_budget_bytes: int | None = None,
                  max_waiting: int = 256, join_running: bool = True, telemetry_window_s: float = 30.0,
                  clock: Callable[[], float] = time.time, max_prefill_tokens: int | None = None,
                  cuda_graphs: bool = True, isolate_failures: bool = True, paged: bool | None = None,
-                 kv_watermark: float = KV_WATERMARK):
+                 kv_watermark: float = KV_WATERMARK, on_step: Callable[[], None] | None = None):
         if max_waiting < 1:
             raise ValueError("max_waiting must be >= 1")
         self.model = model
@@ -232,6 +233,7 @@ class ContinuousEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._keep: tuple[float, float | None] | None = None  # set_keep's (vision_keep, text_keep)
+        self.on_step = on_step
 
     # ------------------------------------------------------------------ any thread
     def submit(self, request: EngineRequest) -> int:
@@ -297,7 +299,7 @@ class ContinuousEngine:
         """Run the engine loop on a daemon thread (idle waits cost nothing)."""
         if self._thread is None:
             self._stopping = False
-            self._thread = threading.Thread(target=self._loop, name="dynllava-engine", daemon=True)
+            self._thread = threading.Thread(target=self.run, name="dynllava-engine", daemon=True)
             self._thread.start()
 
     @property
@@ -315,7 +317,9 @@ class ContinuousEngine:
             self._thread = None
 
     # ------------------------------------------------------------------ engine thread
-    def _loop(self) -> None:
+    def run(self) -> None:
+        """The engine loop on the calling thread, until `stop()` (idle waits cost nothing). `start()` runs it on
+        a daemon thread; an engine process runs it on its main thread."""
         while True:
             with self._lock:
                 while not self._stopping and not self._inbox and not self._cancelled and not self.has_work():
@@ -358,6 +362,8 @@ class ContinuousEngine:
         if worked:  # the step's admissions and its time together: cost per request = busy / admitted, and
             # counting a long prefill's admission before its time made a dense request look half as dear
             self.window.add_busy(time.perf_counter() - started, admitted=len(group))
+        if self.on_step is not None:
+            self.on_step()
         return self.has_work()
 
     def run_until_idle(self) -> None:

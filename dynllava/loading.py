@@ -225,13 +225,18 @@ def default_sparsity(path: Path) -> SparsityConfig | None:
 
 def load_directory(path: Path, device: torch.device, dtype: torch.dtype):
     """An HF-format LLaVA directory (as llava-hf/llava-1.5-7b-hf, llava-v1.6-*-hf or llava-onevision-*-hf are laid
-    out), local files only."""
+    out), local files only. On the meta device: the model's shapes without its weights."""
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     if config.model_type not in MODEL_FAMILIES:
         raise ValueError(f"{path}: model_type {config.model_type!r} is not one of {MODEL_FAMILIES}")
     if config.text_config.model_type not in SUPPORTED_TEXT_MODELS:
         raise ValueError(f"{path}: language model {config.text_config.model_type!r} is not one of "
                          f"{SUPPORTED_TEXT_MODELS}")
+    if device.type == "meta":  # the shapes only (a serving front end's tokenizer and checks): no weights read
+        config._attn_implementation = "sdpa"
+        with torch.device("meta"):
+            model = MODEL_CLASSES[config.model_type](config).to(dtype)
+        return model.eval(), load_processor(path)
     # no device_map: that needs `accelerate`, a dependency we do not otherwise use; load, then move
     model = MODEL_CLASSES[config.model_type].from_pretrained(
         path, dtype=dtype, local_files_only=True, attn_implementation="sdpa"
