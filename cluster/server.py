@@ -4,8 +4,8 @@ A replica runs `dynllava.batching.ContinuousEngine` in its own process (dynllava
 weights live there, and its loop never waits for this process's GIL), or with `engine_process: false` on a
 thread of the replica. Each HTTP request is validated and preprocessed (images decoded, prompt tokenized) on
 a worker thread, submitted to the engine, and answered from the engine's stream events, bridged into the
-replica's event loop. A client that
-disconnects cancels its request, which frees its batch slot and K/V at the next step.
+replica's event loop. A client that disconnects cancels its request, which frees its batch slot and K/V at the
+next step.
 
 With `batching: static`, requests are grouped by `@serve.batch` and each group runs to completion before the
 next starts (the classic baseline, same engine code otherwise).
@@ -403,9 +403,7 @@ class LlavaServer:
         """Queue requests in the engine: a ticket, or the ValueError / QueueFull that refused it, per request. An
         engine process answers without blocking this event loop; one that is gone is a 503."""
         try:
-            if isinstance(self.engine, EngineProcess):
-                return await asyncio.wrap_future(self.engine.submit_future(requests))
-            return self.engine.submit_many(requests)
+            return await asyncio.wrap_future(self.engine.submit_future(requests))
         except RuntimeError as e:
             if self.engine.alive:
                 raise

@@ -28,6 +28,7 @@ request whose worst case alone exceeds the budget is refused at submit, so a row
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import itertools
 import logging
@@ -268,6 +269,12 @@ class ContinuousEngine:
                     results.append(item.ticket)
             self._wake.notify()
         return results
+
+    def submit_future(self, requests: Sequence[EngineRequest]) -> concurrent.futures.Future:
+        """submit_many's results as a done future: the interface an engine process shares (its reply comes later)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        future.set_result(self.submit_many(requests))
+        return future
 
     def _check(self, request: EngineRequest) -> _Live:
         if request.prepared.input_ids.shape[0] != 1:

@@ -518,10 +518,11 @@ def test_remote_image_urls_when_the_operator_allows_them(serve_urls, tiny, tmp_p
         server.shutdown()
 
 
-def test_a_replica_serves_an_any_resolution_model(ray_local, tmp_path):
+@pytest.mark.parametrize("engine_process", [True, False], ids=["engine-process", "engine-thread"])
+def test_a_replica_serves_an_any_resolution_model(ray_local, tmp_path, engine_process):
     """The replica class itself (outside Serve) with a LLaVA-NeXT model (tiny, random weights): a chat request
     with a wide image and the `--serve-app` rows path (the job's uint8 tiles and image sizes) each answer what
-    the model generates in-process, no special case."""
+    the model generates in-process, no special case; with the engine in its own process or on a thread."""
     import yaml
     from starlette.requests import Request
 
@@ -538,7 +539,8 @@ def test_a_replica_serves_an_any_resolution_model(ray_local, tmp_path):
     image = load_image(buf.getvalue(), "image")
     replica_class = LlavaServer.func_or_class.__mro__[1]  # the class under Serve's ASGI wrapper
     sparsity = SparsityConfig(vision_keep=0.3, vision_scorer="stride", text_keep=0.5, text_scorer="recent")
-    server = replica_class(ServeConfig(model=str(path), threads=1, sparsity=sparsity).to_dict())
+    server = replica_class(ServeConfig(model=str(path), threads=1, sparsity=sparsity,
+                                       engine_process=engine_process).to_dict())
     try:
         body = json.dumps({"messages": [user(buf.getvalue(), "What is it?")], "max_tokens": 5,
                            "temperature": 0}).encode()
