@@ -13,6 +13,7 @@ next starts (the classic baseline, same engine code otherwise).
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hmac
 import json
@@ -119,6 +120,7 @@ class LlavaServer:
         self._stop_sampling = self.metrics.start_sampling(self.engine.counters)
         self.api_key = cfg.api_key
         self.replica_id = self._replica_id()
+        self._in_batcher: set[int] = set()  # id() of requests @serve.batch holds (static batching): they wait too
         self.desired_replicas = 0  # what the controller last asked for (read by record_autoscaling_stats)
         self._bridge: EventBridge | None = None  # made on the first request, in the replica's event loop
         self.controller = None
@@ -138,7 +140,7 @@ class LlavaServer:
     async def health(self) -> Response:
         c = self.engine.counters
         body = {"status": "ok" if self.engine.alive else "engine stopped", "model": self.served_name,
-                "running": c.running, "waiting": c.waiting, "finished": c.finished, "cancelled": c.cancelled,
+                "running": c.running, "waiting": c.waiting + len(self._in_batcher), "finished": c.finished, "cancelled": c.cancelled,
                 "failed": c.failed, "preempted": c.preempted, "kv_bytes_in_use": c.kv_bytes_in_use,
                 "kv_bytes_allocated": c.kv_bytes_allocated, "kv_blocks_free": c.kv_blocks_free,
                 "replica": self.replica_id,
@@ -208,7 +210,9 @@ class LlavaServer:
             return f"serve:{id(object())}"
 
     def telemetry_snapshot(self) -> TelemetrySnapshot:
-        return self.engine.snapshot(self.replica_id, "serve", self.default_sparsity)
+        snapshot = self.engine.snapshot(self.replica_id, "serve", self.default_sparsity)
+        held = len(self._in_batcher)
+        return dataclasses.replace(snapshot, queue_depth=snapshot.queue_depth + held) if held else snapshot
 
     def telemetry(self) -> dict[str, Any]:
         """This replica's TelemetrySnapshot as a dict (deployment-handle method)."""
@@ -378,7 +382,11 @@ class LlavaServer:
 
     async def _submit(self, engine_request: EngineRequest) -> int:
         if self.config.batching == "static":
-            result = await self._static_submit(engine_request)
+            self._in_batcher.add(id(engine_request))
+            try:
+                result = await self._static_submit(engine_request)
+            finally:
+                self._in_batcher.discard(id(engine_request))
         else:
             result = (await self._engine_submit([engine_request]))[0]
         if self.controller is not None and self.engine.has_work():
@@ -394,6 +402,7 @@ class LlavaServer:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def _static_submit(self, requests: list[EngineRequest]) -> list[int | Exception]:
         """Static batching: the requests @serve.batch grouped reach the engine together and run as one batch."""
+        self._in_batcher.difference_update(id(r) for r in requests)
         try:
             return await self._engine_submit(requests)
         except ApiError as e:
