@@ -9,7 +9,9 @@ Per arm and rate: throughput, TTFT, time per output token after the first (TPOT)
 percentiles, and goodput = requests that finished within --slo-s per second of offered load (the arrival
 window, first to last arrival, as in DistServe: an arm that serves every request within the SLO has goodput =
 the offered rate; dividing by the wall clock instead would charge the drain, i.e. the last request's own
-latency, and make two arms that both serve everything differ by noise). While each load runs, the replica's
+latency, and make two arms that both serve everything differ by noise). The replicas shed what they cannot admit
+in time (`max_queue_wait_s`, --max-queue-wait-s): above a replica's capacity, a queue that grows without bound
+would make every request late, so goodput would measure the queue rather than the engine; `shed` counts the 503s. While each load runs, the replica's
 /health is polled every 0.25 s for its K/V bytes: kv_allocated_over_in_use is the bytes the running rows'
 blocks hold over the bytes of their valid slots, summed over the samples (target <= 1.15). Per rate:
 continuous_over_static = continuous goodput / static goodput (dense and sparse; target >= 1 at every rate and
@@ -46,6 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-requests", type=int, default=400, help="most requests per arm (default 400)")
     p.add_argument("--max-tokens", type=int, default=128, help="max_tokens per request (default 128)")
     p.add_argument("--slo-s", type=float, default=3.0, help="end-to-end latency SLO for goodput (default 3 s)")
+    p.add_argument("--max-queue-wait-s", type=float, default=1.0,
+                   help="the replicas' max_queue_wait_s: a request not admitted this long after it arrived is shed "
+                        "with 503 (counted in `shed`), as a server under an SLO is configured; 0: no limit, every "
+                        "request waits its turn (default 1.0)")
     p.add_argument("--max-batch", type=int, default=16, help="rows per replica batch, both modes (default 16)")
     p.add_argument("--batch-wait-s", type=float, default=0.05, help="static: @serve.batch wait (default 0.05)")
     p.add_argument("--vision-keep", type=float, default=0.2)
@@ -160,7 +166,9 @@ def summarise(results: list[dict], wall: float, slo_s: float, window: float) -> 
     lat, ttft = [r["latency"] for r in ok], [r["ttft"] for r in ok]
     tpot = [r["tpot"] for r in ok if r.get("tpot") is not None]
     good = sum(r["latency"] <= slo_s for r in ok)
-    return {"requests": len(results), "ok": len(ok), "errors": len(results) - len(ok), "wall_s": round(wall, 2),
+    shed = sum(r["status"] == 503 for r in results)
+    return {"requests": len(results), "ok": len(ok), "shed": shed, "errors": len(results) - len(ok) - shed,
+            "wall_s": round(wall, 2),
             "throughput_rps": round(len(ok) / wall, 3),
             "output_tokens_per_s": round(sum(r.get("tokens", 0) for r in ok) / wall, 1),
             "output_chunks_per_s": round(sum(r["chunks"] for r in ok) / wall, 1),
@@ -194,7 +202,8 @@ def arm_config(name: str, args: argparse.Namespace, most: int):
         else SparsityConfig(vision_keep=1.0, text_keep=1.0)
     config = ServeConfig(model=args.model, device=args.device, sparsity=sparsity, batching=batching,
                          max_batch=args.max_batch, batch_wait_s=args.batch_wait_s, max_waiting=most,
-                         threads=replica_threads(args), engine_process=not args.engine_thread)
+                         threads=replica_threads(args), engine_process=not args.engine_thread,
+                         max_queue_wait_s=args.max_queue_wait_s or None)
     options = {"ray_actor_options": {"num_cpus": args.replica_cpus, "num_gpus": args.num_gpus},
                "max_ongoing_requests": most + args.max_batch + 8}
     return config, options
@@ -240,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         serve.shutdown()
         ray.shutdown()
-    cols = ("ok", "goodput_rps", "slo_attainment", "ttft_p50", "ttft_p95", "tpot_p50", "tpot_p95", "latency_p50",
+    cols = ("ok", "shed", "goodput_rps", "slo_attainment", "ttft_p50", "ttft_p95", "tpot_p50", "tpot_p95", "latency_p50",
             "latency_p95", "output_tokens_per_s", "output_chunks_per_s", "kv_allocated_over_in_use")
     print(f"Poisson loads over {args.duration}s each, SLO {args.slo_s}s, max_tokens {args.max_tokens}, "
           f"max_batch {args.max_batch}")
@@ -265,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
               "commit": commit(), "replica_threads": replica_threads(args),
               "rates": rates, "duration_s": args.duration,
               "requests": {str(r): len(load) for r, load in loads.items()}, "max_tokens": args.max_tokens,
-              "max_batch": args.max_batch, "slo_s": args.slo_s,
+              "max_batch": args.max_batch, "slo_s": args.slo_s, "max_queue_wait_s": args.max_queue_wait_s,
               "sparsity": {"vision_keep": args.vision_keep, "text_keep": args.text_keep},
               "arms": {name: {str(r): row for r, row in by_rate.items()} for name, by_rate in arms.items()},
               "ratios": ratios}

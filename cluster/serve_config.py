@@ -94,6 +94,9 @@ class ServeConfig:
     batch_wait_s: float = 0.05  # static: how long @serve.batch waits to fill a batch
     kv_budget_mib: float | None = None  # cap on the K/V the rows hold; full, the youngest row is preempted (None: none)
     max_waiting: int = 64  # queued requests per replica beyond which new ones get 429
+    max_queue_wait_s: float | None = None  # a request not admitted this long after it arrived gets 503 (an
+    #                                        overloaded replica sheds load instead of serving everyone late;
+    #                                        set it below your latency SLO). None: it waits as long as it takes
     engine_process: bool = True  # run the engine loop in a child process of the replica (False: on a thread of it,
     #                              where it shares the GIL with the event loop and preprocessing; see README)
     threads: int = 0  # torch CPU threads per replica (0: torch's default; on a CPU replica, one less than its CPUs
@@ -126,6 +129,8 @@ class ServeConfig:
             raise ValueError(f"max_prefill_tokens must be null or an integer >= 1, got {self.max_prefill_tokens!r}")
         if self.kv_budget_mib is not None and self.kv_budget_mib <= 0:
             raise ValueError(f"kv_budget_mib must be positive or null, got {self.kv_budget_mib!r}")
+        if self.max_queue_wait_s is not None and not 0 < self.max_queue_wait_s <= 3600:
+            raise ValueError(f"max_queue_wait_s must be in (0, 3600] or null, got {self.max_queue_wait_s!r}")
         if not 0 <= self.batch_wait_s <= 10:
             raise ValueError(f"batch_wait_s must be in [0, 10], got {self.batch_wait_s!r}")
         if self.api_key_env is not None and not os.environ.get(self.api_key_env):

@@ -38,7 +38,7 @@ from cluster.request_limits import check_request
 from cluster.serve_config import ServeConfig
 from cluster.serve_handle import DEPLOYMENT_NAME
 from cluster.serve_metrics import ServerMetrics
-from dynllava.batching import ContinuousEngine, EngineRequest, QueueFull, StreamEvent
+from dynllava.batching import QUEUE_TIMEOUT, ContinuousEngine, EngineRequest, QueueFull, StreamEvent
 from dynllava.config import SparsityConfig
 from dynllava.engine import GenerationOutput, TokenLogprob
 from dynllava.engine_process import EngineProcess, EngineSpec
@@ -57,7 +57,11 @@ def _sse(data: dict | str) -> str:
 
 
 class GenerationFailed(RuntimeError):
-    """The engine failed a request (its message is the engine's)."""
+    """The engine failed a request (its message is the engine's; `code` is StreamEvent.code)."""
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.code = code
 
 
 def _error_response(error: ApiError) -> JSONResponse:
@@ -66,6 +70,8 @@ def _error_response(error: ApiError) -> JSONResponse:
 
 def _internal(e: BaseException) -> ApiError:
     """Anything unexpected: a 500 in OpenAI's shape (the details go to the log, not to the client)."""
+    if isinstance(e, GenerationFailed) and e.code == QUEUE_TIMEOUT:
+        return ApiError(503, f"server overloaded: {e}", code=QUEUE_TIMEOUT, retry_after_s=1)
     if isinstance(e, GenerationFailed):
         return ApiError(500, f"generation failed: {e}")
     return ApiError(500, f"internal error ({type(e).__name__}); the server log has the details")
@@ -140,10 +146,10 @@ class LlavaServer:
     async def health(self) -> Response:
         c = self.engine.counters
         body = {"status": "ok" if self.engine.alive else "engine stopped", "model": self.served_name,
-                "running": c.running, "waiting": c.waiting + len(self._in_batcher), "finished": c.finished, "cancelled": c.cancelled,
-                "failed": c.failed, "preempted": c.preempted, "kv_bytes_in_use": c.kv_bytes_in_use,
-                "kv_bytes_allocated": c.kv_bytes_allocated, "kv_blocks_free": c.kv_blocks_free,
-                "replica": self.replica_id,
+                "running": c.running, "waiting": c.waiting + len(self._in_batcher), "finished": c.finished,
+                "cancelled": c.cancelled, "failed": c.failed, "timed_out": c.timed_out, "preempted": c.preempted,
+                "kv_bytes_in_use": c.kv_bytes_in_use, "kv_bytes_allocated": c.kv_bytes_allocated,
+                "kv_blocks_free": c.kv_blocks_free, "replica": self.replica_id,
                 "resident_bytes": resident_bytes()}
         return JSONResponse(body, status_code=200 if self.engine.alive else 503)
 
@@ -183,8 +189,15 @@ class LlavaServer:
                                     f"{self.served_name!r})", param="model", code="model_not_found")
             engine_request = await self._prepare(self._engine_request, chat)
             engine_request.arrived_at = arrived  # TTFT counts validation and image decoding too
+            if self.config.max_queue_wait_s is not None:
+                engine_request.admit_by = arrived + self.config.max_queue_wait_s
             events = self._listen(engine_request, stream=bool(chat.stream))
             ticket = await self._submit(engine_request)
+            # a stream's 200 waits for its first tokens, so a request shed from the queue or failed in its
+            # prefill gets its own status (503, 500) rather than an error inside a 200 stream
+            first = await self._first_event(ticket, events) if chat.stream else None
+        except GenerationFailed as e:
+            return self._failed(e)
         except ApiError as e:
             self.metrics.outcome("busy" if e.status in (429, 503) else "rejected")
             return _error_response(e)
@@ -197,7 +210,7 @@ class LlavaServer:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
             text = TextStream(self.model.processor.tokenizer, engine_request.stop)
             return StreamingResponse(self._stream(ticket, events, text, prompt_tokens, include_usage,
-                                                  chat.logprobs),
+                                                  chat.logprobs, first),
                                      media_type="text/event-stream")
         return await self._complete(ticket, events, prompt_tokens)
 
@@ -264,18 +277,31 @@ class LlavaServer:
         request.on_event = functools.partial(self._bridge.post, events)
         return events
 
-    async def _follow(self, ticket: int, events: "asyncio.Queue[StreamEvent]",
-                      text: TextStream | None = None) -> AsyncIterator[tuple[str, list] | GenerationOutput]:
+    async def _first_event(self, ticket: int, events: "asyncio.Queue[StreamEvent]") -> StreamEvent:
+        """A request's first engine event; GenerationFailed if it is an error. A client that goes away meanwhile
+        cancels the request."""
+        try:
+            event = await events.get()
+        except BaseException:
+            self.engine.cancel(ticket)
+            self.metrics.outcome("cancelled")
+            raise
+        if event.error is not None:
+            raise GenerationFailed(event.error, event.code)
+        return event
+
+    async def _follow(self, ticket: int, events: "asyncio.Queue[StreamEvent]", text: TextStream | None = None,
+                      first: StreamEvent | None = None) -> AsyncIterator[tuple[str, list] | GenerationOutput]:
         """The one consumer of a request's engine events. Streaming (`text` given): yields (text delta, the new
         tokens' TokenLogprobs if asked for), at most one per stream_interval_s after the first (events that
         arrive meanwhile are coalesced, so a fast engine does not send one HTTP chunk per token through the
-        proxy). Then yields the GenerationOutput.
+        proxy). Then yields the GenerationOutput. `first`: an event already taken from `events`.
         Raises GenerationFailed on the engine's error. If the consumer stops first (the client went away),
         the request is cancelled and its slot freed."""
         done, last_sent = False, -float("inf")
         try:
             while not done:
-                batch = [await events.get()]
+                batch, first = [first if first is not None else await events.get()], None
                 if text is not None and not batch[0].final:
                     wait = self.config.stream_interval_s - (time.perf_counter() - last_sent)
                     if wait > 0:
@@ -285,7 +311,7 @@ class LlavaServer:
                 final = batch[-1] if batch[-1].final else None
                 done = final is not None
                 if final is not None and final.error is not None:
-                    raise GenerationFailed(final.error)
+                    raise GenerationFailed(final.error, final.code)
                 if text is not None:
                     delta = text.push([t for e in batch for t in e.token_ids])
                     delta += text.finish(final.output.text) if final is not None else ""
@@ -431,8 +457,7 @@ class LlavaServer:
             finished = True
             if not isinstance(e, GenerationFailed):
                 log.exception("request %d failed", ticket)
-            self.metrics.outcome("error")
-            return _error_response(_internal(e))
+            return self._failed(e)
         finally:
             if not finished:  # the client went away (Serve cancelled this coroutine)
                 self.metrics.outcome("cancelled")
@@ -442,6 +467,12 @@ class LlavaServer:
             proto.usage(prompt_tokens, out.stats.n_text_generated), self._extension(out),
             self._logprobs(out.logprobs) if out.logprobs is not None else None))
 
+    def _failed(self, e: BaseException) -> JSONResponse:
+        """A request the engine failed (or shed: 503, counted busy) answered in OpenAI's shape."""
+        error = _internal(e)
+        self.metrics.outcome("busy" if error.status == 503 else "error")
+        return _error_response(error)
+
     def _logprobs(self, entries: list[TokenLogprob]) -> dict:
         """OpenAI's logprobs body for engine TokenLogprobs (each token id as its text)."""
         decode = self.model.processor.tokenizer.decode
@@ -449,11 +480,12 @@ class LlavaServer:
                                     for e in entries])
 
     async def _stream(self, ticket: int, events: asyncio.Queue, text: TextStream, prompt_tokens: int,
-                      include_usage: bool, logprobs: bool = False) -> AsyncIterator[str]:
+                      include_usage: bool, logprobs: bool = False, first: StreamEvent | None = None
+                      ) -> AsyncIterator[str]:
         cid, name, finished = proto.completion_id(), self.served_name, False
         try:
             yield _sse(proto.chunk_body(cid, name, {"role": "assistant", "content": ""}, include_usage=include_usage))
-            async with contextlib.aclosing(self._follow(ticket, events, text)) as items:
+            async with contextlib.aclosing(self._follow(ticket, events, text, first)) as items:
                 async for item in items:
                     if isinstance(item, tuple):
                         delta, entries = item
@@ -471,7 +503,7 @@ class LlavaServer:
             finished = True
             if not isinstance(e, GenerationFailed):
                 log.exception("stream of request %d failed", ticket)
-            self.metrics.outcome("error")
+            self.metrics.outcome("error")  # after its first tokens (a shed request never gets here)
             yield _sse(_internal(e).body())
         finally:
             if not finished:  # disconnected mid-stream

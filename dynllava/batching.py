@@ -3,7 +3,8 @@
 Every path runs it: `DynamicLlava.generate` (submit the rows, step until they finish), the caption job's actors
 and the Serve replicas (the loop on its own thread). One thread owns the model and calls `step()` (or runs
 `start()`'s loop); any thread may `submit` and `cancel`. Each step is schedule -> execute -> update:
-  1. take in submissions and cancellations (a cancelled request's row and K/V are freed at once);
+  1. take in submissions and cancellations (a cancelled request's row and K/V are freed at once); a queued
+     request past its `admit_by` leaves with QUEUE_TIMEOUT (an overloaded server sheds it, not everyone);
   2. schedule (dynllava.scheduler, a pure function): which waiting requests join, in arrival order, within the
      batch size, the per-step prefill budgets and the KV budget;
   3. execute: prefill the joining requests together (one pass per vision scorer), merge them into the running
@@ -64,6 +65,9 @@ class QueueFull(RuntimeError):
     """The engine's waiting queue is at its limit: retry later (HTTP 429)."""
 
 
+QUEUE_TIMEOUT = "queue_timeout"  # StreamEvent.code of a request still queued at its admit_by
+
+
 @dataclass
 class EngineRequest:
     """One request for the continuous engine. prepared: a single row from `model.prepare` (validated and
@@ -84,6 +88,9 @@ class EngineRequest:
     arrived_at: float | None = None  # time.perf_counter() when the request arrived (TTFT's start; default: submit)
     follows_engine: bool = False  # the caller did not choose the keep ratios: run at the engine's keep setting
     #                               as of admission (set_keep), so a controller's order reaches the queue too
+    admit_by: float | None = None  # time.perf_counter() by which it must be admitted; a request still queued
+    #                                then leaves with error code QUEUE_TIMEOUT (an overloaded server sheds it
+    #                                rather than serve everyone late). None: it waits as long as it takes
 
 
 @dataclass
@@ -96,6 +103,7 @@ class StreamEvent:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per new token id, when the request asked
     output: GenerationOutput | None = None
     error: str | None = None
+    code: str | None = None  # with error: what kind, when the caller can act on it (QUEUE_TIMEOUT)
 
     @property
     def final(self) -> bool:
@@ -110,6 +118,7 @@ class EngineCounters:
     finished: int = 0
     cancelled: int = 0
     failed: int = 0
+    timed_out: int = 0  # requests that left the queue at their admit_by, never admitted
     tokens_generated: int = 0
     waiting: int = 0  # requests queued, not yet prefilled
     prefilling: int = 0  # requests in the prefill running now (admitted, no first token yet)
@@ -384,6 +393,7 @@ class ContinuousEngine:
             self._inbox.clear()
             self._count_waiting()  # under the lock: a snapshot sees them in the inbox or in the count, never neither
             cancelled, self._cancelled = self._cancelled, set()
+        self._shed_late()
         if not cancelled:
             return
         gone = [live for live in itertools.chain(self._waiting, self._running) if live.ticket in cancelled]
@@ -394,6 +404,24 @@ class ContinuousEngine:
         for live in gone:
             self.counters.cancelled += 1
             self._deliver(live, StreamEvent([], error="cancelled"))
+
+    def _shed_late(self) -> None:
+        """Queued requests past their admit_by leave with QUEUE_TIMEOUT (a preempted row, which has streamed
+        tokens already, always stays)."""
+        now = time.perf_counter()
+        late = [live for live in self._waiting if live.resume is None and live.request.admit_by is not None
+                and now > live.request.admit_by]
+        if not late:
+            return
+        gone = {id(live) for live in late}
+        self._waiting = collections.deque(live for live in self._waiting if id(live) not in gone)
+        for live in late:
+            self.counters.timed_out += 1
+            waited = now - live.submitted_at
+            self._deliver(live, StreamEvent([], error=f"not admitted in time: queued {waited:.2f} s behind "
+                                            f"{len(self._running)} running requests; retry later", code=QUEUE_TIMEOUT))
+        with self._lock:
+            self._count_waiting()
 
     def _allocation(self, reserves: list[tuple[int, int]], layer_k: int) -> int:
         return self.kv_layout.allocation_bytes(reserves, layer_k)

@@ -51,6 +51,20 @@ def expected(tiny, image, prompt_text: str, max_tokens: int, sparsity=DEFAULT) -
     return tiny.generate([image], [prompt], sparsity=sparsity, max_new_tokens=max_tokens)[0].text
 
 
+def _asgi_post(server, body: dict, path: str = "/v1/chat/completions"):
+    """The replica class's chat route called directly (outside Serve and HTTP): an awaitable Response."""
+    from starlette.requests import Request
+
+    raw = json.dumps(body).encode()
+
+    async def receive():
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    scope = {"type": "http", "method": "POST", "path": path, "query_string": b"",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]}
+    return server.chat_completions(Request(scope, receive))
+
+
 def test_plain_request_equals_generate(client, tiny):
     image, png, text = scene(0)
     resp = client.chat.completions.create(model="tiny", messages=[user(png, text)], temperature=0, max_tokens=24)
@@ -464,8 +478,6 @@ def test_sampling_and_length_parameters_equal_generate(client, tiny):
 def test_a_stopped_engine_answers_503_and_health_says_so(ray_local):
     """The replica class itself (outside Serve), its engine thread stopped: /health and chat completions answer
     503 in OpenAI's error shape, with Retry-After."""
-    from starlette.requests import Request
-
     from cluster.server import LlavaServer
     from cluster.serve_config import ServeConfig
 
@@ -475,14 +487,7 @@ def test_a_stopped_engine_answers_503_and_health_says_so(ray_local):
         server.engine.stop()
         health = asyncio.run(server.health())
         assert health.status_code == 503 and json.loads(health.body)["status"] == "engine stopped"
-        body = json.dumps(HELLO).encode()
-
-        async def receive():
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "query_string": b"",
-                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
-        reply = asyncio.run(server.chat_completions(Request(scope, receive)))
+        reply = asyncio.run(_asgi_post(server, HELLO))
         assert reply.status_code == 503 and reply.headers["retry-after"] == "5"
         assert json.loads(reply.body)["error"]["type"] == "server_error"
     finally:
@@ -524,7 +529,6 @@ def test_a_replica_serves_an_any_resolution_model(ray_local, tmp_path, engine_pr
     with a wide image and the `--serve-app` rows path (the job's uint8 tiles and image sizes) each answer what
     the model generates in-process, no special case; with the engine in its own process or on a thread."""
     import yaml
-    from starlette.requests import Request
 
     from cluster.serve_config import ServeConfig
     from cluster.server import LlavaServer
@@ -542,20 +546,13 @@ def test_a_replica_serves_an_any_resolution_model(ray_local, tmp_path, engine_pr
     server = replica_class(ServeConfig(model=str(path), threads=1, sparsity=sparsity,
                                        engine_process=engine_process).to_dict())
     try:
-        body = json.dumps({"messages": [user(buf.getvalue(), "What is it?")], "max_tokens": 5,
-                           "temperature": 0}).encode()
+        body = {"messages": [user(buf.getvalue(), "What is it?")], "max_tokens": 5, "temperature": 0}
         tiles, size = resize_image(model.processor, image)
         pixels = np.empty(1, dtype=object)
         pixels[0] = tiles
 
-        async def receive():
-            return {"type": "http.request", "body": body, "more_body": False}
-
         async def both():  # one event loop, as in a replica
-            scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "query_string": b"",
-                     "headers": [(b"content-type", b"application/json"),
-                                 (b"content-length", str(len(body)).encode())]}
-            reply = json.loads((await server.chat_completions(Request(scope, receive))).body)
+            reply = json.loads((await _asgi_post(server, body)).body)
             rows = await server.generate_rows(pixels, ["What is it?"], 5, sparsity.to_dict(), np.array([size]))
             return reply, rows
 
@@ -565,6 +562,43 @@ def test_a_replica_serves_an_any_resolution_model(ray_local, tmp_path, engine_pr
         assert reply["choices"][0]["message"]["content"] == alone.text
         assert reply["dynllava"]["stats"]["n_image_tokens"] == alone.stats.n_image_tokens > 16
         assert rows[0].token_ids == alone.token_ids
+    finally:
+        server._stop_sampling.set()
+        server.engine.stop()
+
+
+def test_an_overloaded_replica_sheds_what_it_cannot_admit_in_time(ray_local):
+    """The replica class itself (outside Serve), one slot, max_queue_wait_s 0.3: while a long request runs, a
+    streamed and a plain request that wait past 0.3 s are answered 503 (code queue_timeout, Retry-After) before
+    any stream starts, /health counts them, and the long request finishes untouched."""
+    from cluster.serve_config import ServeConfig
+    from cluster.server import LlavaServer
+
+    replica_class = LlavaServer.func_or_class.__mro__[1]  # the class under Serve's ASGI wrapper
+    server = replica_class(ServeConfig(model="tiny", threads=1, max_batch=1, max_prefill_batch=1,
+                                       max_queue_wait_s=0.3).to_dict())
+    long = {**HELLO, "max_tokens": 400, "dynllava": {"ignore_eos": True}}
+
+    async def scenario():
+        held = asyncio.create_task(_asgi_post(server, long))
+        while server.engine.counters.running < 1:
+            await asyncio.sleep(0.01)
+        started = time.perf_counter()
+        shed = await asyncio.gather(_asgi_post(server, {**HELLO, "stream": True}), _asgi_post(server, HELLO))
+        waited = time.perf_counter() - started
+        still_running = server.engine.counters.running == 1
+        return await held, shed, waited, still_running
+
+    try:
+        held, shed, waited, still_running = asyncio.run(scenario())
+        assert still_running, "the long request finished before the queue timed out: the test proves nothing"
+        for reply in shed:
+            assert reply.status_code == 503 and reply.headers["retry-after"] == "1", reply.body
+            assert json.loads(reply.body)["error"]["code"] == "queue_timeout"
+        assert 0.3 <= waited < 5
+        assert held.status_code == 200 and json.loads(held.body)["usage"]["completion_tokens"] == 400
+        health = json.loads(asyncio.run(server.health()).body)
+        assert health["timed_out"] == 2 and health["finished"] == 1
     finally:
         server._stop_sampling.set()
         server.engine.stop()

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from dynllava.batching import ContinuousEngine, EngineRequest, QueueFull, reserved_slots
+from dynllava.batching import QUEUE_TIMEOUT, ContinuousEngine, EngineRequest, QueueFull, reserved_slots
 from dynllava.config import SparsityConfig
 from tests.conftest import random_image
 
@@ -83,7 +83,7 @@ def test_kv_budget_bounds_allocation_and_sparsity_buys_concurrency(tiny_model, p
     """Under the same byte budget, sparse requests run more at once than dense ones, and the cache never
     allocates more than the budget. Padded: admission counts every row's worst case, so exactly 5 dense rows run
     and none is preempted. Paged: admission counts the blocks held now, rows are preempted when the pool is full
-    and resume exactly."""
+    and resume exactly, even past their admission deadline."""
     probe, _ = _request(tiny_model, 0, DENSE, max_new=150)
     budget = ContinuousEngine(tiny_model, paged=paged)._allocation([reserved_slots(tiny_model, probe)] * 5,
                                                                    DENSE.layer)
@@ -96,6 +96,9 @@ def test_kv_budget_bounds_allocation_and_sparsity_buys_concurrency(tiny_model, p
             engine.submit(req)
         running = []
         while engine.step():
+            if not running:  # admitted rows are past their deadline: preempted ones must still come back
+                for live in engine._running:
+                    live.request.admit_by = 0.0
             running.append(engine.counters.running)
             assert engine.counters.kv_bytes_allocated <= budget
             if paged:
@@ -103,7 +106,7 @@ def test_kv_budget_bounds_allocation_and_sparsity_buys_concurrency(tiny_model, p
             else:
                 assert engine.counters.kv_bytes_reserved <= budget
         outputs = [_final(events).output for _, (_, _, events) in made]
-        assert all(out is not None for out in outputs) and engine.counters.failed == 0
+        assert all(out is not None for out in outputs) and engine.counters.failed == engine.counters.timed_out == 0
         assert all(out.token_ids == outputs[0].token_ids for out in outputs), "identical requests, same answers"
         concurrency[name] = sum(running) / len(running)
         if not paged:
@@ -159,6 +162,28 @@ def test_submit_rejects_what_can_never_run(tiny_model):
     full.submit(req)
     with pytest.raises(QueueFull):
         full.submit(req)
+
+
+def test_a_request_not_admitted_by_its_deadline_leaves_and_the_rest_run_as_alone(tiny_model):
+    """One slot, a running row: a queued request past its admit_by leaves at the next step with QUEUE_TIMEOUT,
+    one whose deadline is far off waits its turn; both others give their tokens alone."""
+    engine = ContinuousEngine(tiny_model, max_batch=1)
+    made = [_request(tiny_model, 0, SPARSE, max_new=12), _request(tiny_model, 1, SPARSE, max_new=6),
+            _request(tiny_model, 2, SPARSE, max_new=6)]
+    engine.submit(made[0][0])
+    engine.step()
+    made[1][0].admit_by = time.perf_counter() + 3600
+    made[2][0].admit_by = time.perf_counter()  # late by the next step
+    engine.submit(made[1][0])
+    engine.submit(made[2][0])
+    engine.step()
+    shed = _final(made[2][1][2])
+    assert shed.code == QUEUE_TIMEOUT and "not admitted in time" in shed.error
+    assert (engine.counters.running, engine.counters.waiting, engine.counters.timed_out) == (1, 1, 1)
+    engine.run_until_idle()
+    for req, (image, prompt, events) in made[:2]:
+        assert _final(events).output.token_ids == _alone(tiny_model, image, prompt, req).token_ids
+    assert engine.counters.finished == 2
 
 
 def test_threaded_loop_serves_concurrent_submitters(tiny_model):
