@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16, help="rows per Ray Data batch (default 16)")
     p.add_argument("--max-batch", type=int, default=32, help="rows decoding at once, loop and actor (default 32)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="per row (default 48)")
+    p.add_argument("--refill-at", type=int, default=CaptionJobConfig().refill_at,
+                   help="refill the running batch once this many places are free, loop and actor (default: the "
+                        "caption job's)")
     p.add_argument("--vision-keep", type=float, default=0.2)
     p.add_argument("--text-keep", type=float, default=0.5)
     p.add_argument("--vision-scorer", default="learned")
@@ -77,7 +80,7 @@ def loop_run(data: Path, args, sparsity: SparsityConfig, threads: int | None) ->
     images = [load_image(b, "image") for b in table.column("image").to_pylist()]
     prompts = [model.format_prompt(p) for p in table.column("prompt").to_pylist()]
     outs = model.generate(images, prompts, sparsity=sparsity, max_new_tokens=args.max_new_tokens,
-                          max_batch=args.max_batch)
+                          max_batch=args.max_batch, refill_at=args.refill_at)
     rows_per_s = len(images) / (time.perf_counter() - started)
     torch.set_num_threads(default_threads)
     bound = sum(o.stats.flops_dense for o in outs) / sum(o.stats.flops_sparse for o in outs)
@@ -113,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, sparsity in (("pipeline dense", dense), ("pipeline sparse", sparse)):
         config = CaptionJobConfig(model=args.model, sparsity=sparsity, max_new_tokens=args.max_new_tokens,
                                   batch_size=args.batch_size, max_batch=args.max_batch, device=args.device,
+                                  refill_at=args.refill_at,
                                   decode_tasks=args.decode_tasks,
                                   actors=ActorPool(1, 1, num_cpus=args.actor_cpus, num_gpus=args.num_gpus,
                                                    threads=threads))
@@ -125,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     device = args.device or ("cuda" if args.num_gpus else "cpu")
     sparse_over_dense = results["pipeline sparse"] / results["pipeline dense"]
     out = {"bench": "pipeline", "model": args.model, "rows": args.rows, "batch_size": args.batch_size,
-           "max_batch": args.max_batch, "max_new_tokens": args.max_new_tokens, "sparsity": sparse.to_dict(),
+           "max_batch": args.max_batch, "refill_at": args.refill_at, "max_new_tokens": args.max_new_tokens,
+           "sparsity": sparse.to_dict(),
            "actor_threads": threads,
            "rows_per_s": {k: round(v, 3) for k, v in results.items()},
            "job_rows_per_s_with_startup": whole, "job_startup_s": {k: round(v, 1) for k, v in startup.items()},

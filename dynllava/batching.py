@@ -197,7 +197,9 @@ class ContinuousEngine:
     cap); kv_watermark: the fraction of it that admission leaves free for running rows to grow into (paged cache;
     see the module docstring); max_waiting: queue length beyond which `submit` raises QueueFull.
     join_running=False makes it a static batcher: a new batch starts only when the running one has entirely
-    finished (the baseline to compare with). cuda_graphs: on CUDA, replay the decoding step as a CUDA graph.
+    finished (the baseline to compare with). refill_at: while rows decode, admit only once this many places are
+    free (offline jobs: fuller prefills; 1: at once, for latency). cuda_graphs: on CUDA, replay the decoding
+    step as a CUDA graph.
     isolate_failures: a failing prefill or step fails only its requests and the loop goes on (a server); False
     re-raises (a caller that owns every request, as `generate`). clock: unix seconds for the telemetry window.
     paged: the running rows' K/V live in one block pool (capped at kv_budget_bytes) instead of a padded cache
@@ -209,7 +211,8 @@ class ContinuousEngine:
                  max_waiting: int = 256, join_running: bool = True, telemetry_window_s: float = 30.0,
                  clock: Callable[[], float] = time.time, max_prefill_tokens: int | None = None,
                  cuda_graphs: bool = True, isolate_failures: bool = True, paged: bool | None = None,
-                 kv_watermark: float = KV_WATERMARK, on_step: Callable[[], None] | None = None):
+                 kv_watermark: float = KV_WATERMARK, on_step: Callable[[], None] | None = None,
+                 refill_at: int = 1):
         if max_waiting < 1:
             raise ValueError("max_waiting must be >= 1")
         self.model = model
@@ -221,7 +224,7 @@ class ContinuousEngine:
         # admission on the blocks rows hold now (and preemption when they run out), or on every row's worst case
         self.on_demand = self.paged and join_running
         self.limits = SchedulerLimits(max_batch, max_prefill_batch, max_prefill_tokens, kv_budget_bytes,
-                                      join_running, kv_watermark if self.on_demand else 0.0)
+                                      join_running, kv_watermark if self.on_demand else 0.0, refill_at)
         self.isolate_failures = isolate_failures
         self.dims = model_dims(model)
         element = torch.empty((), dtype=model.dtype).element_size()
@@ -708,13 +711,14 @@ def generate(model, images: Sequence[Any], prompts: Sequence[str],
              sparsity: SparsityConfig | Sequence[SparsityConfig] | None = None, max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | Sequence[int] | None = None,
              stop: Sequence[str] | None = None, ignore_eos: bool = False, cuda_graphs: bool = True,
-             max_batch: int | None = None, join_running: bool = True) -> list[GenerationOutput]:
+             max_batch: int | None = None, join_running: bool = True, refill_at: int = 1) -> list[GenerationOutput]:
     """Generate for a list of rows through the engine's loop: submit them all, step until every one finished.
 
     `sparsity` may be one config or one per row (rows that need another layer, mode or text scorer run after
     the others). `seed` (int or per row) seeds each row's sampler, so a row samples the same tokens alone or in
     any batch. max_batch: most rows decoding at once (default: all); join_running=False runs static batches of
-    max_batch instead of refilling freed places. On CUDA the decoding step replays as a CUDA graph unless
+    max_batch instead of refilling freed places; refill_at: refill only once that many places are free (see
+    scheduler). On CUDA the decoding step replays as a CUDA graph unless
     cuda_graphs=False. Every row is validated before any runs (ValueError). Returns one GenerationOutput per
     prompt, in order."""
     start = time.perf_counter()
@@ -729,7 +733,8 @@ def generate(model, images: Sequence[Any], prompts: Sequence[str],
     prepared = split_prepared(model.prepare(images, prompts, max_new_tokens))
     width = max_batch or n
     engine = ContinuousEngine(model, max_batch=width, max_prefill_batch=width, max_waiting=n,
-                              join_running=join_running, cuda_graphs=cuda_graphs, isolate_failures=False)
+                              join_running=join_running, cuda_graphs=cuda_graphs, isolate_failures=False,
+                              refill_at=min(refill_at, width))
     outputs: dict[int, GenerationOutput] = {}
 
     def collect(index: int) -> Callable[[StreamEvent], None]:

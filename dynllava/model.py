@@ -323,13 +323,14 @@ class DynamicLlava:
                  sparsity: SparsityConfig | Sequence[SparsityConfig] | None = None, max_new_tokens: int = 64,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | Sequence[int] | None = None,
                  stop: Sequence[str] | None = None, ignore_eos: bool = False, cuda_graphs: bool = True,
-                 max_batch: int | None = None, join_running: bool = True):
+                 max_batch: int | None = None, join_running: bool = True, refill_at: int = 1):
         """Generate for a list of rows on the engine's loop (see batching.generate). Returns list[GenerationOutput]."""
         from dynllava.batching import generate
 
         return generate(self, images, prompts, sparsity=sparsity, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_p=top_p, seed=seed, stop=stop, ignore_eos=ignore_eos,
-                        cuda_graphs=cuda_graphs, max_batch=max_batch, join_running=join_running)
+                        cuda_graphs=cuda_graphs, max_batch=max_batch, join_running=join_running,
+                        refill_at=refill_at)
 
 
 __all__ = ["DynamicLlava", "ContextResult", "TEXT_SCORERS", "VISION_SCORERS"]

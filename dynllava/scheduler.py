@@ -17,6 +17,10 @@ No torch, no model, no clock of its own: `ContinuousEngine` describes its waitin
   with the paged cache, the slots it holds now plus the next token's (`PagedLayout`: whole blocks per row),
   and the watermark leaves room for the running rows to grow until the engine preempts one.
 - `join_running=False` is static batching: a new batch starts only when the running one has finished.
+- `refill_at`: while rows decode, the batch is refilled only once that many of its places are free, so an
+  offline job prefills its rows in fuller groups (fewer, larger prefills: a tower and prefill pass costs
+  about the same for one row as for several) instead of one row per step as each finishes. 1 (serving's
+  default) refills at once; any value lets the queue's head in at the latest when the running rows finish.
 - A `solo` request (its group's prefill ran out of memory) is prefilled alone.
 """
 
@@ -83,10 +87,14 @@ class SchedulerLimits:
     kv_budget_bytes: int | None  # cap on the cache's allocation as the layout counts the rows (None: none)
     join_running: bool = True  # False: static batching (the baseline)
     kv_watermark: float = 0.0  # fraction of kv_budget_bytes admission leaves free for the running rows to grow
+    refill_at: int = 1  # while rows decode, admit only once this many of max_batch places are free
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_prefill_batch < 1:
             raise ValueError("max_batch and max_prefill_batch must be >= 1")
+        if isinstance(self.refill_at, bool) or not isinstance(self.refill_at, int) or \
+                not 1 <= self.refill_at <= self.max_batch:
+            raise ValueError(f"refill_at must be an integer in [1, max_batch={self.max_batch}], got {self.refill_at!r}")
         if self.max_prefill_tokens is not None and self.max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be >= 1 or None, got {self.max_prefill_tokens}")
         if not 0.0 <= self.kv_watermark < 1.0:
@@ -107,8 +115,8 @@ class StepPlan:
     admit: tuple[int, ...]  # tickets to prefill this step, a prefix of the queue (arrival order)
     prefill_tokens: int  # prompt tokens those prefills run
     decode: bool  # whether a decoding step follows (rows are running, or join this step)
-    waiting_on: str | None  # why the queue's head (if any) was not admitted: "batch", "kv_budget",
-    #                         "signature", "static", "prefill_batch", "prefill_tokens", "solo"; None if admitted
+    waiting_on: str | None  # why the queue's head (if any) was not admitted: "batch", "kv_budget", "signature",
+    #                         "static", "refill", "prefill_batch", "prefill_tokens", "solo"; None if admitted
 
 
 def schedule(waiting: Sequence[Scheduled], running: Sequence[Scheduled], limits: SchedulerLimits,
@@ -125,6 +133,8 @@ def schedule(waiting: Sequence[Scheduled], running: Sequence[Scheduled], limits:
             reason = "static"
         elif len(running) + len(admit) >= limits.max_batch:
             reason = "batch"
+        elif not admit and running and limits.max_batch - len(running) < limits.refill_at:
+            reason = "refill"
         elif len(admit) >= limits.max_prefill_batch:
             reason = "prefill_batch"
         elif admit and (head.solo or waiting[0].solo):

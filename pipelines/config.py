@@ -60,6 +60,8 @@ class CaptionJobConfig:
     max_batch: int = 32  # rows decoding together per actor (a finished row's place goes to the next waiting row)
     max_prefill_batch: int = 8  # rows prefilled in one engine step
     max_prefill_tokens: int | None = 4096  # prompt tokens prefilled in one engine step (null: no cap)
+    refill_at: int = 8  # while rows decode, refill the batch once this many places are free (fuller
+    #                     prefills; at most max_batch)
     decode_batch_size: int = 64  # rows per CPU decode task
     decode_tasks: int | None = None  # most decode tasks at once (None: Ray Data decides; 1 on a 2-core box)
     decode_num_cpus: float = 0.5  # CPUs reserved per decode task (Ray fuses the decode stage into the engine
@@ -78,7 +80,7 @@ class CaptionJobConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "batch_size", "batches_in_flight", "max_batch", "max_prefill_batch",
-                     "decode_batch_size", "max_image_pixels", "rows_per_file", "serve_callers"):
+                     "decode_batch_size", "max_image_pixels", "rows_per_file", "serve_callers", "refill_at"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -99,7 +101,7 @@ class CaptionJobConfig:
     def engine_limits(self) -> dict[str, Any]:
         """The engine actors' scheduling knobs (ContinuousEngine keyword arguments)."""
         return {"max_batch": self.max_batch, "max_prefill_batch": self.max_prefill_batch,
-                "max_prefill_tokens": self.max_prefill_tokens}
+                "max_prefill_tokens": self.max_prefill_tokens, "refill_at": min(self.refill_at, self.max_batch)}
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

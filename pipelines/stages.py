@@ -139,7 +139,7 @@ class GenerateStage:
     carry an error pass through; a row the engine rejects (e.g. prompt longer than the context) or that fails
     (a prefill out of memory even alone) gets its own error without failing the others.
     `loader(model, device=, dtype=)` builds the model (injected by tests); `engine` holds ContinuousEngine's
-    scheduling knobs (max_batch, max_prefill_batch, max_prefill_tokens); `threads`: torch CPU threads."""
+    scheduling knobs (max_batch, max_prefill_batch, max_prefill_tokens, refill_at); `threads`: torch CPU threads."""
 
     def __init__(self, model: str, sparsity: dict, max_new_tokens: int, device: str | None = None,
                  dtype: str | None = None, loader: Callable | None = None, extra_columns: tuple[str, ...] = (),

@@ -78,6 +78,29 @@ def test_rows_joining_and_leaving_decode_as_alone(tiny_model, temperature, paged
         assert engine._pool.bytes_held() == 0 and all(g.blocks.used_blocks == 0 for g in engine._pool.groups)
 
 
+def test_refill_at_refills_in_groups_and_rows_decode_as_alone(tiny_model):
+    """refill_at 3 of 4 places: while rows run, waiting rows join only once 3 places are free (the offline
+    job's fuller prefills), never one by one; every row still decodes as it would alone."""
+    engine = ContinuousEngine(tiny_model, max_batch=4, max_prefill_batch=4, refill_at=3)
+    made = [_request(tiny_model, i, SPARSE if i % 3 else DENSE, max_new=2 + (i * 3) % 7) for i in range(9)]
+    for req, _ in made:
+        engine.submit(req)
+    joins = []
+    while True:
+        running, waiting = len(engine._running), len(engine._waiting) + len(engine._inbox)
+        more = engine.step()
+        admitted = waiting - len(engine._waiting)
+        if admitted:
+            joins.append((running, admitted))
+        if not more:
+            break
+    assert joins[0] == (0, 4), "an empty batch fills at once"
+    assert all(4 - running >= 3 for running, _ in joins[1:]), joins
+    assert sum(n for _, n in joins) == 9
+    for req, (image, prompt, events) in made:
+        assert _final(events).output.token_ids == _alone(tiny_model, image, prompt, req).token_ids
+
+
 @pytest.mark.parametrize("paged", [True, False], ids=["paged", "padded"])
 def test_kv_budget_bounds_allocation_and_sparsity_buys_concurrency(tiny_model, paged):
     """Under the same byte budget, sparse requests run more at once than dense ones, and the cache never

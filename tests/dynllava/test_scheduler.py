@@ -84,8 +84,20 @@ def test_a_solo_request_is_prefilled_alone():
     assert plan.admit == (0,) and plan.waiting_on == "solo"
 
 
+def test_refill_at_waits_until_enough_places_are_free():
+    """Offline refilling: with 2 of 4 places free, refill_at 3 admits nothing; with 3 free, it admits up to
+    the batch; with nothing running it admits at once (the head never waits on an empty batch)."""
+    plan = schedule([req(0), req(1), req(2)], [req(10), req(11)], limits(refill_at=3), LAYOUT)
+    assert plan == StepPlan((), 0, True, "refill")
+    plan = schedule([req(0), req(1), req(2), req(3)], [req(10)], limits(refill_at=3), LAYOUT)
+    assert plan.admit == (0, 1, 2) and plan.waiting_on == "batch"
+    assert schedule([req(0)], [], limits(refill_at=4), LAYOUT).admit == (0,)
+    assert schedule([req(0)], [req(10), req(11)], limits(refill_at=1), LAYOUT).admit == (0,)
+
+
+@pytest.mark.parametrize("refill_at", [1, 3])
 @pytest.mark.parametrize("seed", range(20))
-def test_simulated_traffic_keeps_every_budget_and_order(seed):
+def test_simulated_traffic_keeps_every_budget_and_order(seed, refill_at):
     """A random arrival stream on a fake clock (one tick per step): each step the plan is executed, rows finish
     after their own number of tokens. Every step respects the batch, prefill and KV budgets; requests are
     admitted exactly in arrival order; every request is admitted (no starvation), and a queue head waits only
@@ -96,7 +108,7 @@ def test_simulated_traffic_keeps_every_budget_and_order(seed):
     requests = {i: req(i, tokens=rng.randrange(5, 80), new=rng.randrange(1, 30),
                        signature=rng.choice(signatures) if rng.random() < 0.2 else SIG) for _, i in arrivals}
     lim = limits(max_batch=6, max_prefill_batch=3, max_prefill_tokens=120,
-                 kv_budget_bytes=LAYOUT.allocation_bytes([(112, 112)] * 4, 2))
+                 kv_budget_bytes=LAYOUT.allocation_bytes([(112, 112)] * 4, 2), refill_at=refill_at)
     remaining = {i: rng.randrange(1, 30) for i in requests}  # decoding steps until each finishes
     waiting: list[Scheduled] = []
     running: list[Scheduled] = []
@@ -105,6 +117,7 @@ def test_simulated_traffic_keeps_every_budget_and_order(seed):
         waiting += [requests[i] for t, i in arrivals if t == clock]
         plan = schedule(waiting, running, lim, LAYOUT)
         joined = [r for r in waiting if r.ticket in plan.admit]
+        assert not (joined and running) or lim.max_batch - len(running) >= refill_at
         assert [r.ticket for r in joined] == [r.ticket for r in waiting[: len(joined)]]
         assert plan.prefill_tokens == sum(r.prompt_tokens for r in joined)
         assert len(joined) <= lim.max_prefill_batch
@@ -115,7 +128,8 @@ def test_simulated_traffic_keeps_every_budget_and_order(seed):
         assert len(running) <= lim.max_batch and len({r.signature for r in running}) <= 1
         assert LAYOUT.allocation_bytes([r.reserve for r in running], 2) <= lim.kv_budget_bytes
         if waiting and not joined:
-            assert plan.waiting_on in ("batch", "kv_budget", "signature") and running
+            assert plan.waiting_on in ("batch", "kv_budget", "signature") + (("refill",) if refill_at > 1 else ())
+            assert running
         for r in running:
             remaining[r.ticket] -= 1
         running = [r for r in running if remaining[r.ticket] > 0]
@@ -131,3 +145,7 @@ def test_limits_are_validated():
         SchedulerLimits(1, 1, 0, None)
     with pytest.raises(ValueError, match="kv_watermark"):
         SchedulerLimits(1, 1, None, 100, kv_watermark=1.0)
+    with pytest.raises(ValueError, match="refill_at"):
+        SchedulerLimits(4, 1, None, None, refill_at=5)
+    with pytest.raises(ValueError, match="refill_at"):
+        SchedulerLimits(4, 1, None, None, refill_at=0)

@@ -27,6 +27,13 @@ def test_bad_values_and_unknown_keys_are_rejected():
         ActorPool(min_size=3, max_size=2)
     with pytest.raises(ValueError, match="vision_keep"):
         CaptionJobConfig.from_dict({"sparsity": {"vision_keep": 0}})
+    with pytest.raises(ValueError, match="refill_at"):
+        CaptionJobConfig(refill_at=0)
+
+
+def test_refill_at_is_capped_by_the_batch():
+    assert CaptionJobConfig(max_batch=4).engine_limits()["refill_at"] == 4
+    assert CaptionJobConfig().engine_limits()["refill_at"] == CaptionJobConfig().refill_at
 
 
 def test_flags_override_the_yaml():
