@@ -60,7 +60,7 @@ class CaptionJobConfig:
     max_batch: int = 32  # rows decoding together per actor (a finished row's place goes to the next waiting row)
     max_prefill_batch: int = 8  # rows prefilled in one engine step
     max_prefill_tokens: int | None = 4096  # prompt tokens prefilled in one engine step (null: no cap)
-    refill_at: int = 8  # while rows decode, refill the batch once this many places are free (fuller
+    refill_at: int = 1  # while rows decode, refill the batch once this many places are free (fuller
     #                     prefills; at most max_batch)
     decode_batch_size: int = 64  # rows per CPU decode task
     decode_tasks: int | None = None  # most decode tasks at once (None: Ray Data decides; 1 on a 2-core box)

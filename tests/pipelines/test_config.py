@@ -32,7 +32,7 @@ def test_bad_values_and_unknown_keys_are_rejected():
 
 
 def test_refill_at_is_capped_by_the_batch():
-    assert CaptionJobConfig(max_batch=4).engine_limits()["refill_at"] == 4
+    assert CaptionJobConfig(max_batch=4, refill_at=8).engine_limits()["refill_at"] == 4
     assert CaptionJobConfig().engine_limits()["refill_at"] == CaptionJobConfig().refill_at
 
 
