@@ -198,7 +198,7 @@ class ContinuousEngine:
     see the module docstring); max_waiting: queue length beyond which `submit` raises QueueFull.
     join_running=False makes it a static batcher: a new batch starts only when the running one has entirely
     finished (the baseline to compare with). refill_at: while rows decode, admit only once this many places are
-    free (offline jobs: fuller prefills; 1: at once, for latency). cuda_graphs: on CUDA, replay the decoding
+    free (fuller prefills; 1, the default: at once). cuda_graphs: on CUDA, replay the decoding
     step as a CUDA graph.
     isolate_failures: a failing prefill or step fails only its requests and the loop goes on (a server); False
     re-raises (a caller that owns every request, as `generate`). clock: unix seconds for the telemetry window.

@@ -17,10 +17,10 @@ No torch, no model, no clock of its own: `ContinuousEngine` describes its waitin
   with the paged cache, the slots it holds now plus the next token's (`PagedLayout`: whole blocks per row),
   and the watermark leaves room for the running rows to grow until the engine preempts one.
 - `join_running=False` is static batching: a new batch starts only when the running one has finished.
-- `refill_at`: while rows decode, the batch is refilled only once that many of its places are free, so an
-  offline job prefills its rows in fuller groups (fewer, larger prefills: a tower and prefill pass costs
-  about the same for one row as for several) instead of one row per step as each finishes. 1 (serving's
-  default) refills at once; any value lets the queue's head in at the latest when the running rows finish.
+- `refill_at`: while rows decode, the batch is refilled only once that many of its places are free, so rows
+  are prefilled in fuller groups instead of one per step as each finishes. 1 (the default everywhere) refills
+  at once; any value lets the queue's head in at the latest when the running rows finish. (The caption job
+  measured worse at 8: README, "One engine per actor".)
 - A `solo` request (its group's prefill ran out of memory) is prefilled alone.
 """
 
