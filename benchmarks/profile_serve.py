@@ -111,13 +111,13 @@ def engine_alone(sargs: argparse.Namespace, arm: str, load: list[tuple[float, di
     done = threading.Semaphore(0)
 
     def run(i: int, body: dict, sent: float) -> None:
-        r = results[i] = {"ok": False, "ttft": None, "tokens": 0, "chunks": 0, "sent": sent}
+        r = results[i] = {"ok": False, "status": 200, "ttft": None, "tokens": 0, "chunks": 0, "sent": sent}
         try:
             chat = proto.ChatCompletionRequest.model_validate(body)
             prompt, images = to_prompt(model.processor, chat.messages, config.limits, False)
             prepared = model.prepare([images], [prompt], chat.max_tokens)
-        except Exception:  # counted as an error, as a failed HTTP request is
-            r["latency"] = time.perf_counter() - sent
+        except Exception:  # counted as an error, as the replica's 400 is
+            r["status"], r["latency"] = 400, time.perf_counter() - sent
             done.release()
             raise
 
