@@ -8,7 +8,9 @@ The same rows (held-out synthetic scenes, caption prompts) four ways:
 - loop, all cores: the same on torch's default threads (every core; what a bare script could use here);
 - pipeline dense / pipeline sparse: `run_caption_job` with one engine actor. Its rows/s is over the rows'
   own span (first to last row written, from the rows' generated_at), and Ray's start-up (job start to the
-  first row) is reported apart.
+  first row) is reported apart. The two arms run --repeats times each in ABBA order (dense, sparse, sparse,
+  dense, ...) and each arm's rate is the mean over its runs: this shared 2-core machine's speed drifts by
+  10-20% over minutes, and one run of each, back to back, put that drift into their ratio.
 pipeline_over_loop = pipeline sparse rows/s / loop rows/s (target >= 0.9 with one actor), and
 pipeline_over_loop_all_cores against the all-core loop (on a small CPU machine Ray Data's decode and write need
 cores the bare loop gives to torch).
@@ -51,9 +53,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--actor-threads", type=int, default=None, help="torch threads of the engine actor (default: "
                    "its CPUs - 1, at least 1: the decode tasks and Ray Data share the machine)")
     p.add_argument("--num-gpus", type=float, default=0, help="GPUs of the engine actor")
+    p.add_argument("--repeats", type=int, default=2, help="runs of each job arm, in ABBA order; each arm's rate is "
+                   "the mean over its runs (default 2)")
     p.add_argument("--decode-tasks", type=int, default=1, help="most decode tasks at once (default 1: 2 cores)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
+    return args
 
 
 def make_rows(path: Path, n: int) -> None:
@@ -87,6 +94,12 @@ def loop_run(data: Path, args, sparsity: SparsityConfig, threads: int | None) ->
     return rows_per_s, bound
 
 
+def job_order(arms: list[str], repeats: int) -> list[str]:
+    """The job runs in ABBA order (A B, then B A, ...): a machine that speeds up or slows down steadily over the
+    runs favours neither arm."""
+    return [name for r in range(repeats) for name in (arms if r % 2 == 0 else arms[::-1])]
+
+
 def job_rates(output: Path, started_unix: float) -> tuple[float, float]:
     """(rows/s from the first batch written to the last, seconds from the job's start to the first batch), from
     the rows' generated_at."""
@@ -112,20 +125,29 @@ def main(argv: list[str] | None = None) -> None:
     threads = args.actor_threads or max(1, int(args.actor_cpus) - 1)
     loop_rate, bound = loop_run(data, args, sparse, threads)
     results = {"loop sparse": loop_rate, "loop sparse, all cores": loop_run(data, args, sparse, None)[0]}
-    startup, whole = {}, {}
-    for name, sparsity in (("pipeline dense", dense), ("pipeline sparse", sparse)):
-        config = CaptionJobConfig(model=args.model, sparsity=sparsity, max_new_tokens=args.max_new_tokens,
+    arms = {"pipeline dense": dense, "pipeline sparse": sparse}
+    runs: dict[str, list[dict]] = {name: [] for name in arms}
+    for name in job_order(list(arms), args.repeats):
+        config = CaptionJobConfig(model=args.model, sparsity=arms[name], max_new_tokens=args.max_new_tokens,
                                   batch_size=args.batch_size, max_batch=args.max_batch, device=args.device,
                                   refill_at=args.refill_at,
                                   decode_tasks=args.decode_tasks,
                                   actors=ActorPool(1, 1, num_cpus=args.actor_cpus, num_gpus=args.num_gpus,
                                                    threads=threads))
+        output = work / f"{name.replace(' ', '_')}_{len(runs[name])}"
         started = time.time()
-        summary = run_caption_job(str(data), work / name.replace(" ", "_"), config)
+        summary = run_caption_job(str(data), output, config)
         assert summary.rows == args.rows and summary.errors == 0, summary
-        results[name], startup[name] = job_rates(work / name.replace(" ", "_"), started)
-        whole[name] = round(summary.rows_per_s, 3)
+        rate, first = job_rates(output, started)
+        runs[name].append({"rows_per_s": round(rate, 3), "startup_s": round(first, 1),
+                           "with_startup": round(summary.rows_per_s, 3)})
+        print(f"{name} run {len(runs[name])}: {rate:.2f} rows/s (start-up {first:.1f} s)", flush=True)
     ray.shutdown()
+    startup, whole = {}, {}
+    for name, done in runs.items():  # each arm over all its runs: the mean of the rates
+        results[name] = sum(r["rows_per_s"] for r in done) / len(done)
+        startup[name] = sum(r["startup_s"] for r in done) / len(done)
+        whole[name] = round(sum(r["with_startup"] for r in done) / len(done), 3)
     device = args.device or ("cuda" if args.num_gpus else "cpu")
     sparse_over_dense = results["pipeline sparse"] / results["pipeline dense"]
     out = {"bench": "pipeline", "model": args.model, "rows": args.rows, "batch_size": args.batch_size,
@@ -133,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
            "sparsity": sparse.to_dict(),
            "actor_threads": threads,
            "rows_per_s": {k: round(v, 3) for k, v in results.items()},
+           "job_runs": runs, "job_order": job_order(list(arms), args.repeats),
            "job_rows_per_s_with_startup": whole, "job_startup_s": {k: round(v, 1) for k, v in startup.items()},
            "pipeline_over_loop": round(results["pipeline sparse"] / results["loop sparse"], 3),
            "pipeline_over_loop_all_cores": round(results["pipeline sparse"] / results["loop sparse, all cores"], 3),
