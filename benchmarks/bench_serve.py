@@ -1,10 +1,13 @@
 """Claim: on the online endpoint, continuous batching and sparsity each raise goodput under a latency SLO.
 
-Four arms, each a fresh local deployment of one replica (model load excluded from the measurement):
-continuous or static batching (`@serve.batch`) x dense or sparse (the configured vision/text keep). Each arm
-gets the same open-loop loads, one per rate of the sweep (--rates): Poisson arrivals with a fixed seed for
---duration s (at most --max-requests), loopback HTTP only, streamed chat requests with a held-out synthetic
-scene and a caption, detailed-description or VQA prompt (mixed output lengths), greedy.
+Four arms, each a local deployment of one replica (model load excluded from the measurement): continuous or
+static batching (`@serve.batch`) x dense or sparse (the configured vision/text keep). All four are deployed at
+once, as apps of their own, and the loads run rate by rate, every arm at each rate, the arms' order reversed at
+every other rate: this shared machine's speed drifts by 10-20% over minutes, and one arm's whole sweep after
+another's put that drift between the arms compared. Each arm gets the same open-loop loads, one per rate of the
+sweep (--rates): Poisson arrivals with a fixed seed for --duration s (at most --max-requests), loopback HTTP
+only, streamed chat requests with a held-out synthetic scene and a caption, detailed-description or VQA prompt
+(mixed output lengths), greedy. (With --num-gpus, one arm's replica at a time, each arm's whole sweep in turn.)
 Per arm and rate: throughput, TTFT, time per output token after the first (TPOT) and end-to-end latency
 percentiles, and goodput = requests that finished within --slo-s per second of offered load (the arrival
 window, first to last arrival, as in DistServe: an arm that serves every request within the SLO has goodput =
@@ -209,26 +212,62 @@ def arm_config(name: str, args: argparse.Namespace, most: int):
     return config, options
 
 
-def run_arm(name: str, args: argparse.Namespace, base: str, loads: dict[float, list]) -> dict[float, dict]:
-    """Deploy the arm's replica, warm it up, drive each load in turn (rate -> summary), tear down."""
+def deploy(name: str, args: argparse.Namespace, base: str, loads: dict[float, list], app: str = "bench") -> str:
+    """Deploy the arm's replica as Serve app `app` at route /<app> and warm it up (first-call costs, such as
+    the allocator and lazy inits, off the clock). Returns the app's base URL."""
     from ray import serve
 
     from cluster.app import build
 
-    serve.run(build(*arm_config(name, args, max(len(load) for load in loads.values()))), name="bench",
-              route_prefix="/")
-    url = f"{base}/v1/chat/completions"
-    first = next(iter(loads.values()))
-    asyncio.run(drive(url, first[:4]))  # warm-up: first-call costs (allocator, lazy inits) off the clock
-    out = {}
-    for rate, load in loads.items():
-        results, wall, kv = asyncio.run(drive(url, load, f"{base}/health"))
-        out[rate] = summarise(results, wall, args.slo_s, window=load[-1][0])
-        in_use = sum(s[0] for s in kv)
-        out[rate]["kv_allocated_over_in_use"] = round(sum(s[1] for s in kv) / in_use, 3) if in_use else None
-        print(f"{name} @ {rate}/s: {out[rate]}", file=sys.stderr)
+    serve.run(build(*arm_config(name, args, max(len(load) for load in loads.values()))), name=app,
+              route_prefix=f"/{app}")
+    url = f"{base}/{app}"
+    asyncio.run(drive(f"{url}/v1/chat/completions", next(iter(loads.values()))[:4]))
+    return url
+
+
+def measure(name: str, args: argparse.Namespace, url: str, rate: float, load: list) -> dict:
+    """Drive one load against a deployed arm (its base URL) and summarise it."""
+    results, wall, kv = asyncio.run(drive(f"{url}/v1/chat/completions", load, f"{url}/health"))
+    out = summarise(results, wall, args.slo_s, window=load[-1][0])
+    in_use = sum(s[0] for s in kv)
+    out["kv_allocated_over_in_use"] = round(sum(s[1] for s in kv) / in_use, 3) if in_use else None
+    print(f"{name} @ {rate}/s: {out}", file=sys.stderr)
+    return out
+
+
+def run_arm(name: str, args: argparse.Namespace, base: str, loads: dict[float, list]) -> dict[float, dict]:
+    """Deploy the arm's replica, drive each load in turn (rate -> summary), tear down."""
+    from ray import serve
+
+    url = deploy(name, args, base, loads)
+    out = {rate: measure(name, args, url, rate, load) for rate, load in loads.items()}
     serve.delete("bench")
     return out
+
+
+def sweep_order(names: list[str], rates: list[float]) -> list[tuple[float, str]]:
+    """Rate by rate, every arm at that rate, the arms' order reversed at every other rate (A B C D, D C B A,
+    ...): the arms compared at one rate run minutes apart at most, and a machine that speeds up or slows
+    down steadily favours none of them."""
+    return [(rate, name) for i, rate in enumerate(rates) for name in (names if i % 2 == 0 else names[::-1])]
+
+
+def run_sweep(names: list[str], args: argparse.Namespace, base: str,
+              loads: dict[float, list]) -> dict[str, dict[float, dict]]:
+    """Deploy every arm at once (an idle replica's engine waits on its queue at no cost), then drive the loads
+    in sweep_order. Returns arm -> rate -> summary, rates in the sweep's order."""
+    from ray import serve
+
+    urls = {name: deploy(name, args, base, loads, app=f"bench-{name}") for name in names}
+    out: dict[str, dict[float, dict]] = {name: {} for name in names}
+    try:
+        for rate, name in sweep_order(names, list(loads)):
+            out[name][rate] = measure(name, args, urls[name], rate, loads[rate])
+    finally:
+        for name in names:
+            serve.delete(f"bench-{name}")
+    return {name: {rate: out[name][rate] for rate in loads} for name in names}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -238,14 +277,17 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     rates = [float(r) for r in args.rates.split(",")]
     loads = {rate: workload(args, rate) for rate in rates}
-    ray.init(address="local", num_cpus=max(4, int(args.replica_cpus) + 2), num_gpus=int(args.num_gpus) or None,
-             include_dashboard=False, log_to_driver=False)
+    names = args.arms.split(",")
+    together = not args.num_gpus  # on a GPU, one arm's replica at a time: a 7B replica each would not fit
+    # logical CPUs: every arm's replica is up at once, but only the one under load computes
+    ray.init(address="local", num_cpus=max(4, (len(names) if together else 1) * int(args.replica_cpus) + 2),
+             num_gpus=int(args.num_gpus) or None, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    arms: dict[str, dict[float, dict]] = {}
+    base = f"http://127.0.0.1:{port}"
     try:
-        for name in args.arms.split(","):
-            arms[name] = run_arm(name, args, f"http://127.0.0.1:{port}", loads)
+        arms = run_sweep(names, args, base, loads) if together else \
+            {name: run_arm(name, args, base, loads) for name in names}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -274,6 +316,8 @@ def main(argv: list[str] | None = None) -> dict:
               "commit": commit(), "replica_threads": replica_threads(args),
               "rates": rates, "duration_s": args.duration,
               "requests": {str(r): len(load) for r, load in loads.items()}, "max_tokens": args.max_tokens,
+              "order": [f"{name}@{rate:g}" for rate, name in sweep_order(names, rates)] if together else
+              [f"{name}@{rate:g}" for name in names for rate in rates],
               "max_batch": args.max_batch, "slo_s": args.slo_s, "max_queue_wait_s": args.max_queue_wait_s,
               "sparsity": {"vision_keep": args.vision_keep, "text_keep": args.text_keep},
               "arms": {name: {str(r): row for r, row in by_rate.items()} for name, by_rate in arms.items()},
