@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.ordering import alternating  # noqa: E402
 from benchmarks.provenance import commit, hardware  # noqa: E402
 from dynllava.config import SparsityConfig  # noqa: E402
 from pipelines.caption import run_caption_job  # noqa: E402
@@ -95,9 +96,8 @@ def loop_run(data: Path, args, sparsity: SparsityConfig, threads: int | None) ->
 
 
 def job_order(arms: list[str], repeats: int) -> list[str]:
-    """The job runs in ABBA order (A B, then B A, ...): a machine that speeds up or slows down steadily over the
-    runs favours neither arm."""
-    return [name for r in range(repeats) for name in (arms if r % 2 == 0 else arms[::-1])]
+    """The job runs in ABBA order (A B, then B A, ...)."""
+    return [name for one_pass in alternating(arms, repeats) for name in one_pass]
 
 
 def job_rates(output: Path, started_unix: float) -> tuple[float, float]:

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.ordering import alternating  # noqa: E402
 from benchmarks.provenance import commit, emit, hardware  # noqa: E402
 from dynllava.data import shapes  # noqa: E402
 
@@ -247,10 +248,10 @@ def run_arm(name: str, args: argparse.Namespace, base: str, loads: dict[float, l
 
 
 def sweep_order(names: list[str], rates: list[float]) -> list[tuple[float, str]]:
-    """Rate by rate, every arm at that rate, the arms' order reversed at every other rate (A B C D, D C B A,
-    ...): the arms compared at one rate run minutes apart at most, and a machine that speeds up or slows
-    down steadily favours none of them."""
-    return [(rate, name) for i, rate in enumerate(rates) for name in (names if i % 2 == 0 else names[::-1])]
+    """Rate by rate, every arm at that rate, in ABBA order across rates (A B C D, D C B A, ...): the arms
+    compared at one rate run minutes apart at most, and steady drift favours none of them."""
+    passes = alternating(names, len(rates))
+    return [(rate, name) for rate, one_pass in zip(rates, passes) for name in one_pass]
 
 
 def run_sweep(names: list[str], args: argparse.Namespace, base: str,
@@ -279,6 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
     loads = {rate: workload(args, rate) for rate in rates}
     names = args.arms.split(",")
     together = not args.num_gpus  # on a GPU, one arm's replica at a time: a 7B replica each would not fit
+    order = sweep_order(names, rates) if together else [(rate, name) for name in names for rate in rates]
     # logical CPUs: every arm's replica is up at once, but only the one under load computes
     ray.init(address="local", num_cpus=max(4, (len(names) if together else 1) * int(args.replica_cpus) + 2),
              num_gpus=int(args.num_gpus) or None, include_dashboard=False, log_to_driver=False)
@@ -316,8 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
               "commit": commit(), "replica_threads": replica_threads(args),
               "rates": rates, "duration_s": args.duration,
               "requests": {str(r): len(load) for r, load in loads.items()}, "max_tokens": args.max_tokens,
-              "order": [f"{name}@{rate:g}" for rate, name in sweep_order(names, rates)] if together else
-              [f"{name}@{rate:g}" for name in names for rate in rates],
+              "order": [f"{name}@{rate:g}" for rate, name in order],
               "max_batch": args.max_batch, "slo_s": args.slo_s, "max_queue_wait_s": args.max_queue_wait_s,
               "sparsity": {"vision_keep": args.vision_keep, "text_keep": args.text_keep},
               "arms": {name: {str(r): row for r, row in by_rate.items()} for name, by_rate in arms.items()},
