@@ -13,8 +13,9 @@ The same rows (held-out synthetic scenes, caption prompts) four ways:
   older measure, the rows after the first written batch over the span between the first and last batch
   (`after_first_batch`): it counts the work done on the other in-flight rows before the first batch returns as
   free, a head start of about a batch that is not the same share of both arms' work. The two arms run
-  --repeats times each in ABBA order (dense, sparse, sparse, dense, ...) and each arm's rate is the mean over its runs: this shared 2-core machine's speed drifts by
-  10-20% over minutes, and one run of each, back to back, put that drift into their ratio.
+  --repeats times each in ABBA order (dense, sparse, sparse, dense, ...) and each arm's rate is the mean over
+  its runs: this shared 2-core machine's speed drifts by 10-20% over minutes, and one run of each, back to
+  back, put that drift into their ratio.
 pipeline_over_loop = pipeline sparse rows/s / loop rows/s (target >= 0.9 with one actor), and
 pipeline_over_loop_all_cores against the all-core loop (on a small CPU machine Ray Data's decode and write need
 cores the bare loop gives to torch).
